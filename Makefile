@@ -1,0 +1,29 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv and install first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo test-gpu clean
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m sas.demo
+
+# On a CUDA machine with torch/triton preinstalled: run from the source tree, no install.
+test-gpu:
+	PYTHONPATH=. $(PYTHON) -m pytest -q -m gpu tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,25 @@
+"""SaS adapters: shared low-rank projections plus a hypernetwork-generated per-layer modulation.
+
+Public API::
+
+    cfg = sas.SaSConfig(rank=8)
+    model = sas.inject(timm.create_model("vit_base_patch16_224"), cfg)
+    sas.print_trainable_parameters(model)
+    sas.merge(model); sas.unmerge(model)
+    sas.save_adapter(model, "out/"); sas.load_adapter(fresh_model, "out/")
+"""
+from . import functional, reference
+from .config import VIT_TARGETS, SaSConfig
+from .functional import available_backends, get_backend, resolve_backend, set_backend
+from .io import load_adapter, save_adapter
+from .layer import HyperNetwork, SaSLinear, SaSShared, adapted_layers
+from .model import count_parameters, inject, merge, print_trainable_parameters, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SaSConfig", "VIT_TARGETS", "SaSLinear", "SaSShared", "HyperNetwork", "adapted_layers",
+    "inject", "merge", "unmerge", "count_parameters", "print_trainable_parameters",
+    "save_adapter", "load_adapter", "functional", "reference",
+    "set_backend", "get_backend", "resolve_backend", "available_backends",
+]

@@ -1,0 +1,113 @@
+"""``SaSConfig``: what to adapt and how, with validation and a JSON round trip."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import List, Optional, Union
+
+#: Targets used when none are given: the four Linear roles of every timm ViT block.
+VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+SHARING_CHOICES = ("role", "shape", "layer")
+ACTIVATION_CHOICES = ("tanh", "relu", "gelu")
+
+
+@dataclass
+class SaSConfig:
+    """Configuration of a SaS adapter (DESIGN.md §1).
+
+    Every field's ``metadata["help"]`` says what it does; ``__post_init__``
+    rejects bad values with a message naming the field.
+    """
+
+    rank: int = field(default=8, metadata={"help": "Rank r of the shared projections A (r, d_in) and B (d_out, r)."})
+    targets: Union[str, List[str]] = field(
+        default_factory=lambda: list(VIT_TARGETS),
+        metadata={"help": "Which nn.Linear modules to adapt. A str is a regex that must fully match the module "
+                          "name; a list holds exact module names or dotted suffixes (e.g. 'attn.qkv')."})
+    embed_dim: int = field(default=8, metadata={"help": "Size k of each adapted layer's learned embedding e_l."})
+    hyper_hidden: int = field(default=32, metadata={"help": "Hidden width of the hypernetwork H: k -> hidden -> r."})
+    hyper_activation: str = field(default="tanh", metadata={"help": f"Activation inside H, one of {ACTIVATION_CHOICES}."})
+    scale: float = field(default=1.0, metadata={"help": "Scale s applied to the adapter update s * (v @ B.T)."})
+    sharing: str = field(
+        default="role",
+        metadata={"help": "How layers form sharing groups that own one A and one B: 'role' (one group per target "
+                          "pattern a layer matched; for a regex target, per name with layer indices removed), "
+                          "'shape' (one group per (d_in, d_out)), 'layer' (no sharing: LoRA-like)."})
+    share_down_by_input_dim: bool = field(
+        default=False,
+        metadata={"help": "Share A across every group with the same d_in (B stays per group): fewer parameters."})
+    trainable_modules: List[str] = field(
+        default_factory=list,
+        metadata={"help": "Names or dotted suffixes of extra modules that stay trainable, e.g. ['head']."})
+    base_model_name: Optional[str] = field(
+        default=None, metadata={"help": "Architecture the adapter was made for; checked on load when set."})
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        if isinstance(self.targets, str):
+            if not self.targets:
+                raise ValueError("targets must not be an empty string")
+        elif isinstance(self.targets, (list, tuple)):
+            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+                raise ValueError(f"targets must be a regex str or a non-empty list of non-empty str, got {self.targets!r}")
+            self.targets = list(self.targets)
+        else:
+            raise ValueError(f"targets must be a regex str or a list of str, got {type(self.targets).__name__}")
+        for name in ("embed_dim", "hyper_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.hyper_activation not in ACTIVATION_CHOICES:
+            raise ValueError(f"hyper_activation must be one of {ACTIVATION_CHOICES}, got {self.hyper_activation!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale != self.scale:
+            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+        self.scale = float(self.scale)
+        if self.scale in (float("inf"), float("-inf")):
+            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+        if self.sharing not in SHARING_CHOICES:
+            raise ValueError(f"sharing must be one of {SHARING_CHOICES}, got {self.sharing!r}")
+        if self.sharing == "layer" and self.share_down_by_input_dim:
+            raise ValueError("share_down_by_input_dim=True contradicts sharing='layer' (no sharing)")
+        if not isinstance(self.trainable_modules, (list, tuple)) or not all(
+                isinstance(m, str) and m for m in self.trainable_modules):
+            raise ValueError(f"trainable_modules must be a list of non-empty str, got {self.trainable_modules!r}")
+        self.trainable_modules = list(self.trainable_modules)
+
+    # -- presets ---------------------------------------------------------
+    @classmethod
+    def vit_budget(cls, **overrides) -> "SaSConfig":
+        """ViT preset under 0.05% extra parameters on ViT-B/16 (about 0.033%: 28.6k of 85.8M).
+
+        Rank 4 on ``attn.qkv``, ``attn.proj`` and ``mlp.fc1`` with one A shared by
+        all three (they all read 768-wide inputs); ``mlp.fc2`` stays frozen.
+        """
+        settings = dict(rank=4, targets=["attn.qkv", "attn.proj", "mlp.fc1"], share_down_by_input_dim=True)
+        settings.update(overrides)
+        return cls(**settings)
+
+    # -- JSON ------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SaSConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SaSConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: Optional[Union[str, Path]] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: Union[str, Path]) -> "SaSConfig":
+        candidate = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        text = candidate.read_text() if candidate is not None else str(text_or_path)
+        return cls.from_dict(json.loads(text))

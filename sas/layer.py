@@ -1,0 +1,171 @@
+"""SaS modules: the shared-parameter owner, the hypernetwork and the ``SaSLinear`` wrapper."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import functional
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+
+# Output weights of H start this small so every h_l starts within about 1% of 1
+# (h = 1 + H(e)), i.e. the adapter starts as a plain shared low-rank update.
+HYPER_OUTPUT_INIT_STD = 1e-2
+
+
+class HyperNetwork(nn.Module):
+    """``h = 1 + W2 act(W1 e + b1) + b2``: maps a layer embedding (k,) to its modulation (r,)."""
+
+    def __init__(self, embed_dim: int, hidden: int, rank: int, activation: str = "tanh"):
+        super().__init__()
+        self.hidden = nn.Linear(embed_dim, hidden)
+        self.activation = _ACTIVATIONS[activation]()
+        self.output = nn.Linear(hidden, rank)
+        nn.init.normal_(self.output.weight, std=HYPER_OUTPUT_INIT_STD)
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return 1.0 + self.output(self.activation(self.hidden(embedding)))
+
+
+class SaSShared(nn.Module):
+    """Owns every SaS tensor of a model once: the shared A/B per sharing group,
+    one embedding per adapted layer, and the hypernetwork.
+
+    ``down[key]`` is A ``(r, d_in)`` (Kaiming-uniform), ``up[key]`` is B
+    ``(d_out, r)`` (zeros, so the adapted model equals the base model at init).
+    Layers hold a plain reference to this module and look their tensors up by key.
+    """
+
+    def __init__(self, rank: int, embed_dim: int, hyper_hidden: int, hyper_activation: str,
+                 down_shapes: Dict[str, int], up_shapes: Dict[str, int], num_layers: int):
+        super().__init__()
+        self.rank = rank
+        self.down = nn.ParameterDict()
+        for key, d_in in down_shapes.items():
+            weight = torch.empty(rank, d_in)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            self.down[key] = nn.Parameter(weight)
+        self.up = nn.ParameterDict({key: nn.Parameter(torch.zeros(d_out, rank)) for key, d_out in up_shapes.items()})
+        self.embeddings = nn.Parameter(torch.randn(num_layers, embed_dim))
+        self.hyper = HyperNetwork(embed_dim, hyper_hidden, rank, hyper_activation)
+
+    def modulation(self, layer_index: int) -> torch.Tensor:
+        """``h_l`` (r,) of one layer."""
+        return self.hyper(self.embeddings[layer_index])
+
+    def modulations(self) -> torch.Tensor:
+        """``h`` of every layer at once, (num_layers, r)."""
+        return self.hyper(self.embeddings)
+
+
+class SaSLinear(nn.Module):
+    """A frozen ``nn.Linear`` (kept as ``base_layer``) plus the SaS update
+
+    ``y = base_layer(x) + s * ((x @ A.T) * h_l) @ B.T``
+
+    with ``A``/``B`` taken from the shared owner and ``h_l`` from its hypernetwork.
+    The shared owner is referenced, not registered, so each shared tensor appears
+    once in the model's ``state_dict`` (under the owner's name).
+    """
+
+    def __init__(self, base_layer: nn.Linear, shared: SaSShared, layer_index: int,
+                 down_key: str, up_key: str, scale: float, owns_shared: bool = False):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"SaSLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        if owns_shared:
+            self.shared = shared  # registered: a standalone layer owns its tensors
+        else:
+            object.__setattr__(self, "shared", shared)
+        self.layer_index = layer_index
+        self.down_key = down_key
+        self.up_key = up_key
+        self.scale = float(scale)
+        self.merged = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int = 8, scale: float = 1.0, embed_dim: int = 8,
+                    hyper_hidden: int = 32, hyper_activation: str = "tanh") -> "SaSLinear":
+        """A standalone adapted layer that owns its own A, B and hypernetwork (for single-layer use)."""
+        shared = SaSShared(rank, embed_dim, hyper_hidden, hyper_activation,
+                           {"layer": linear.in_features}, {"layer": linear.out_features}, 1)
+        shared.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        linear.requires_grad_(False)
+        return cls(linear, shared, 0, "layer", "layer", scale, owns_shared=True)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.shared.down[self.down_key]
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.shared.up[self.up_key]
+
+    def modulation(self) -> torch.Tensor:
+        return self.shared.modulation(self.layer_index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer(x)
+        if self.merged:
+            return base
+        # The adapter runs in the dtype the frozen layer produced (e.g. bf16 under autocast).
+        dtype = base.dtype
+        return functional.sas_adapter(x.to(dtype), base, self.A.to(dtype), self.B.to(dtype),
+                                      self.modulation().to(dtype), self.scale)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B @ diag(h_l) @ A`` in float32, the update folded in by :meth:`merge`."""
+        A, B = self.A.float(), self.B.float()
+        return self.scale * (B * self.modulation().float()) @ A
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``base_layer.weight``; refuses a non-finite update."""
+        if self.merged:
+            warnings.warn("SaSLinear is already merged; merge() did nothing", UserWarning, stacklevel=2)
+            return
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError("refusing to merge: the SaS update contains NaN or Inf")
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (A, B and h must not have changed since :meth:`merge`)."""
+        if not self.merged:
+            warnings.warn("SaSLinear is not merged; unmerge() did nothing", UserWarning, stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.A.shape[0]}, "
+                f"layer={self.layer_index}, down={self.down_key!r}, up={self.up_key!r}, scale={self.scale}, "
+                f"merged={self.merged}")
+
+
+def adapted_layers(model: nn.Module) -> List[SaSLinear]:
+    return [m for m in model.modules() if isinstance(m, SaSLinear)]
+
+
+def find_shared(model: nn.Module) -> Optional[SaSShared]:
+    shared = getattr(model, "sas_shared", None)
+    return shared if isinstance(shared, SaSShared) else None

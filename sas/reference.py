@@ -1,0 +1,51 @@
+"""Pure-PyTorch reference of the SaS adapter op: the correctness oracle.
+
+Every backend (Triton, C++) is tested against this function. It is written
+for clarity, not speed: plain tensor ops, autograd does the backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def gather_modulation(h: torch.Tensor, task_ids: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    """Return the per-row modulation: ``h`` itself for ``(r,)``, ``h[task_ids]`` for ``(T, r)``.
+
+    ``task_ids`` has one entry per row (``rows``) or one per leading-batch element;
+    in the latter case it is repeated so each row of that element uses its id.
+    """
+    if h.dim() == 1:
+        return h
+    if task_ids.numel() != rows:
+        task_ids = task_ids.repeat_interleave(rows // task_ids.numel())
+    return h.index_select(0, task_ids.reshape(-1))
+
+
+def sas_adapter(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    h: torch.Tensor,
+    scale: float = 1.0,
+    task_ids: Optional[torch.Tensor] = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """``base + scale * ((x @ A.T) * h) @ B.T`` over any leading dims.
+
+    Shapes: ``x (..., d_in)``, ``base (..., d_out)``, ``A (r, d_in)``, ``B (d_out, r)``,
+    ``h (r,)`` or ``(T, r)`` with ``task_ids`` (one id per row or per leading-batch element).
+    With ``upcast`` half-precision inputs are computed in float32; the result has
+    ``base``'s dtype. No input validation here: :func:`sas.functional.sas_adapter` validates.
+    """
+    out_dtype = base.dtype
+    compute_dtype = torch.float32 if upcast and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    d_in, d_out = x.shape[-1], base.shape[-1]
+    x2 = x.reshape(-1, d_in).to(compute_dtype)
+    base2 = base.reshape(-1, d_out).to(compute_dtype)
+    modulation = gather_modulation(h.to(compute_dtype), task_ids, x2.shape[0])
+    u = x2 @ A.to(compute_dtype).t()
+    y = base2 + scale * ((u * modulation) @ B.to(compute_dtype).t())
+    return y.to(out_dtype).reshape(base.shape)
