@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo test-gpu clean
+.PHONY: setup test demo test-gpu bench bench-gpu check clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo: $(STAMP)
 # On a CUDA machine with torch/triton preinstalled: run from the source tree, no install.
 test-gpu:
 	PYTHONPATH=. $(PYTHON) -m pytest -q -m gpu tests
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+bench-gpu:
+	PYTHONPATH=. $(PYTHON) -m bench --device cuda
+
+check: $(STAMP)
+	$(PY) -m sas.check
 
 clean:
 	rm -rf $(VENV) build *.egg-info
