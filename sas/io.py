@@ -94,6 +94,9 @@ def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     meta = _read_meta(directory)
     config = SaSConfig.from_dict(meta["config"])
     tensors = _read_tensors(directory)
+    if config.base_model_name and config.base_model_name != architecture_of(model):
+        raise ValueError(f"adapter in {directory} was made for {config.base_model_name!r}, "
+                         f"not for this {architecture_of(model)!r}")
     plans = plan_injection(model, config)
     names = [p.name for p in plans]
     if names != meta["layers"]:

@@ -1,0 +1,46 @@
+"""SaSConfig validation and JSON round trip."""
+import dataclasses
+
+import pytest
+
+from sas import SaSConfig
+
+
+def test_every_field_has_help_text():
+    assert all(f.metadata.get("help") for f in dataclasses.fields(SaSConfig))
+
+
+def test_json_round_trip(tmp_path):
+    config = SaSConfig(rank=5, targets=r"blocks\.\d+\.attn\.qkv", scale=0.5, sharing="shape",
+                       trainable_modules=["head"], base_model_name="vit_base_patch16_224")
+    assert SaSConfig.from_json(config.to_json()) == config
+    config.to_json(tmp_path / "c.json")
+    assert SaSConfig.from_json(tmp_path / "c.json") == config
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=0), "rank must be a positive int, got 0"),
+    (dict(rank=2.0), "rank must be a positive int, got 2.0"),
+    (dict(rank=True), "rank must be a positive int, got True"),
+    (dict(targets=""), "targets must not be an empty string"),
+    (dict(targets=[]), "targets must be a regex str or a non-empty list"),
+    (dict(targets=["attn.qkv", ""]), "targets must be a regex str or a non-empty list"),
+    (dict(targets=3), "targets must be a regex str or a list of str, got int"),
+    (dict(embed_dim=0), "embed_dim must be a positive int, got 0"),
+    (dict(hyper_hidden=-1), "hyper_hidden must be a positive int, got -1"),
+    (dict(hyper_activation="swish"), "hyper_activation must be one of"),
+    (dict(scale=float("nan")), "scale must be a finite number"),
+    (dict(scale=float("inf")), "scale must be a finite number"),
+    (dict(scale="1"), "scale must be a finite number"),
+    (dict(sharing="global"), "sharing must be one of"),
+    (dict(sharing="layer", share_down_by_input_dim=True), "contradicts sharing='layer'"),
+    (dict(trainable_modules="head"), "trainable_modules must be a list of non-empty str"),
+])
+def test_bad_values_rejected_with_exact_message(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        SaSConfig(**kwargs)
+
+
+def test_unknown_json_field_rejected():
+    with pytest.raises(ValueError, match=r"unknown SaSConfig fields \['rnak'\]"):
+        SaSConfig.from_dict({"rnak": 4})
