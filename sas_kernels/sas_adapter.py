@@ -1,0 +1,502 @@
+"""Fused Triton kernels for the SaS adapter op ``y = base + s * ((x @ A.T) * h) @ B.T``.
+
+Anatomy (Liger-style): constants, ``_sas_forward_kernel`` and the ``_sas_backward_*_kernel``
+family, host launchers :func:`sas_forward` / :func:`sas_backward` (flatten to 2-D rows through
+strides, allocate, launch), ``torch.library`` ops ``sas::adapter_fwd`` / ``sas::adapter_bwd``
+(``triton_op`` + ``wrap_triton``, so ``torch.compile(fullgraph=True)`` traces through them and
+CUDA graphs can capture them: no host syncs), and a thin ``autograd.Function``.
+
+Data movement per pass (N rows, element size e, rank r, fp32 side tensors of N x r):
+
+* forward (1 kernel): reads x and base once, writes y once, writes u = x @ A.T
+  (``4 N r``, kept for the backward so x is not re-read to recompute it):
+  ``e N (d_in + 2 d_out) + 4 N r``, i.e. the ideal of DESIGN.md section 3 plus the saved u.
+* backward (4 kernels): ``rows`` reads g, writes gB = g @ B (``4 N r``) and dx;
+  ``dA`` reads x and gB; ``dB`` reads g a second time and u; ``dh`` reads gB and u.
+  ``dbase`` is g itself (no copy). Total ``e N (2 d_out + 2 d_in) + 20 N r`` plus the per-split
+  partials of dA/dB (at most ``PARTIAL_BUDGET`` fp32 elements each). The second read of g is the
+  price of deterministic dB: a row-blocked kernel cannot hold a (d_out, r) accumulator, so dB
+  gets its own column-blocked pass instead of atomics.
+
+Precision: every dot accumulates in fp32. fp32 inputs use IEEE fp32 dots (``input_precision
+="ieee"``), not TF32, so the fp32 path matches PyTorch's default fp32 matmul (TF32 off) to
+rounding; the op is memory-bound at the usual ranks (r <= 64), so tensor-core TF32 would buy
+little. fp16/bf16 inputs use half-precision tensor-core dots with fp32 accumulation; the
+intermediate ``s * u * h`` is rounded to the input dtype once before the expand dot, as
+PyTorch's own half-precision path does.
+
+Reductions over rows (dA, dB, dh) are deterministic: each of a fixed number of row splits writes
+a partial, and ``torch.sum`` over the split axis reduces them in a fixed order. The number of
+splits depends only on the shape, so two runs give bitwise-identical gradients.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once at import, like Triton itself: the interpreter must be chosen before kernels load.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# tl.dot needs every dim >= 16, so the rank is padded (by masks, never by copies) to a power of
+# two of at least 16; 256 keeps the (BLOCK_M, R_PAD) fp32 accumulator within registers.
+MIN_RANK_PAD = 16
+MAX_RANK = 256
+
+# Row splits for the column-blocked reductions (dA, dB, dh): each split covers at least this
+# many rows so its partial (r x block of columns, fp32) is written once per >= 512 rows read,
+# at most MAX_SPLITS of them (64 splits x 12 column blocks of ViT-B's 768 fill an H100's 132
+# SMs several times over).
+MIN_ROWS_PER_SPLIT = 512
+MAX_SPLITS = 64
+# Rows of a split are a multiple of the largest autotuned BLOCK_M, so no row block straddles two.
+SPLIT_ROW_ALIGN = 128
+# Cap on the fp32 elements of one partials buffer (16 MiB): at r=256, d=3072 this allows 5 splits.
+PARTIAL_BUDGET = 1 << 22
+
+# Autotune space, shared by the four row/column kernels: BLOCK_M rows x BLOCK_D columns of x,
+# base, g or the output per step. Keyed on (d_in, d_out, R_PAD) plus Triton's automatic
+# tensor-dtype key, never on the row count, so one tuning serves every batch size.
+AUTOTUNE_SPACE = (
+    # (BLOCK_M, BLOCK_D, num_warps, num_stages)
+    (32, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+)
+# Configs whose estimated shared memory exceeds this are pruned before tuning; the estimate is
+# rough, so it stays well under sm_80's 163 KB (the AOT test checks the real numbers).
+SMEM_BUDGET_BYTES = 128 * 1024
+# At most this many fp32 accumulator elements per program (BLOCK_M x R_PAD): 8192 over 4-8
+# warps is 64-128 registers per thread, above which the kernels spill.
+MAX_ACCUMULATOR = 8192
+# fp32 inputs get IEEE fp32 dots, not TF32 (see the module docstring); half inputs ignore it.
+FP32_DOT_PRECISION = "ieee"
+# The interpreter runs tiles through numpy: one mid-sized config, no tuning (tuning would time
+# every config on the CPU).
+INTERPRETER_CONFIG = (64, 64, 4, 1)
+
+# dh is tiny (N x r reads): one fixed config, tasks in blocks of 16 (tl.dot's minimum).
+DH_BLOCK_M = 64
+DH_BLOCK_T = 16
+
+
+def _config(block_m: int, block_d: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=num_warps, num_stages=num_stages)
+
+
+AUTOTUNE_CONFIGS = [_config(*INTERPRETER_CONFIG)] if INTERPRET else [_config(*c) for c in AUTOTUNE_SPACE]
+
+
+def estimated_smem_bytes(config: triton.Config, rank_pad: int, element_size: int) -> int:
+    """Pipelined operand tiles of the largest dot in any of the kernels: (BLOCK_M + R_PAD) x BLOCK_D
+    per stage, plus one (BLOCK_M x R_PAD) operand staged through shared memory."""
+    block_m, block_d = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_D"]
+    stages = max(config.num_stages, 1)
+    return element_size * (stages * (block_m + rank_pad) * block_d + block_m * rank_pad)
+
+
+def config_fits(config: triton.Config, rank_pad: int, element_size: int) -> bool:
+    return (config.kwargs["BLOCK_M"] * rank_pad <= MAX_ACCUMULATOR
+            and estimated_smem_bytes(config, rank_pad, element_size) <= SMEM_BUDGET_BYTES)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Autotune hook: drop configs too big for this rank and dtype; keep the smallest if none fit."""
+    rank_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
+    element_size = named_args["x_ptr"].element_size() if "x_ptr" in named_args else named_args["g_ptr"].element_size()
+    fitting = [c for c in configs if config_fits(c, rank_pad, element_size)]
+    return fitting or [min(configs, key=lambda c: estimated_smem_bytes(c, rank_pad, element_size))]
+
+
+def _autotune(kernel):
+    return triton.autotune(configs=AUTOTUNE_CONFIGS, key=["d_in", "d_out", "R_PAD"],
+                           prune_configs_by={"early_config_prune": prune_configs})(kernel)
+
+
+@triton.jit
+def _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks, stride_ht,
+                     HAS_TASKS: tl.constexpr):
+    """Per-row modulation (BLOCK_M, R_PAD) in fp32: h broadcast, or h[task_ids[row // rows_per_task]]."""
+    if HAS_TASKS:
+        task = tl.load(task_ptr + offs_m // rows_per_task, mask=row_mask, other=0).to(tl.int64)
+        valid = row_mask & (task >= 0) & (task < n_tasks)
+        tl.device_assert(valid | ~row_mask, "sas: task_ids out of range")
+        # Out-of-range ids read nothing (modulation 0) rather than out-of-bounds memory.
+        hm = tl.load(h_ptr + task[:, None] * stride_ht + offs_r[None, :],
+                     mask=valid[:, None] & rank_mask[None, :], other=0.0)
+        return hm.to(tl.float32)
+    hm = tl.load(h_ptr + offs_r, mask=rank_mask, other=0.0).to(tl.float32)
+    return hm[None, :]
+
+
+@_autotune
+@triton.jit
+def _sas_forward_kernel(
+    # pointers
+    x_ptr, base_ptr, a_ptr, b_ptr, h_ptr, task_ptr, y_ptr, u_ptr,
+    # sizes
+    rows, d_in, d_out, rank, rows_per_task, n_tasks,
+    # strides (elements; every last dim has stride 1)
+    stride_xm, stride_basem, stride_ym, stride_a, stride_b, stride_ht,
+    scale,
+    # meta
+    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, SAVE_U: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One block of rows: u = x @ A.T (fp32), v = s * u * h, y = base + v @ B.T; y stored once."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < rows
+    offs_r = tl.arange(0, R_PAD)
+    rank_mask = offs_r < rank
+
+    u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_D):
+        offs_k = k0 + tl.arange(0, BLOCK_D)
+        k_mask = offs_k < d_in
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a_t = tl.load(a_ptr + offs_r[None, :] * stride_a + offs_k[:, None],
+                      mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
+        u = tl.dot(x, a_t, u, input_precision=DOT_PRECISION)
+    if SAVE_U:
+        tl.store(u_ptr + offs_m[:, None] * rank + offs_r[None, :], u, mask=row_mask[:, None] & rank_mask[None, :])
+
+    hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks, stride_ht,
+                          HAS_TASKS)
+    v = (u * hm * scale).to(x_ptr.dtype.element_ty)
+    for n0 in range(0, d_out, BLOCK_D):
+        offs_n = n0 + tl.arange(0, BLOCK_D)
+        n_mask = offs_n < d_out
+        out_mask = row_mask[:, None] & n_mask[None, :]
+        b_t = tl.load(b_ptr + offs_n[None, :] * stride_b + offs_r[:, None],
+                      mask=rank_mask[:, None] & n_mask[None, :], other=0.0)
+        base = tl.load(base_ptr + offs_m[:, None] * stride_basem + offs_n[None, :], mask=out_mask, other=0.0)
+        y = tl.dot(v, b_t, base.to(tl.float32), input_precision=DOT_PRECISION)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@_autotune
+@triton.jit
+def _sas_backward_rows_kernel(
+    # pointers
+    g_ptr, a_ptr, b_ptr, h_ptr, task_ptr, gb_ptr, dx_ptr,
+    # sizes
+    rows, d_in, d_out, rank, rows_per_task, n_tasks,
+    # strides
+    stride_gm, stride_dxm, stride_a, stride_b, stride_ht,
+    scale,
+    # meta
+    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One block of rows: gB = g @ B (stored, fp32), du = s * gB * h, dx = du @ A."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < rows
+    offs_r = tl.arange(0, R_PAD)
+    rank_mask = offs_r < rank
+
+    gb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, d_out, BLOCK_D):
+        offs_n = n0 + tl.arange(0, BLOCK_D)
+        n_mask = offs_n < d_out
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
+                    mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_b + offs_r[None, :],
+                    mask=n_mask[:, None] & rank_mask[None, :], other=0.0)
+        gb = tl.dot(g, b, gb, input_precision=DOT_PRECISION)
+    tl.store(gb_ptr + offs_m[:, None] * rank + offs_r[None, :], gb, mask=row_mask[:, None] & rank_mask[None, :])
+
+    hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks, stride_ht,
+                          HAS_TASKS)
+    du = (gb * hm * scale).to(g_ptr.dtype.element_ty)
+    for k0 in range(0, d_in, BLOCK_D):
+        offs_k = k0 + tl.arange(0, BLOCK_D)
+        k_mask = offs_k < d_in
+        a = tl.load(a_ptr + offs_r[:, None] * stride_a + offs_k[None, :],
+                    mask=rank_mask[:, None] & k_mask[None, :], other=0.0)
+        dx = tl.dot(du, a, input_precision=DOT_PRECISION)
+        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & k_mask[None, :])
+
+
+@_autotune
+@triton.jit
+def _sas_backward_da_kernel(
+    # pointers
+    x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr,
+    # sizes
+    rows, d_in, d_out, rank, rows_per_task, n_tasks, rows_per_split,
+    # strides
+    stride_xm, stride_ht,
+    scale,
+    # meta
+    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One block of d_in columns over one row split: partial dA = (s * gB * h).T @ x."""
+    offs_k = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_mask = offs_k < d_in
+    split = tl.program_id(1)
+    offs_r = tl.arange(0, R_PAD)
+    rank_mask = offs_r < rank
+
+    acc = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, rows)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = offs_m < row_end
+        gb = tl.load(gb_ptr + offs_m[:, None] * rank + offs_r[None, :],
+                     mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+        hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks,
+                              stride_ht, HAS_TASKS)
+        du = (gb * hm * scale).to(x_ptr.dtype.element_ty)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(du), x, acc, input_precision=DOT_PRECISION)
+    partial = partial_ptr + split.to(tl.int64) * rank * d_in
+    tl.store(partial + offs_r[:, None] * d_in + offs_k[None, :], acc, mask=rank_mask[:, None] & k_mask[None, :])
+
+
+@_autotune
+@triton.jit
+def _sas_backward_db_kernel(
+    # pointers
+    g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr,
+    # sizes
+    rows, d_in, d_out, rank, rows_per_task, n_tasks, rows_per_split,
+    # strides
+    stride_gm, stride_ht,
+    scale,
+    # meta
+    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One block of d_out columns over one row split: partial dB = g.T @ (s * u * h)."""
+    offs_n = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_mask = offs_n < d_out
+    split = tl.program_id(1)
+    offs_r = tl.arange(0, R_PAD)
+    rank_mask = offs_r < rank
+
+    acc = tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, rows)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = offs_m < row_end
+        u = tl.load(u_ptr + offs_m[:, None] * rank + offs_r[None, :],
+                    mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+        hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks,
+                              stride_ht, HAS_TASKS)
+        v = (u * hm * scale).to(g_ptr.dtype.element_ty)
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
+                    mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(g), v, acc, input_precision=DOT_PRECISION)
+    partial = partial_ptr + split.to(tl.int64) * d_out * rank
+    tl.store(partial + offs_n[:, None] * rank + offs_r[None, :], acc, mask=n_mask[:, None] & rank_mask[None, :])
+
+
+@triton.jit
+def _sas_backward_dh_kernel(
+    # pointers
+    gb_ptr, u_ptr, task_ptr, partial_ptr,
+    # sizes
+    rows, rank, rows_per_task, n_tasks, rows_per_split,
+    scale,
+    # meta
+    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One block of tasks over one row split: partial dh[t] = s * sum over rows of task t of gB * u."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    split = tl.program_id(1)
+    offs_r = tl.arange(0, R_PAD)
+    rank_mask = offs_r < rank
+
+    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, rows)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = offs_m < row_end
+        tile_mask = row_mask[:, None] & rank_mask[None, :]
+        gb = tl.load(gb_ptr + offs_m[:, None] * rank + offs_r[None, :], mask=tile_mask, other=0.0)
+        u = tl.load(u_ptr + offs_m[:, None] * rank + offs_r[None, :], mask=tile_mask, other=0.0)
+        if HAS_TASKS:
+            task = tl.load(task_ptr + offs_m // rows_per_task, mask=row_mask, other=-1)
+            # Segment sum as a one-hot matmul: exact products, fixed order, no atomics.
+            one_hot = (task[:, None] == offs_t[None, :]).to(tl.float32)
+            acc = tl.dot(tl.trans(one_hot), gb * u, acc, input_precision="ieee")
+        else:
+            acc += tl.sum(gb * u, axis=0)[None, :]
+    partial = partial_ptr + split.to(tl.int64) * n_tasks * rank
+    tl.store(partial + offs_t[:, None] * rank + offs_r[None, :], acc * scale,
+             mask=(offs_t < n_tasks)[:, None] & rank_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+def _launcher(kernel):
+    """``wrap_triton`` makes launches traceable by torch.compile; the interpreter launches directly
+    (older torch versions reject interpreted kernels in ``wrap_triton``)."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+
+
+def rank_pad(rank: int) -> int:
+    return max(MIN_RANK_PAD, triton.next_power_of_2(rank))
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (rows, last dim) with a unit-stride last dim: a view whenever the leading dims
+    collapse to one row stride (contiguous or column-sliced tensors), a copy only otherwise."""
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
+
+
+def row_splits(rows: int, rank: int, width: int) -> Tuple[int, int]:
+    """(number of row splits, rows per split) for the column-blocked reductions; depends only on the shape."""
+    splits = min(triton.cdiv(rows, MIN_ROWS_PER_SPLIT), MAX_SPLITS, max(1, PARTIAL_BUDGET // (rank * width)))
+    per_split = triton.cdiv(triton.cdiv(rows, splits), SPLIT_ROW_ALIGN) * SPLIT_ROW_ALIGN
+    return triton.cdiv(rows, per_split), per_split
+
+
+def _task_layout(h: torch.Tensor, task_ids: Optional[torch.Tensor], rows: int):
+    """(task pointer tensor, rows per task id, number of tasks, h's task stride)."""
+    if h.dim() == 1:
+        return h, 1, 1, 0  # the pointer is never read when HAS_TASKS is False
+    return task_ids.reshape(-1), max(rows // max(task_ids.numel(), 1), 1), h.shape[0], h.stride(0)
+
+
+def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
+                task_ids: Optional[torch.Tensor], scale: float, save_u: bool = True):
+    """y (rows, d_out) in base's dtype and u = x @ A.T (rows, r) fp32 (empty unless ``save_u``)."""
+    rows, d_in = x2.shape
+    d_out, rank = B.shape
+    y = torch.empty((rows, d_out), dtype=base2.dtype, device=x2.device)
+    u = torch.empty((rows, rank) if save_u else (0, rank), dtype=torch.float32, device=x2.device)
+    if rows == 0:
+        return y, u
+    tasks, rows_per_task, n_tasks, stride_ht = _task_layout(h, task_ids, rows)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
+    _launcher(_sas_forward_kernel)[grid](
+        x2, base2, A, B, h, tasks, y, u,
+        rows, d_in, d_out, rank, rows_per_task, n_tasks,
+        x2.stride(0), base2.stride(0), y.stride(0), A.stride(0), B.stride(0), stride_ht,
+        scale,
+        R_PAD=rank_pad(rank), HAS_TASKS=h.dim() == 2, SAVE_U=save_u, DOT_PRECISION=FP32_DOT_PRECISION,
+    )
+    return y, u
+
+
+def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 h: torch.Tensor, task_ids: Optional[torch.Tensor], scale: float):
+    """(dx, dA, dB, dh) for incoming gradient g (rows, d_out); dbase is g itself."""
+    rows, d_in = x2.shape
+    d_out, rank = B.shape
+    dx = torch.empty((rows, d_in), dtype=x2.dtype, device=x2.device)
+    if rows == 0:
+        return dx, torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(h)
+    tasks, rows_per_task, n_tasks, stride_ht = _task_layout(h, task_ids, rows)
+    has_tasks, r_pad, precision = h.dim() == 2, rank_pad(rank), FP32_DOT_PRECISION
+    gb = torch.empty((rows, rank), dtype=torch.float32, device=x2.device)
+
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
+    _launcher(_sas_backward_rows_kernel)[grid](
+        g2, A, B, h, tasks, gb, dx,
+        rows, d_in, d_out, rank, rows_per_task, n_tasks,
+        g2.stride(0), dx.stride(0), A.stride(0), B.stride(0), stride_ht,
+        scale,
+        R_PAD=r_pad, HAS_TASKS=has_tasks, DOT_PRECISION=precision,
+    )
+
+    splits, per_split = row_splits(rows, rank, d_in)
+    da_partials = torch.empty((splits, rank, d_in), dtype=torch.float32, device=x2.device)
+    grid = lambda meta: (triton.cdiv(d_in, meta["BLOCK_D"]), splits)  # noqa: E731
+    _launcher(_sas_backward_da_kernel)[grid](
+        x2, gb, h, tasks, da_partials,
+        rows, d_in, d_out, rank, rows_per_task, n_tasks, per_split,
+        x2.stride(0), stride_ht,
+        scale,
+        R_PAD=r_pad, HAS_TASKS=has_tasks, DOT_PRECISION=precision,
+    )
+
+    splits, per_split = row_splits(rows, rank, d_out)
+    db_partials = torch.empty((splits, d_out, rank), dtype=torch.float32, device=x2.device)
+    grid = lambda meta: (triton.cdiv(d_out, meta["BLOCK_D"]), splits)  # noqa: E731
+    _launcher(_sas_backward_db_kernel)[grid](
+        g2, u, h, tasks, db_partials,
+        rows, d_in, d_out, rank, rows_per_task, n_tasks, per_split,
+        g2.stride(0), stride_ht,
+        scale,
+        R_PAD=r_pad, HAS_TASKS=has_tasks, DOT_PRECISION=precision,
+    )
+
+    splits, per_split = row_splits(rows, rank, n_tasks)
+    dh_partials = torch.empty((splits, n_tasks, rank), dtype=torch.float32, device=x2.device)
+    _launcher(_sas_backward_dh_kernel)[(triton.cdiv(n_tasks, DH_BLOCK_T), splits)](
+        gb, u, tasks, dh_partials,
+        rows, rank, rows_per_task, n_tasks, per_split,
+        scale,
+        R_PAD=r_pad, HAS_TASKS=has_tasks, BLOCK_M=DH_BLOCK_M, BLOCK_T=DH_BLOCK_T,
+    )
+    dA = da_partials.sum(0).to(A.dtype)
+    dB = db_partials.sum(0).to(B.dtype)
+    dh = dh_partials.sum(0).reshape(h.shape).to(h.dtype)
+    return dx, dA, dB, dh
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops and autograd
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.triton_op("sas::adapter_fwd", mutates_args=())
+def adapter_fwd(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
+                task_ids: Optional[torch.Tensor], scale: float, save_u: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return sas_forward(x2, base2, A, B, h, task_ids, scale, save_u)
+
+
+@torch.library.triton_op("sas::adapter_bwd", mutates_args=())
+def adapter_bwd(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                h: torch.Tensor, task_ids: Optional[torch.Tensor], scale: float
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return sas_backward(g2, x2, u, A, B, h, task_ids, scale)
+
+
+class SaSAdapterFunction(torch.autograd.Function):
+    """Autograd glue over the two ops: saves x, u, A, B, h for the backward; dbase is g."""
+
+    @staticmethod
+    def forward(ctx, x2, base2, A, B, h, task_ids, scale):
+        y, u = torch.ops.sas.adapter_fwd(x2, base2, A, B, h, task_ids, scale, True)
+        ctx.save_for_backward(x2, u, A, B, h, task_ids)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, u, A, B, h, task_ids = ctx.saved_tensors
+        g2 = g if g.stride(-1) == 1 else g.contiguous()
+        dx, dA, dB, dh = torch.ops.sas.adapter_bwd(g2, x2, u, A, B, h, task_ids, ctx.scale)
+        return dx, g, dA, dB, dh, None, None
+
+
+def sas_adapter_triton(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
+                       scale: float, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The Triton backend of :func:`sas.functional.sas_adapter` (arguments already validated)."""
+    rank = A.shape[0]
+    if rank > MAX_RANK:
+        raise ValueError(f"the triton backend supports rank 1..{MAX_RANK}; got rank {rank} "
+                         f"(use backend='reference' for larger ranks)")
+    x2, base2, A, B, h = as_rows(x), as_rows(base), A.contiguous(), B.contiguous(), h.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, base2, A, B, h)):
+        y = SaSAdapterFunction.apply(x2, base2, A, B, h, task_ids, float(scale))
+    else:  # inference: u is not needed, so it is not written
+        y, _ = torch.ops.sas.adapter_fwd(x2, base2, A, B, h, task_ids, float(scale), False)
+    return y.reshape(base.shape)
