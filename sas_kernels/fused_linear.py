@@ -1,0 +1,224 @@
+"""The adapted layer as one op: frozen linear + SaS adapter, in several designs measured against each other.
+
+    y = x @ W0.T + b0 + s * ((x @ A.T) * h) @ B.T
+
+:func:`sas_linear` is differentiable in ``x``, ``A``, ``B`` and ``h``. ``W0`` and ``b0`` are the frozen
+layer: they are used detached, so they never receive a gradient (even if they require one).
+
+Designs (``docs/layer_designs.md`` has the data-movement model and the measurements):
+
+``fold``        ``W_eff = W0 + s B diag(h) A`` costs O(d_in d_out r), nothing next to the GEMM. The forward is
+                ONE GEMM of ``x`` against ``[W_eff; A]`` giving ``[y | u]`` (x read once, u saved); the
+                backward is ONE GEMM of ``g`` against ``[W_eff | B]`` giving ``[dx | g @ B]`` (g read once
+                for both). ``y`` and ``dx`` are column windows of those buffers (row stride ``d + rank``).
+``fold_split``  the same ``W_eff``, but ``u`` and ``g @ B`` come from their own skinny GEMMs, so ``y`` and
+                ``dx`` are contiguous at the cost of reading ``x`` and ``g`` once more.
+``epilogue``    the LoRAFusion order: ``S = (x @ A.T) * h`` first, ``Z = s S @ B.T + b0``, then the frozen
+                GEMM accumulates into ``Z`` (cuBLAS beta=1 epilogue); backward ``dx = du @ A`` first and the
+                ``g @ W0`` GEMM accumulates into it.
+``unfused``     ``F.linear`` then the standalone op :func:`sas.functional.sas_adapter` (the baseline).
+
+``design="auto"`` picks from :data:`MEASURED_BEST`, filled by ``python -m bench.layer_designs``.
+Every design only calls ATen ops, so all of them run on CPU and CUDA.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from sas import functional
+
+DESIGNS = ("fold", "fold_split", "epilogue", "unfused")
+
+# cuBLAS picks its fast (vectorised) kernels only when every leading dimension is a multiple of 16 bytes,
+# so the rank columns appended to a GEMM are padded with zeros up to that.
+GEMM_ALIGN_BYTES = 16
+
+# The design `auto` picks, keyed on (device type, dtype, d_in, d_out, rank) and measured by
+# `python -m bench.layer_designs` (docs/layer_designs.md): forward+backward time, lower is better.
+# CPU: 2-core x86 dev machine, fp32, 1576 rows. CUDA: H100, bf16, 25216 rows (ViT-B batch 128).
+MEASURED_BEST: Dict[Tuple[str, torch.dtype, int, int, int], str] = {}
+
+# What `auto` picks for a shape the table does not hold: the design that won most measured shapes.
+DEFAULT_DESIGN = {"cpu": "fold", "cuda": "fold"}
+
+
+def choose_design(device: torch.device, dtype: torch.dtype, d_in: int, d_out: int, rank: int) -> str:
+    """The design ``auto`` runs for this layer: the measured winner, else the device's default."""
+    device_type = torch.device(device).type
+    key = (device_type, dtype, d_in, d_out, rank)
+    return MEASURED_BEST.get(key, DEFAULT_DESIGN.get(device_type, "fold"))
+
+
+def _padded_rank(rank: int, dtype: torch.dtype) -> int:
+    align = max(1, GEMM_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    return -(-rank // align) * align
+
+
+def _alias(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` (2-D, unit column stride) with its first dim split into ``shape[:-1]``, sharing memory.
+
+    Built with ``set_`` instead of slicing/``view`` so autograd does not see a view: a view returned from a
+    custom Function may not be modified in place, whereas ``F.linear``'s output may (e.g. ``ReLU(inplace)``).
+    """
+    strides = [t.stride(1)] if len(shape) else []
+    if len(shape) >= 2:
+        strides.insert(0, t.stride(0))
+        for size in reversed(shape[1:-1]):
+            strides.insert(0, strides[0] * size)
+    out = t.new_empty(0)
+    return out.set_(t.untyped_storage(), t.storage_offset(), tuple(shape), tuple(strides))
+
+
+def _effective_weight(weight, A, B, h, scale, out=None):
+    """``W0 + s B diag(h) A`` in one addmm (accumulated in fp32, rounded once to the weight's dtype)."""
+    return torch.addmm(weight, B * h, A, alpha=scale, out=out)
+
+
+def _adapter_grads(g2, x2, u, gB, A, h, scale, needs_A, needs_B, needs_h):
+    """``dA = (s gB h).T @ x``, ``dB = g.T @ (s u h)``, ``dh = s sum_rows(gB u)`` (None where not needed)."""
+    dA = torch.mm((gB * (h * scale)).t(), x2) if needs_A else None
+    dB = torch.mm(g2.t(), u * (h * scale)) if needs_B else None
+    dh = (gB * u).sum(0).mul_(scale) if needs_h else None
+    return dA, dB, dh
+
+
+# ---- forward host functions: (x2 (N, d_in), ...) -> y2 (N, d_out) with unit column stride, u (N, rank)
+
+def fold_forward(x2, weight, bias, A, B, h, scale):
+    d_out, d_in = weight.shape
+    rank = A.shape[0]
+    padded = _padded_rank(rank, x2.dtype)
+    stacked = weight.new_zeros(d_out + padded, d_in)  # [W_eff; A; 0]
+    _effective_weight(weight, A, B, h, scale, out=stacked[:d_out])
+    stacked[d_out:d_out + rank].copy_(A)
+    stacked_bias = None if bias is None else torch.cat([bias, bias.new_zeros(padded)])
+    yu = F.linear(x2, stacked, stacked_bias)
+    # u is copied out (N * rank elements, negligible) so saving it does not keep all of [y | u] alive
+    # until the backward: the frozen layer's y may be freed as soon as the next op has used it.
+    return yu[:, :d_out], yu[:, d_out:d_out + rank].clone()
+
+
+def fold_split_forward(x2, weight, bias, A, B, h, scale):
+    return F.linear(x2, _effective_weight(weight, A, B, h, scale), bias), torch.mm(x2, A.t())
+
+
+def epilogue_forward(x2, weight, bias, A, B, h, scale):
+    u = torch.mm(x2, A.t())
+    up = (B * scale).t()
+    z = torch.mm(u * h, up) if bias is None else torch.addmm(bias, u * h, up)
+    return z.addmm_(x2, weight.t()), u
+
+
+# ---- backward host functions: -> (dx2 (N, d_in) or None, gB (N, rank))
+
+def fold_input_grad(g2, weight, A, B, h, scale, needs_x):
+    if not needs_x:
+        return None, torch.mm(g2, B)
+    d_out, d_in = weight.shape
+    rank = A.shape[0]
+    padded = _padded_rank(rank, g2.dtype)
+    stacked = weight.new_zeros(d_out, d_in + padded)  # [W_eff | B | 0]
+    _effective_weight(weight, A, B, h, scale, out=stacked[:, :d_in])
+    stacked[:, d_in:d_in + rank].copy_(B)
+    dx_gB = torch.mm(g2, stacked)
+    return dx_gB[:, :d_in], dx_gB[:, d_in:d_in + rank]
+
+
+def fold_split_input_grad(g2, weight, A, B, h, scale, needs_x):
+    dx2 = torch.mm(g2, _effective_weight(weight, A, B, h, scale)) if needs_x else None
+    return dx2, torch.mm(g2, B)
+
+
+def epilogue_input_grad(g2, weight, A, B, h, scale, needs_x):
+    gB = torch.mm(g2, B)
+    dx2 = torch.mm(gB * (h * scale), A).addmm_(g2, weight) if needs_x else None
+    return dx2, gB
+
+
+_HOST = {
+    "fold": (fold_forward, fold_input_grad),
+    "fold_split": (fold_split_forward, fold_split_input_grad),
+    "epilogue": (epilogue_forward, epilogue_input_grad),
+}
+
+
+class SaSLinearFunction(torch.autograd.Function):
+    """Autograd for the fused designs; ``weight``/``bias`` arrive detached (frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, h, scale, design):
+        forward_fn, _ = _HOST[design]
+        x2 = x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):  # inputs were cast already; keep exact control
+            y2, u = forward_fn(x2, weight, bias, A, B, h, scale)
+        ctx.save_for_backward(x, u, weight, A, B, h)
+        ctx.scale, ctx.design = scale, design
+        return _alias(y2, (*x.shape[:-1], weight.shape[0]))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, u, weight, A, B, h = ctx.saved_tensors
+        needs_x, _, _, needs_A, needs_B, needs_h = ctx.needs_input_grad[:6]
+        _, input_grad_fn = _HOST[ctx.design]
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dx2, gB = input_grad_fn(g2, weight, A, B, h, ctx.scale, needs_x)
+        dA, dB, dh = _adapter_grads(g2, x2, u, gB, A, h, ctx.scale, needs_A, needs_B, needs_h)
+        dx = None if dx2 is None else dx2.view(x.shape)
+        return dx, None, None, dA, dB, dh, None, None
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the frozen layer's output: autocast's dtype when it is on, else the weight's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; outside autocast they must match "
+                        f"(as for F.linear)")
+    return weight.dtype
+
+
+def sas_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    h: torch.Tensor,
+    scale: float = 1.0,
+    design: str = "auto",
+) -> torch.Tensor:
+    """``x @ weight.T + bias + scale * ((x @ A.T) * h) @ B.T`` over any leading dims of ``x``.
+
+    ``weight (d_out, d_in)`` and ``bias (d_out,)`` or None are frozen (no gradients). ``h`` is one
+    modulation ``(rank,)``: a per-task ``(T, rank)`` h cannot be folded into one weight. Under autocast
+    everything runs in autocast's dtype, as ``SaSLinear`` runs its adapter in the frozen output's dtype.
+    ``design`` is one of :data:`DESIGNS` or ``"auto"``. With ``fold`` the result is a column window of a
+    ``(rows, d_out + rank)`` buffer (row stride ``d_out + padded rank``), not contiguous.
+    """
+    if design != "auto" and design not in DESIGNS:
+        raise ValueError(f"unknown design {design!r}; choose 'auto' or one of {DESIGNS}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be (d_out, d_in={x.shape[-1]}), got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be (d_out={weight.shape[0]},) or None, got {tuple(bias.shape)}")
+    if isinstance(h, torch.Tensor) and h.dim() != 1:
+        raise ValueError(f"sas_linear takes one modulation h of shape (rank,), got {tuple(h.shape)}; a per-task "
+                         f"h cannot be folded into one weight: use F.linear + sas.functional.sas_adapter(task_ids=)")
+    dtype = _compute_dtype(x, weight)
+    x, A, B, h = x.to(dtype), A.to(dtype), B.to(dtype), h.to(dtype)
+    weight = weight.detach().to(dtype)
+    bias = None if bias is None else bias.detach().to(dtype)
+    # validate() checks the adapter arguments against a stand-in for the frozen output (an expanded scalar).
+    frozen_output = weight.new_empty(()).expand(*x.shape[:-1], weight.shape[0])
+    functional.validate(x, frozen_output, A, B, h, scale)
+    if design == "auto":
+        design = choose_design(x.device, dtype, weight.shape[1], weight.shape[0], A.shape[0])
+    if design == "unfused":
+        return functional.sas_adapter(x, F.linear(x, weight, bias), A, B, h, scale)
+    return SaSLinearFunction.apply(x, weight, bias, A, B, h, float(scale), design)
