@@ -1,6 +1,13 @@
 """Shared pytest set-up: the ``gpu`` marker and helpers every test file uses."""
+import os
+
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter, which must be
+# chosen before anything imports them. On a CUDA machine the real kernels run instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
