@@ -32,6 +32,28 @@ class Case:
     scale: float = 0.5
 
 
+# Odd shapes, every rank class, leading dims and column-sliced inputs: run by the interpreter
+# suite in fp32/fp16 and by the CUDA suite in fp32/fp16/bf16.
+KERNEL_GRID = [
+    Case(leading=(37,), d_in=45, d_out=70, rank=1),
+    Case(leading=(37,), d_in=45, d_out=70, rank=3),
+    Case(leading=(2, 9), d_in=33, d_out=20, rank=8),
+    Case(leading=(70,), d_in=17, d_out=65, rank=17, strided=True),
+    Case(leading=(3, 5, 4), d_in=40, d_out=24, rank=64),
+]
+
+MULTI_TASK_GRID = [
+    Case(leading=(29,), d_in=24, d_out=19, rank=5, tasks=3),
+    Case(leading=(4, 11), d_in=18, d_out=33, rank=8, tasks=5, ids_per_leading=True, strided=True),
+    Case(leading=(40,), d_in=16, d_out=16, rank=3, tasks=20),  # more tasks than one 16-task block
+]
+
+
+def case_id(case: Case) -> str:
+    return f"r{case.rank}-{'x'.join(map(str, case.leading))}-{case.d_in}to{case.d_out}" + (
+        f"-T{case.tasks}" if case.tasks else "") + ("-strided" if case.strided else "")
+
+
 def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0) -> Dict[str, Optional[torch.Tensor]]:
     """fp64 inputs scaled so every intermediate is O(1); cast per use so every path sees equal values."""
     gen = torch.Generator().manual_seed(seed)

@@ -7,39 +7,25 @@ import torch
 
 from sas import functional
 from sas_kernels import sas_adapter as kernels
-from sas_kernels.testing import Case, assert_close_to_reference, make_inputs, run_op
+from sas_kernels.testing import (KERNEL_GRID, MULTI_TASK_GRID, Case, assert_close_to_reference, case_id, make_inputs,
+                                 run_op)
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRET, reason="needs TRITON_INTERPRET=1 (set by conftest without CUDA)")
 
 DTYPES = (torch.float32, torch.float16)
-
-GRID = [
-    Case(leading=(37,), d_in=45, d_out=70, rank=1),
-    Case(leading=(37,), d_in=45, d_out=70, rank=3),
-    Case(leading=(2, 9), d_in=33, d_out=20, rank=8),
-    Case(leading=(70,), d_in=17, d_out=65, rank=17, strided=True),
-    Case(leading=(3, 5, 4), d_in=40, d_out=24, rank=64),
-]
-
-MULTI_TASK = [
-    Case(leading=(29,), d_in=24, d_out=19, rank=5, tasks=3),
-    Case(leading=(4, 11), d_in=18, d_out=33, rank=8, tasks=5, ids_per_leading=True, strided=True),
-    Case(leading=(40,), d_in=16, d_out=16, rank=3, tasks=20),  # more tasks than one 16-task block
-]
-
 
 def triton_op(x, base, A, B, h, scale, task_ids):
     return functional.sas_adapter(x, base, A, B, h, scale, task_ids, backend="triton")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", GRID, ids=lambda c: f"r{c.rank}-{'x'.join(map(str, c.leading))}")
+@pytest.mark.parametrize("case", KERNEL_GRID, ids=case_id)
 def test_matches_reference(case, dtype):
     assert_close_to_reference(case, "triton", dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", MULTI_TASK, ids=lambda c: f"T{c.tasks}-r{c.rank}")
+@pytest.mark.parametrize("case", MULTI_TASK_GRID, ids=case_id)
 def test_multi_task_rows(case, dtype):
     assert_close_to_reference(case, "triton", dtype, "cpu")
 
