@@ -1,0 +1,49 @@
+"""``python -m bench``: op, layer and model benchmarks; table on stdout, JSON + CSV under bench/results/."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .cases import ALL_PROVIDERS
+from .run import RESULTS_DIR, format_table, run_benchmarks, write_results
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+LEVELS = ("op", "layer", "model")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--level", choices=LEVELS + ("all",), default="all", help="which level to run (default all)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="activation dtype; default bf16 on cuda (model level: bf16 autocast), fp32 on cpu")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="the issue's whole grid (long)")
+    size.add_argument("--tiny", action="store_true", help="tiny shapes in seconds: a smoke test of the harness")
+    parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
+                        help="run only these providers (default all of each level)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to PyTorch")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    levels = list(LEVELS) if args.level == "all" else [args.level]
+    size = "full" if args.full else "tiny" if args.tiny else "quick"
+    result = run_benchmarks(levels, device, dtype, size, args.providers, args.quiet)
+    print(format_table(result))
+    for path in write_results(result, args.out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

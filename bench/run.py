@@ -1,0 +1,226 @@
+"""Runs the cases, computes each row's metrics, prints the table and writes JSON + CSV."""
+from __future__ import annotations
+
+import csv
+import datetime
+import gc
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from . import cases as cases_module
+from .cases import ALL_PROVIDERS, Case, NotApplicable
+from .timing import copy_bandwidth_gbps, measure, peak_memory_mib
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: Every row of the JSON ``rows`` list and every CSV line has exactly these fields.
+ROW_FIELDS = [
+    "level", "case", "pass", "shape", "d_in", "d_out", "rows", "rank", "model", "batch", "dtype",
+    "provider", "backend", "status", "error",
+    "median_ms", "p20_ms", "p80_ms", "samples", "first_call_s",
+    "throughput", "throughput_unit", "ideal_bytes", "achieved_gbps", "pct_of_copy_bw", "peak_mem_mib",
+] + [f"speedup_vs_{p.replace('-', '_')}" for p in ALL_PROVIDERS]
+
+#: Every JSON file's ``meta`` object has at least these keys.
+META_FIELDS = ["device", "device_type", "dtype", "torch", "triton", "python", "git_commit", "date",
+               "copy_bandwidth_gbps", "size", "levels", "argv", "cpu_threads", "notes"]
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def run_case(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -> Dict:
+    row = {f: None for f in ROW_FIELDS}
+    row.update(level=case.level, case=case.label, shape=case.shape or None, d_in=case.d_in or None,
+               d_out=case.d_out or None, rows=case.rows or None, rank=case.rank, model=case.model or None,
+               batch=case.batch or None, dtype=str(dtype).replace("torch.", ""), provider=provider,
+               throughput_unit="images/s" if case.level == "model" else "rows/s")
+    row["pass"] = case.pass_name
+    try:
+        built = cases_module.build(case, provider, device, dtype)
+        row["backend"] = built.backend
+        # The first call pays for compilation (torch.compile, Triton autotuning): recorded, then excluded.
+        start = time.perf_counter()
+        built.call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row["first_call_s"] = time.perf_counter() - start
+        timing = measure(built.call, device)
+        row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, samples=timing.samples,
+                   throughput=built.work_items / (timing.median_ms * 1e-3), ideal_bytes=built.ideal_bytes,
+                   peak_mem_mib=peak_memory_mib(built.call, device), status="ok")
+        if built.ideal_bytes is not None:
+            row["achieved_gbps"] = built.ideal_bytes / (timing.median_ms * 1e-3) / 1e9
+    except NotApplicable as exc:
+        row.update(status="skipped", error=str(exc))
+    except ImportError as exc:
+        row.update(status="skipped", error=str(exc))
+    except Exception as exc:  # a failing provider is recorded in its row; the run goes on
+        row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+    finally:
+        built = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def add_derived(rows: List[Dict], copy_gbps: float) -> None:
+    """% of the measured copy bandwidth, and every row's speedup against each other provider of its case."""
+    by_case: Dict[tuple, Dict[str, Dict]] = {}
+    for row in rows:
+        if row["achieved_gbps"] is not None:
+            row["pct_of_copy_bw"] = 100.0 * row["achieved_gbps"] / copy_gbps
+        by_case.setdefault((row["level"], row["case"]), {})[row["provider"]] = row
+    for providers in by_case.values():
+        for row in providers.values():
+            for name, other in providers.items():
+                if row["median_ms"] and other["median_ms"]:
+                    row[f"speedup_vs_{name.replace('-', '_')}"] = other["median_ms"] / row["median_ms"]
+
+
+def _progress(total: int, quiet: bool):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, disable=quiet, file=sys.stderr, unit="case", dynamic_ncols=True)
+    except ImportError:
+        class Counter:
+            done = 0
+
+            def update(self, n=1):
+                self.done += n
+                if not quiet:
+                    print(f"\r{self.done}/{total}", end="", file=sys.stderr, flush=True)
+
+            def set_description(self, text):
+                pass
+
+            def close(self):
+                if not quiet:
+                    print(file=sys.stderr)
+        return Counter()
+
+
+def run_benchmarks(levels: List[str], device: str, dtype: torch.dtype, size: str = "quick",
+                   providers: Optional[List[str]] = None, quiet: bool = False) -> Dict:
+    """Run every case of ``levels``; return ``{"meta": ..., "rows": [...]}``."""
+    device = torch.device(device)
+    all_cases = [c for level in levels for c in cases_module.restrict(cases_module.grid(level, device, size), providers)]
+    notes = []
+    if device.type == "cpu":
+        notes.append("peak memory is n/a on CPU: PyTorch keeps no CPU allocator statistics and peak RSS only grows")
+        if size == "quick" and "model" in levels:
+            notes.append("CPU quick run: model level uses vit_tiny_patch16_224 at batch 2 and no torch.compile "
+                         "(ViT-B at batch 32/128 with --full)")
+    if device.type == "cuda" and size != "full":
+        notes.append("model level: reference-compiled only for the training step at batch 32 (all with --full)")
+    notes.append("backward = replay of one stored forward's autograd graph; ideal bytes per DESIGN.md §3 "
+                 "(bench/bytes_model.py), u not saved; model level has no bytes model")
+    copy_gbps = copy_bandwidth_gbps(device)
+    meta = {
+        "device": device_name(device), "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
+        "git_commit": _git_commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "copy_bandwidth_gbps": copy_gbps, "size": size, "levels": list(levels), "argv": sys.argv[1:],
+        "cpu_threads": torch.get_num_threads(), "notes": notes,
+    }
+    rows = []
+    bar = _progress(sum(len(c.providers) for c in all_cases), quiet)
+    for case in all_cases:
+        bar.set_description(f"{case.level} {case.label}"[:60])
+        for provider in case.providers:
+            rows.append(run_case(case, provider, device, dtype))
+            bar.update(1)
+    bar.close()
+    add_derived(rows, copy_gbps)
+    return {"meta": meta, "rows": rows}
+
+
+def result_stem(meta: Dict) -> str:
+    """``<device>_<date>_<levels>[_<size>]``, e.g. ``cpu-x86_64_2026-11-22_op-layer-model``."""
+    device = re.sub(r"[^0-9a-z]+", "-", meta["device"].lower()).strip("-") or meta["device_type"]
+    if meta["device_type"] == "cpu":
+        device = f"cpu-{device}" if not device.startswith("cpu") else device
+    stem = f"{device}_{meta['date'][:10]}_{'-'.join(meta['levels'])}"
+    return stem if meta["size"] == "quick" else f"{stem}_{meta['size']}"
+
+
+def write_results(result: Dict, out_dir: Path = RESULTS_DIR) -> List[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(result["meta"])
+    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    with csv_path.open("w", newline="") as handle:
+        meta = result["meta"]
+        handle.write(f"# device={meta['device']}; torch={meta['torch']}; triton={meta['triton']}; "
+                     f"commit={meta['git_commit']}; date={meta['date']}; "
+                     f"copy_bandwidth_gbps={meta['copy_bandwidth_gbps']:.1f}\n")
+        writer = csv.DictWriter(handle, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    return [json_path, csv_path]
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_table(result: Dict) -> str:
+    """One block per level: time (p20-p80), throughput, GB/s, % of copy bandwidth, peak memory,
+    and how much faster ``sas`` is than the row's provider."""
+    meta = result["meta"]
+    lines = [f"device: {meta['device']} ({meta['device_type']}), dtype {meta['dtype']}, torch {meta['torch']}, "
+             f"triton {meta['triton']}, commit {meta['git_commit']}, {meta['date']}",
+             f"copy bandwidth (read+write): {meta['copy_bandwidth_gbps']:.1f} GB/s"]
+    lines += [f"note: {n}" for n in meta["notes"]]
+    header = (f"{'case':<40} {'provider':<18} {'backend':<18} {'median ms':>10} {'p20-p80 ms':>17} "
+              f"{'throughput':>13} {'GB/s':>8} {'%copy':>6} {'peak MiB':>9} {'sas x':>6}")
+    for level in meta["levels"]:
+        rows = [r for r in result["rows"] if r["level"] == level]
+        if not rows:
+            continue
+        lines += ["", f"== {level} level ==", header]
+        for r in rows:
+            if r["status"] != "ok":
+                lines.append(f"{r['case']:<40} {r['provider']:<18} {r['status']}: {r['error']}"[:200])
+                continue
+            unit = "img/s" if r["throughput_unit"] == "images/s" else "row/s"
+            # "sas x": how many times faster sas ran than this row's provider.
+            sas_speedup = r["speedup_vs_sas"] and 1.0 / r["speedup_vs_sas"]
+            lines.append(
+                f"{r['case']:<40} {r['provider']:<18} {r['backend'] or '-':<18} {r['median_ms']:>10.3f} "
+                f"{r['p20_ms']:>8.3f}-{r['p80_ms']:<8.3f} {r['throughput']:>9.3g} {unit} "
+                f"{_fmt(r['achieved_gbps'], '8.1f'):>8} {_fmt(r['pct_of_copy_bw'], '6.1f'):>6} "
+                f"{_fmt(r['peak_mem_mib'], '9.1f', 'n/a'):>9} {_fmt(sas_speedup, '6.2f'):>6}")
+    return "\n".join(lines)
