@@ -54,6 +54,9 @@ class SaSShared(nn.Module):
         self.embeddings = nn.Parameter(torch.randn(num_layers, embed_dim))
         self.hyper = HyperNetwork(embed_dim, hyper_hidden, rank, hyper_activation)
 
+        # Per-forward cache (see begin_forward); None outside a model forward.
+        self._forward_cache: Optional[Dict[torch.dtype, dict]] = None
+
     def modulation(self, layer_index: int) -> torch.Tensor:
         """``h_l`` (r,) of one layer."""
         return self.hyper(self.embeddings[layer_index])
@@ -61,6 +64,31 @@ class SaSShared(nn.Module):
     def modulations(self) -> torch.Tensor:
         """``h`` of every layer at once, (num_layers, r)."""
         return self.hyper(self.embeddings)
+
+    # A model forward would otherwise run the hypernetwork and cast A/B once per layer: on ViT-B
+    # that is 48 tiny MLPs plus about 150 casts, each a separate kernel launch in forward and
+    # backward. Between begin_forward and end_forward (installed as hooks on the model by
+    # sas.inject) they are computed once per forward and dtype and shared by every layer.
+    def begin_forward(self, *_unused) -> None:
+        self._forward_cache = {}
+
+    def end_forward(self, *_unused) -> None:
+        self._forward_cache = None
+
+    def layer_tensors(self, layer_index: int, down_key: str, up_key: str, dtype: torch.dtype):
+        """``(A, B, h_l)`` of one layer in ``dtype``, from the per-forward cache when one is open."""
+        cache = self._forward_cache
+        if cache is None:
+            return (self.down[down_key].to(dtype), self.up[up_key].to(dtype),
+                    self.modulation(layer_index).to(dtype))
+        entry = cache.get(dtype)
+        if entry is None:
+            entry = cache[dtype] = {
+                "down": {k: v.to(dtype) for k, v in self.down.items()},
+                "up": {k: v.to(dtype) for k, v in self.up.items()},
+                "h": self.modulations().to(dtype).unbind(0),
+            }
+        return entry["down"][down_key], entry["up"][up_key], entry["h"][layer_index]
 
 
 class SaSLinear(nn.Module):
@@ -123,9 +151,8 @@ class SaSLinear(nn.Module):
         if self.merged:
             return base
         # The adapter runs in the dtype the frozen layer produced (e.g. bf16 under autocast).
-        dtype = base.dtype
-        return functional.sas_adapter(x.to(dtype), base, self.A.to(dtype), self.B.to(dtype),
-                                      self.modulation().to(dtype), self.scale)
+        A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, base.dtype)
+        return functional.sas_adapter(x.to(base.dtype), base, A, B, h, self.scale)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -120,6 +120,8 @@ def inject(model: nn.Module, config: SaSConfig) -> nn.Module:
         layer = SaSLinear(modules[plan.name], shared, index, plan.down_key, plan.up_key, config.scale)
         setattr(parent, child_name, layer)
     model.add_module(SHARED_ATTRIBUTE, shared)
+    model.register_forward_pre_hook(shared.begin_forward)
+    model.register_forward_hook(shared.end_forward, always_call=True)
     shared.config = config
     shared.layer_names = [p.name for p in plans]
     _apply_trainable_modules(model, config)

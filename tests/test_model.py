@@ -227,3 +227,16 @@ def test_bf16_model_runs_adapter_in_bf16():
     _randomise_adapter(model)
     out = model(_images(model).to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_hypernetwork_runs_once_per_model_forward_and_matches_per_layer_path():
+    model = sas.inject(_test_vit(), SaSConfig(rank=4))
+    _randomise_adapter(model)
+    calls = []
+    model.sas_shared.hyper.register_forward_hook(lambda *_: calls.append(1))
+    x = _images(model)
+    cached = model(x)
+    assert len(calls) == 1 and model.sas_shared._forward_cache is None
+    per_layer = model.forward(x)  # bypasses the model's hooks: every layer runs H on its own embedding
+    assert len(calls) == 1 + 4 * len(model.blocks)
+    torch.testing.assert_close(cached, per_layer, rtol=0, atol=0)
