@@ -1,0 +1,385 @@
+// CPU kernels of the SaS adapter op (DESIGN.md §1), for float32, bfloat16 and float16
+// inputs with float32 accumulation.
+//
+//   forward:  u = x @ A.T;  y = base + s * (u * h) @ B.T        (u is returned for the backward)
+//   backward: gB = g @ B;  dB = s * g.T @ (u * h);  dh = s * sum_rows(gB * u)
+//             du = s * gB * h;  dA = du.T @ x;  dx = du @ A
+//
+// Rows are processed in blocks of kRowsPerBlock: the block's rank-r intermediates
+// (u, gB, du) live in a small buffer, and each row of x, base and g is read from
+// memory once per pass (the backward re-reads a block of g and x from cache, not
+// from memory). The rows are split over threads with at::parallel_for; the
+// backward's weight gradients are summed per chunk of rows into private partials
+// and the partials added in chunk order, with a chunk split that does not depend
+// on the thread count, so every thread count gives bitwise the same result.
+#include "simd.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace sas {
+namespace {
+
+using simd::kLanes;
+using simd::Vec;
+
+// Rows per block: the block's grad_y rows (16 x 3072 floats = 192 KiB at ViT-B fc1)
+// stay in L2 between the gB pass and the dB pass that re-reads them.
+constexpr int64_t kRowsPerBlock = 16;
+// Output columns per chunk: rank 8 x 512 float32 weights = 16 KiB, which stays in L1
+// while a block of rows is written.
+constexpr int64_t kColumnsPerChunk = 512;
+// The backward sums weight gradients over at most this many row chunks, each with
+// its own partial buffer (8 x (768 + 3072) floats = 120 KiB at ViT-B fc1). Fixed,
+// not the thread count, so results do not depend on threads; 16 keeps up to 16
+// cores busy and the final sum of partials small next to reading grad_y.
+constexpr int64_t kMaxRowChunks = 16;
+// Rank tile of the register-blocked loops: 8 accumulators of 16 lanes fill half of
+// the AVX-512 register file (all of AVX2's), leaving room for the loaded operands.
+constexpr int kMaxRankTile = 8;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls body(offset, count) for each run of kLanes elements of [0, len), then
+// once for the tail; `count` is a compile-time kLanes in the main loop once inlined.
+template <typename Body>
+inline void for_each_vector(int64_t len, Body&& body) {
+  int64_t offset = 0;
+  for (; offset + kLanes <= len; offset += kLanes) body(offset, kLanes);
+  if (offset < len) body(offset, len - offset);
+}
+
+// Calls fn(std::integral_constant<int, R>{}, first_rank) for rank tiles 8, 8, ..., 4, 2, 1
+// covering [0, rank), so the register-blocked loops know their tile at compile time.
+template <typename Fn>
+inline void for_each_rank_tile(int64_t rank, Fn&& fn) {
+  int64_t first = 0;
+  for (; first + kMaxRankTile <= rank; first += kMaxRankTile) fn(std::integral_constant<int, kMaxRankTile>{}, first);
+  if (rank - first >= 4) {
+    fn(std::integral_constant<int, 4>{}, first);
+    first += 4;
+  }
+  if (rank - first >= 2) {
+    fn(std::integral_constant<int, 2>{}, first);
+    first += 2;
+  }
+  if (rank - first >= 1) fn(std::integral_constant<int, 1>{}, first);
+}
+
+// out[k] = sum_j row[j] * weights[k * len + j] for the R ranks of one tile.
+template <int R, typename T>
+void dot_row(const T* row, const float* weights, int64_t len, float* out) {
+  Vec sums[R] = {};
+  for_each_vector(len, [&](int64_t j, int64_t count) {
+    const Vec values = simd::load_n(row + j, count);
+    for (int k = 0; k < R; ++k) sums[k] += values * simd::load_n(weights + k * len + j, count);
+  });
+  for (int k = 0; k < R; ++k) out[k] = simd::horizontal_sum(sums[k]);
+}
+
+// out[k] = sum_j row[j] * weights[k * len + j] for every k < rank.
+template <typename T>
+void dot_row_all_ranks(const T* row, const float* weights, int64_t len, int64_t rank, float* out) {
+  for_each_rank_tile(rank, [&](auto tile, int64_t first) {
+    dot_row<decltype(tile)::value>(row, weights + first * len, len, out + first);
+  });
+}
+
+// sums[k * len + j] += sum_n coefficients[n * rank + k] * rows[n * row_stride + j]
+// for the R ranks of one tile: an (R x num_rows) @ (num_rows x len) product
+// accumulated in registers, one 16-column strip at a time.
+template <int R, typename T>
+void accumulate_outer(float* sums, const float* coefficients, int64_t rank, const T* rows, int64_t row_stride,
+                      int64_t num_rows, int64_t len) {
+  for_each_vector(len, [&](int64_t j, int64_t count) {
+    Vec strip[R];
+    for (int k = 0; k < R; ++k) strip[k] = simd::load_n(sums + k * len + j, count);
+    for (int64_t n = 0; n < num_rows; ++n) {
+      const Vec values = simd::load_n(rows + n * row_stride + j, count);
+      for (int k = 0; k < R; ++k) strip[k] += coefficients[n * rank + k] * values;
+    }
+    for (int k = 0; k < R; ++k) simd::store_n(sums + k * len + j, strip[k], count);
+  });
+}
+
+// out[j] = base[j] + sum_k coefficients[k] * weights[k * weight_stride + j] for j < len
+// (no base term when base is null).
+template <typename T>
+void combine_row(const T* base, const float* coefficients, const float* weights, int64_t weight_stride,
+                 int64_t rank, int64_t len, T* out) {
+  for_each_vector(len, [&](int64_t j, int64_t count) {
+    Vec sum = base ? simd::load_n(base + j, count) : Vec{};
+    for (int64_t k = 0; k < rank; ++k) sum += coefficients[k] * simd::load_n(weights + k * weight_stride + j, count);
+    simd::store_n(out + j, sum, count);
+  });
+}
+
+// Per-row modulation: one shared h (rank,), or h (tasks, rank) picked by task_ids,
+// which hold one id per row or one per group of rows_per_id consecutive rows.
+struct Modulation {
+  const float* h;
+  const int64_t* task_ids;  // null for a shared h
+  int64_t rows_per_id;
+  int64_t rank;
+
+  int64_t task(int64_t row) const { return task_ids ? task_ids[row / rows_per_id] : 0; }
+  const float* of_row(int64_t row) const { return h + task(row) * rank; }
+};
+
+// The operands every kernel shares, as float32 copies of the (small) weights.
+struct Weights {
+  int64_t d_in, d_out, rank;
+  float scale;
+  const float* A;   // (rank, d_in)
+  const float* Bt;  // (rank, d_out): B transposed, so each rank's column of B is one contiguous row
+  Modulation modulation;
+};
+
+template <typename T>
+void forward_kernel(const Weights& w, int64_t rows, const T* x, int64_t x_stride, const T* base, int64_t base_stride,
+                    T* y, float* u) {
+  const int64_t rank = w.rank;
+  at::parallel_for(0, ceil_div(rows, kRowsPerBlock), 1, [&](int64_t first_block, int64_t last_block) {
+    std::vector<float> modulated(kRowsPerBlock * rank);  // s * u * h of the block's rows
+    for (int64_t block = first_block; block < last_block; ++block) {
+      const int64_t row0 = block * kRowsPerBlock;
+      const int64_t count = std::min(kRowsPerBlock, rows - row0);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t n = row0 + i;
+        float* u_row = u + n * rank;
+        dot_row_all_ranks(x + n * x_stride, w.A, w.d_in, rank, u_row);
+        const float* h = w.modulation.of_row(n);
+        for (int64_t k = 0; k < rank; ++k) modulated[i * rank + k] = w.scale * u_row[k] * h[k];
+      }
+      for (int64_t col0 = 0; col0 < w.d_out; col0 += kColumnsPerChunk) {
+        const int64_t width = std::min(kColumnsPerChunk, w.d_out - col0);
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t n = row0 + i;
+          combine_row(base + n * base_stride + col0, modulated.data() + i * rank, w.Bt + col0, w.d_out, rank, width,
+                      y + n * w.d_out + col0);
+        }
+      }
+    }
+  });
+}
+
+// Fills grad_x and, per row chunk c, partial_A[c] (rank, d_in), partial_Bt[c] (rank, d_out)
+// and partial_h[c] (tasks, rank); the caller sums the partials over c.
+template <typename T>
+void backward_kernel(const Weights& w, int64_t rows, int64_t num_chunks, const T* grad_y, int64_t g_stride,
+                     const T* x, int64_t x_stride, const float* u, int64_t tasks, T* grad_x, float* partial_A,
+                     float* partial_Bt, float* partial_h) {
+  const int64_t rank = w.rank;
+  const int64_t num_blocks = ceil_div(rows, kRowsPerBlock);
+  at::parallel_for(0, num_chunks, 1, [&](int64_t first_chunk, int64_t last_chunk) {
+    std::vector<float> modulated(kRowsPerBlock * rank);  // s * u * h
+    std::vector<float> grad_u(kRowsPerBlock * rank);     // du = s * (g @ B) * h
+    for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
+      float* sum_A = partial_A + chunk * rank * w.d_in;
+      float* sum_Bt = partial_Bt + chunk * rank * w.d_out;
+      float* sum_h = partial_h + chunk * tasks * rank;
+      for (int64_t block = chunk * num_blocks / num_chunks; block < (chunk + 1) * num_blocks / num_chunks; ++block) {
+        const int64_t row0 = block * kRowsPerBlock;
+        const int64_t count = std::min(kRowsPerBlock, rows - row0);
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t n = row0 + i;
+          float* gB = grad_u.data() + i * rank;
+          dot_row_all_ranks(grad_y + n * g_stride, w.Bt, w.d_out, rank, gB);
+          const float* h = w.modulation.of_row(n);
+          float* dh = sum_h + w.modulation.task(n) * rank;
+          for (int64_t k = 0; k < rank; ++k) {
+            const float u_nk = u[n * rank + k];
+            dh[k] += w.scale * gB[k] * u_nk;
+            modulated[i * rank + k] = w.scale * u_nk * h[k];
+            gB[k] = w.scale * gB[k] * h[k];  // now du
+          }
+        }
+        for_each_rank_tile(rank, [&](auto tile, int64_t first) {
+          constexpr int R = decltype(tile)::value;
+          accumulate_outer<R>(sum_Bt + first * w.d_out, modulated.data() + first, rank, grad_y + row0 * g_stride,
+                              g_stride, count, w.d_out);
+          accumulate_outer<R>(sum_A + first * w.d_in, grad_u.data() + first, rank, x + row0 * x_stride, x_stride,
+                              count, w.d_in);
+        });
+        for (int64_t col0 = 0; col0 < w.d_in; col0 += kColumnsPerChunk) {
+          const int64_t width = std::min(kColumnsPerChunk, w.d_in - col0);
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t n = row0 + i;
+            combine_row<T>(nullptr, grad_u.data() + i * rank, w.A + col0, w.d_in, rank, width,
+                           grad_x + n * w.d_in + col0);
+          }
+        }
+      }
+    }
+  });
+}
+
+// (num_chunks, size) partials -> (size,) sums, chunk 0 first: a fixed order, so the
+// result does not depend on how threads split the elements.
+at::Tensor sum_partials(const at::Tensor& partials) {
+  const int64_t num_chunks = partials.size(0);
+  const int64_t size = partials.numel() / std::max<int64_t>(num_chunks, 1);
+  at::Tensor total = at::zeros({size}, partials.options());
+  const float* src = partials.data_ptr<float>();
+  float* dst = total.data_ptr<float>();
+  // 4096 floats per task: small enough to split ViT-B's 6144-element dA over 2 threads.
+  at::parallel_for(0, size, 4096, [&](int64_t first, int64_t last) {
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      for (int64_t e = first; e < last; ++e) dst[e] += src[c * size + e];
+    }
+  });
+  return total;
+}
+
+bool is_kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+// Row-major with unit column stride, any row stride (0 included): what the kernels read.
+// Only a tensor whose columns are strided is copied, since strided columns defeat vector loads.
+at::Tensor with_unit_column_stride(const at::Tensor& t) {
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
+// Checks what the Python wrapper guarantees, so direct calls of the ops fail clearly too.
+void check_operands(const char* op, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                    const at::Tensor& h, const std::optional<at::Tensor>& task_ids, int64_t d_out) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, d_in), got ", x.sizes());
+  TORCH_CHECK(is_kernel_dtype(x.scalar_type()), op, ": dtype ", x.scalar_type(),
+              " is not supported (float32, bfloat16, float16)");
+  for (const at::Tensor* t : {&A, &B, &h}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": every tensor must have x's dtype ", x.scalar_type(),
+                ", got ", t->scalar_type());
+    TORCH_CHECK(t->device().is_cpu(), op, ": expects CPU tensors, got one on ", t->device());
+  }
+  const int64_t rank = A.size(0);
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == x.size(1) && rank >= 1, op, ": A must be (rank, d_in=", x.size(1),
+              "), got ", A.sizes());
+  TORCH_CHECK(B.dim() == 2 && B.size(0) == d_out && B.size(1) == rank, op, ": B must be (d_out=", d_out,
+              ", rank=", rank, "), got ", B.sizes());
+  TORCH_CHECK((h.dim() == 1 || h.dim() == 2) && h.size(-1) == rank, op, ": h must be (rank=", rank,
+              ",) or (tasks, rank), got ", h.sizes());
+  TORCH_CHECK((h.dim() == 2) == task_ids.has_value(), op, ": task_ids must be given exactly when h is (tasks, rank)");
+  if (task_ids) {
+    const at::Tensor& ids = *task_ids;
+    const int64_t rows = x.size(0);
+    TORCH_CHECK(ids.dim() == 1 && (ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt), op,
+                ": task_ids must be a 1-D int32/int64 tensor, got ", ids.sizes(), " ", ids.scalar_type());
+    TORCH_CHECK(ids.numel() > 0 ? rows % ids.numel() == 0 : rows == 0, op, ": ", ids.numel(),
+                " task_ids do not split ", rows, " rows evenly");
+    if (ids.numel() > 0) {
+      const int64_t lowest = ids.min().item<int64_t>();
+      const int64_t highest = ids.max().item<int64_t>();
+      TORCH_CHECK(lowest >= 0 && highest < h.size(0), op, ": task_ids must lie in [0, ", h.size(0), "), got [",
+                  lowest, ", ", highest, "]");
+    }
+  }
+}
+
+// Holds the float32 weights and int64 ids that Weights points into.
+struct PreparedWeights {
+  at::Tensor A, Bt, h, task_ids;
+  Weights view;
+};
+
+PreparedWeights prepare_weights(const at::Tensor& A, const at::Tensor& B, const at::Tensor& h, double scale,
+                                const std::optional<at::Tensor>& task_ids, int64_t rows) {
+  PreparedWeights p;
+  p.A = A.to(at::kFloat).contiguous();
+  p.Bt = B.t().to(at::kFloat).contiguous();
+  p.h = h.to(at::kFloat).contiguous();
+  const int64_t* ids = nullptr;
+  int64_t rows_per_id = 1;
+  if (task_ids && task_ids->numel() > 0) {
+    p.task_ids = task_ids->to(at::kLong).contiguous();
+    ids = p.task_ids.data_ptr<int64_t>();
+    rows_per_id = rows / task_ids->numel();
+  }
+  const int64_t rank = A.size(0);
+  p.view = Weights{A.size(1), B.size(0), rank, static_cast<float>(scale), p.A.data_ptr<float>(),
+                   p.Bt.data_ptr<float>(), Modulation{p.h.data_ptr<float>(), ids, rows_per_id, rank}};
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x_in, const at::Tensor& base_in,
+                                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& h,
+                                                   double scale, const std::optional<at::Tensor>& task_ids) {
+  constexpr const char* op = "sas::cpu_adapter_forward";
+  TORCH_CHECK(base_in.dim() == 2 && x_in.dim() == 2 && base_in.size(0) == x_in.size(0), op,
+              ": x (rows, d_in) and base (rows, d_out) must be 2-D with equal rows, got ", x_in.sizes(), " and ",
+              base_in.sizes());
+  TORCH_CHECK(base_in.scalar_type() == x_in.scalar_type() && base_in.device().is_cpu(), op,
+              ": base must be a CPU tensor of x's dtype");
+  check_operands(op, x_in, A, B, h, task_ids, base_in.size(1));
+  const at::Tensor x = with_unit_column_stride(x_in);
+  const at::Tensor base = with_unit_column_stride(base_in);
+  const int64_t rows = x.size(0);
+  PreparedWeights weights = prepare_weights(A, B, h, scale, task_ids, rows);
+  at::Tensor y = at::empty(base.sizes(), base.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor u = at::empty({rows, A.size(0)}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sas_cpu_adapter_forward", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // excluded by check_operands
+      forward_kernel<scalar_t>(weights.view, rows, x.const_data_ptr<scalar_t>(), x.stride(0),
+                               base.const_data_ptr<scalar_t>(), base.stride(0), y.mutable_data_ptr<scalar_t>(),
+                               u.mutable_data_ptr<float>());
+    }
+  });
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& h, const at::Tensor& u_in, double scale, const std::optional<at::Tensor>& task_ids) {
+  constexpr const char* op = "sas::cpu_adapter_backward";
+  TORCH_CHECK(grad_y_in.dim() == 2 && x_in.dim() == 2 && grad_y_in.size(0) == x_in.size(0), op,
+              ": grad_y (rows, d_out) and x (rows, d_in) must be 2-D with equal rows, got ", grad_y_in.sizes(),
+              " and ", x_in.sizes());
+  TORCH_CHECK(grad_y_in.scalar_type() == x_in.scalar_type() && grad_y_in.device().is_cpu(), op,
+              ": grad_y must be a CPU tensor of x's dtype");
+  check_operands(op, x_in, A, B, h, task_ids, grad_y_in.size(1));
+  TORCH_CHECK(u_in.dim() == 2 && u_in.size(0) == x_in.size(0) && u_in.size(1) == A.size(0) &&
+                  u_in.scalar_type() == at::kFloat,
+              op, ": u must be the float32 (rows, rank) tensor saved by the forward, got ", u_in.sizes(), " ",
+              u_in.scalar_type());
+  const at::Tensor grad_y = with_unit_column_stride(grad_y_in);
+  const at::Tensor x = with_unit_column_stride(x_in);
+  const at::Tensor u = u_in.contiguous();
+  const int64_t rows = x.size(0), rank = A.size(0), d_in = x.size(1), d_out = grad_y.size(1);
+  const int64_t tasks = h.dim() == 2 ? h.size(0) : 1;
+  PreparedWeights weights = prepare_weights(A, B, h, scale, task_ids, rows);
+  const int64_t num_chunks = std::clamp<int64_t>(ceil_div(rows, kRowsPerBlock), 1, kMaxRowChunks);
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  at::Tensor partial_A = at::zeros({num_chunks, rank, d_in}, f32);
+  at::Tensor partial_Bt = at::zeros({num_chunks, rank, d_out}, f32);
+  at::Tensor partial_h = at::zeros({num_chunks, tasks, rank}, f32);
+  at::Tensor grad_x = at::empty({rows, d_in}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sas_cpu_adapter_backward", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // excluded by check_operands
+      backward_kernel<scalar_t>(weights.view, rows, num_chunks, grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0),
+                                x.const_data_ptr<scalar_t>(), x.stride(0), u.const_data_ptr<float>(), tasks,
+                                grad_x.mutable_data_ptr<scalar_t>(), partial_A.mutable_data_ptr<float>(),
+                                partial_Bt.mutable_data_ptr<float>(), partial_h.mutable_data_ptr<float>());
+    }
+  });
+  const at::ScalarType dtype = x.scalar_type();
+  at::Tensor grad_A = sum_partials(partial_A).view({rank, d_in}).to(dtype);
+  at::Tensor grad_B = sum_partials(partial_Bt).view({rank, d_out}).t().to(dtype).contiguous();
+  at::Tensor grad_h = sum_partials(partial_h).view(h.sizes()).to(dtype);
+  return {grad_x, grad_A, grad_B, grad_h};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sas, CPU, m) {
+  m.impl("cpu_adapter_forward", &adapter_forward);
+  m.impl("cpu_adapter_backward", &adapter_backward);
+}
+
+}  // namespace sas

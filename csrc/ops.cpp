@@ -1,0 +1,38 @@
+// Schemas of the SaS CPU ops and the `sas._C` Python module that loads them.
+//
+// The ops are prefixed `cpu_` because the Triton backend registers its own
+// `sas::adapter_fwd` / `sas::adapter_bwd` in the same namespace from Python.
+// Autograd and fake (meta) implementations are registered in sas/_cpp.py.
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#define SAS_STRINGIFY_(x) #x
+#define SAS_STRINGIFY(x) SAS_STRINGIFY_(x)
+
+TORCH_LIBRARY(sas, m) {
+  // x (rows, d_in), base (rows, d_out) -> y = base + scale * ((x @ A.T) * h) @ B.T (rows, d_out)
+  // and u = x @ A.T (rows, rank) in float32, which the backward needs.
+  m.def(
+      "cpu_adapter_forward(Tensor x, Tensor base, Tensor A, Tensor B, Tensor h, float scale, Tensor? task_ids)"
+      " -> (Tensor y, Tensor u)");
+  // -> gradients of x, A, B and h (the gradient of base is grad_y itself).
+  m.def(
+      "cpu_adapter_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor h, Tensor u, float scale,"
+      " Tensor? task_ids) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_h)");
+}
+
+// `import sas._C` runs the registrations above; the module itself only reports which
+// torch it was compiled against, so sas/_cpp.py can refuse a build for another torch.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "SaS CPU kernels, registered as torch.ops.sas.cpu_*",
+                               -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr &&
+      PyModule_AddStringConstant(m, "torch_version",
+                                 SAS_STRINGIFY(TORCH_VERSION_MAJOR) "." SAS_STRINGIFY(TORCH_VERSION_MINOR)) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -1,0 +1,107 @@
+// Portable 16-lane float SIMD for the SaS CPU kernels.
+//
+// GCC/Clang vector extensions instead of intrinsics: the same source becomes one
+// AVX-512 register, two AVX2 registers or four SSE registers, whatever the build
+// flags allow, and needs no CPU dispatch. Loads and stores go through memcpy, so
+// no pointer needs any alignment. Half-precision inputs are widened on load and
+// rounded (to nearest even) on store: every kernel accumulates in float32.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace sas::simd {
+
+// 16 floats = one 64-byte cache line: rows are walked a cache line at a time.
+constexpr int64_t kLanes = 16;
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t Bits32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef int32_t Mask32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint16_t Bits16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef _Float16 Half16 __attribute__((vector_size(kLanes * sizeof(_Float16))));
+
+inline Vec splat(float value) { return Vec{} + value; }
+
+inline Vec load(const float* src) {
+  Vec v;
+  std::memcpy(&v, src, sizeof v);
+  return v;
+}
+
+inline Vec load(const c10::BFloat16* src) {
+  // bfloat16 is the high half of a float32: widening is a 16-bit shift.
+  Bits16 raw;
+  std::memcpy(&raw, src, sizeof raw);
+  Bits32 bits = __builtin_convertvector(raw, Bits32) << 16;
+  Vec v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline Vec load(const c10::Half* src) {
+  Half16 raw;
+  std::memcpy(&raw, src, sizeof raw);
+  return __builtin_convertvector(raw, Vec);
+}
+
+inline void store(float* dst, Vec v) { std::memcpy(dst, &v, sizeof v); }
+
+inline void store(c10::BFloat16* dst, Vec v) {
+  // Round to nearest even like c10::BFloat16(float); NaN becomes the canonical quiet NaN.
+  Bits32 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  Bits32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  Mask32 is_nan = v != v;
+  rounded = is_nan ? (Bits32{} + 0x7FC0u) : rounded;
+  Bits16 narrow = __builtin_convertvector(rounded, Bits16);
+  std::memcpy(dst, &narrow, sizeof narrow);
+}
+
+inline void store(c10::Half* dst, Vec v) {
+  Half16 narrow = __builtin_convertvector(v, Half16);
+  std::memcpy(dst, &narrow, sizeof narrow);
+}
+
+// Tails: the first `count` (< kLanes) elements, zero beyond, so a tail goes
+// through the same arithmetic as a full vector.
+template <typename T>
+inline Vec load_partial(const T* src, int64_t count) {
+  T padded[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) padded[i] = i < count ? src[i] : T(0);
+  return load(padded);
+}
+
+template <typename T>
+inline void store_partial(T* dst, Vec v, int64_t count) {
+  T padded[kLanes];
+  store(padded, v);
+  for (int64_t i = 0; i < count; ++i) dst[i] = padded[i];
+}
+
+template <typename T>
+inline Vec load_n(const T* src, int64_t count) {
+  return count == kLanes ? load(src) : load_partial(src, count);
+}
+
+template <typename T>
+inline void store_n(T* dst, Vec v, int64_t count) {
+  if (count == kLanes) {
+    store(dst, v);
+  } else {
+    store_partial(dst, v, count);
+  }
+}
+
+// Lanes summed pairwise in a fixed order, so the result never depends on threads.
+inline float horizontal_sum(Vec v) {
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+    for (int64_t i = 0; i < width; ++i) v[i] += v[i + width];
+  }
+  return v[0];
+}
+
+}  // namespace sas::simd

@@ -1,0 +1,89 @@
+"""The C++ CPU backend: autograd and fake implementations around the ``sas._C`` ops.
+
+``sas._C`` (built from ``csrc/`` by ``setup.py``) registers two CPU ops,
+``torch.ops.sas.cpu_adapter_forward`` (returns ``y`` and the float32 ``u = x @ A.T``
+the backward needs) and ``torch.ops.sas.cpu_adapter_backward``. This module adds
+their fake (meta) implementations, so ``torch.compile`` and ``opcheck`` can trace
+them, and the autograd formula, and exports :func:`sas_adapter_cpp`, the function
+:mod:`sas.functional` calls for backend ``"cpp"``.
+
+Importing it raises ``ImportError`` with the reason when ``sas._C`` was not built
+or was built against another torch; :mod:`sas.functional` then warns once and
+uses the reference path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C
+except ImportError as exc:  # also covers a build whose torch symbols no longer resolve
+    raise ImportError(f"the C++ extension sas._C is not built or cannot load ({exc}); "
+                      f"build it with `pip install --no-build-isolation -e .`") from exc
+
+_RUNNING_TORCH = ".".join(torch.__version__.split(".")[:2])
+if _C.torch_version != _RUNNING_TORCH:
+    raise ImportError(f"sas._C was built against torch {_C.torch_version} but torch {_RUNNING_TORCH} is running; "
+                      f"rebuild it with `pip install --no-build-isolation -e .`")
+
+# The kernels compute in float32; float64 calls go to the exact reference instead.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.library.register_fake("sas::cpu_adapter_forward")
+def _forward_fake(x, base, A, B, h, scale, task_ids):
+    return torch.empty_like(base, memory_format=torch.contiguous_format), x.new_empty(
+        (x.shape[0], A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("sas::cpu_adapter_backward")
+def _backward_fake(grad_y, x, A, B, h, u, scale, task_ids):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(A),
+            B.new_empty(B.shape), torch.empty_like(h))
+
+
+def _setup_context(ctx, inputs, output):
+    x, _base, A, B, h, scale, task_ids = inputs
+    _y, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, A, B, h, u, task_ids)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_y, _grad_u):
+    x, A, B, h, u, task_ids = ctx.saved_tensors
+    grad_x, grad_A, grad_B, grad_h = torch.ops.sas.cpu_adapter_backward(grad_y, x, A, B, h, u, ctx.scale, task_ids)
+    # Gradients for x, base, A, B, h, scale, task_ids.
+    return grad_x, grad_y, grad_A, grad_B, grad_h, None, None
+
+
+torch.library.register_autograd("sas::cpu_adapter_forward", _backward, setup_context=_setup_context)
+
+
+def sas_adapter_cpp(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    h: torch.Tensor,
+    scale: float,
+    task_ids: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``base + scale * ((x @ A.T) * h) @ B.T`` on CPU through the C++ kernels.
+
+    Arguments are already validated by :func:`sas.functional.validate`. Leading
+    dims are flattened to rows (a view when the strides allow it); ``task_ids``
+    with one id per leading-batch element are expanded by the kernel itself.
+    """
+    if x.dtype not in KERNEL_DTYPES:
+        return reference.sas_adapter(x, base, A, B, h, scale, task_ids)
+    d_in, d_out = x.shape[-1], base.shape[-1]
+    rows = math.prod(x.shape[:-1])
+    y, _u = torch.ops.sas.cpu_adapter_forward(x.reshape(rows, d_in), base.reshape(rows, d_out), A, B, h,
+                                              float(scale), task_ids)
+    return y.reshape(base.shape)
