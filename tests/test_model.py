@@ -239,4 +239,5 @@ def test_hypernetwork_runs_once_per_model_forward_and_matches_per_layer_path():
     assert len(calls) == 1 and model.sas_shared._forward_cache is None
     per_layer = model.forward(x)  # bypasses the model's hooks: every layer runs H on its own embedding
     assert len(calls) == 1 + 4 * len(model.blocks)
-    torch.testing.assert_close(cached, per_layer, rtol=0, atol=0)
+    # H over all embeddings at once is a GEMM, per layer a GEMV: same math, fp32 rounding apart.
+    torch.testing.assert_close(cached, per_layer, rtol=1e-5, atol=1e-6)
