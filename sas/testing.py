@@ -1,0 +1,593 @@
+"""Check every backend of the SaS op against the float64 reference, on your own shapes and models.
+
+Three entry points, one report::
+
+    report = sas.testing.compare_op(x, base, A, B, h, scale, task_ids)   # one op call
+    report = sas.testing.compare_model(model, example_input)              # a SaSLinear or an adapted model
+    sas.testing.assert_matches_reference(model, example_input)            # the same, raising for pytest
+
+:func:`compare_backends` picks :func:`compare_op` for tensors and :func:`compare_model` for modules.
+Every backend present on the tensors' device runs (``sas.available_backends``); the forward output
+and every gradient are compared with the same computation in float64.
+
+Tolerance (DESIGN.md section 4, flash-attention's rule): a backend's max abs error against float64
+may be at most ``ERROR_FACTOR`` times the error of PyTorch's own computation in the same precision,
+plus one rounding unit of the dtype at the tensor's largest value (``eps * max(max|ref|, 1)``), which
+absorbs the single final rounding where PyTorch's own error happens to be near zero. For an op call
+PyTorch's computation is the reference op without upcast; for a model it is the model run in its own
+dtype on the reference backend, which computes the adapter itself in float32 for half inputs, so the
+bound is slightly tighter than the model's pure low-precision error.
+
+Which implementation really ran is observed, not assumed: while a backend is checked its op is
+wrapped, and each call's autograd graph (the part the op itself built) is inspected. A custom autograd
+node (an ``autograd.Function``, a ``torch.library`` op with registered autograd, a C++ node) shows a
+kernel ran; a graph equal to the reference op's shows a silent fallback, which is reported as
+``fallback`` and never counted as a pass.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import functional, reference
+from .layer import SaSLinear, adapted_layers, find_shared
+
+#: A backend may be this many times less accurate than PyTorch's own computation (DESIGN.md section 4).
+ERROR_FACTOR = 2.0
+
+GRAD_NAMES = ("x", "base", "A", "B", "h")
+
+# Autograd nodes PyTorch builds for its own ops: "<Op>Backward<k>" plus these few without the suffix.
+_BUILTIN_NODE = re.compile(r"\w+Backward\d+")
+_BUILTIN_NODES_WITHOUT_SUFFIX = {"AccumulateGrad", "CopySlices", "NotImplemented", "DelayedError", "Error", "GraphRoot"}
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TensorCheck:
+    """One compared tensor: the forward output, one gradient, or one layer's output in a model."""
+
+    case: str
+    dtype: str
+    backend: str  # the backend asked for
+    ran: str  # what really ran: the backend's name, "reference" (fallback), or "<name> (unverified)"
+    tensor: str  # "y", "grad x", "output", "layer blocks.0.attn.qkv", "grad sas_shared.up.attn_qkv", ...
+    max_abs: float  # max |backend - float64|
+    max_rel: float  # max_abs / max |float64|: relative to the tensor's largest value
+    torch_error: float  # max |PyTorch same precision - float64|
+    bound: float  # ERROR_FACTOR * torch_error + eps * max(max |float64|, 1)
+    status: str  # "pass", "FAIL" (error above the bound), "fallback" (the reference ran), "ERROR" (raised)
+    message: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """Error over its bound: at most 1 passes."""
+        if self.max_abs == 0:
+            return 0.0
+        return self.max_abs / self.bound if self.bound > 0 else math.inf
+
+
+@dataclass
+class Skipped:
+    case: str
+    dtype: str
+    backend: str
+    reason: str
+
+
+class BackendMismatchError(AssertionError):
+    """A backend's output or gradient exceeded its bound, raised, or silently fell back."""
+
+
+@dataclass
+class CheckReport:
+    """Every :class:`TensorCheck` of a comparison, what was skipped and why, and the verdict."""
+
+    checks: List[TensorCheck] = field(default_factory=list)
+    skipped: List[Skipped] = field(default_factory=list)
+    allow_fallback: bool = False  # when True a fallback is shown but does not fail the report
+
+    def failures(self) -> List[TensorCheck]:
+        return [c for c in self.checks
+                if c.status in ("FAIL", "ERROR") or (c.status == "fallback" and not self.allow_fallback)]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures()
+
+    def extend(self, other: "CheckReport") -> None:
+        self.checks.extend(other.checks)
+        self.skipped.extend(other.skipped)
+
+    def rows(self) -> List[dict]:
+        """One summary row per (case, dtype, backend): its worst tensor and overall status."""
+        groups: Dict[Tuple[str, str, str], List[TensorCheck]] = {}
+        for check in self.checks:
+            groups.setdefault((check.case, check.dtype, check.backend), []).append(check)
+        rows = []
+        for (case, dtype, backend), checks in groups.items():
+            worst = max(checks, key=lambda c: (c.status in ("FAIL", "ERROR"), c.ratio))
+            statuses = {c.status for c in checks}
+            status = next(s for s in ("ERROR", "FAIL", "fallback", "pass") if s in statuses)
+            ran = sorted({c.ran for c in checks}, key=lambda r: r != backend)
+            rows.append(dict(case=case, dtype=dtype, backend=backend, ran=", ".join(ran), worst=worst.tensor,
+                             max_abs=worst.max_abs, bound=worst.bound, ratio=worst.ratio, status=status))
+        return rows
+
+    def table(self, every_tensor: bool = False) -> str:
+        """A plain-text table: one row per (case, dtype, backend), or per tensor with ``every_tensor``."""
+        if every_tensor:
+            rows = [dict(case=c.case, dtype=c.dtype, backend=c.backend, ran=c.ran, worst=c.tensor,
+                         max_abs=c.max_abs, bound=c.bound, ratio=c.ratio, status=c.status) for c in self.checks]
+        else:
+            rows = self.rows()
+        header = ("case", "dtype", "backend", "ran", "worst tensor" if not every_tensor else "tensor",
+                  "max abs err", "bound", "err/bound", "status")
+        cells = [header] + [(r["case"], r["dtype"], r["backend"], r["ran"], r["worst"], f"{r['max_abs']:.3g}",
+                             f"{r['bound']:.3g}", f"{r['ratio']:.2f}", r["status"]) for r in rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        for failure in self.failures():
+            detail = failure.message or (f"max abs {failure.max_abs:.3g} > bound {failure.bound:.3g} "
+                                         f"(PyTorch's own error {failure.torch_error:.3g})"
+                                         if failure.status == "FAIL" else f"ran {failure.ran}")
+            lines.append(f"{failure.status}: {failure.case} {failure.dtype} {failure.backend} "
+                         f"{failure.tensor}: {detail}")
+        for skip in self.skipped:
+            lines.append(f"skipped: {skip.case} {skip.dtype} {skip.backend}: {skip.reason}")
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        """One line: PASS/FAIL, how many tensors, which backends ran."""
+        backends = sorted({c.backend for c in self.checks})
+        failures = self.failures()
+        if not failures:
+            fallbacks = sum(c.status == "fallback" for c in self.checks)
+            note = f"; {fallbacks} fell back to the reference (allowed)" if fallbacks else ""
+            return (f"PASS: {len(self.checks)} tensors within bound on backends {', '.join(backends) or 'none'}"
+                    f"{note}; {len(self.skipped)} skipped")
+        counts = Counter(c.status for c in failures)
+        bad = sorted({c.backend for c in failures})
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        return f"FAIL: {summary} of {len(self.checks)} tensors, backends {', '.join(bad)}"
+
+    def to_dict(self) -> dict:
+        """JSON-ready: non-finite numbers become ``None``."""
+        def clean(row: dict) -> dict:
+            return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        return dict(passed=self.passed, verdict=self.verdict(), allow_fallback=self.allow_fallback,
+                    checks=[clean(asdict(c)) for c in self.checks], skipped=[asdict(s) for s in self.skipped])
+
+    def raise_if_failed(self) -> "CheckReport":
+        if not self.passed:
+            raise BackendMismatchError(f"{self.verdict()}\n{self.table()}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# comparing tensors
+# --------------------------------------------------------------------------------------------
+
+def _max_abs(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def check_tensor(case: str, backend: str, ran: Tuple[str, bool], tensor: str, got: Optional[torch.Tensor],
+                 exact: torch.Tensor, low_precision: torch.Tensor) -> TensorCheck:
+    """Compare ``got`` with ``exact`` (float64) under the bound set by PyTorch's ``low_precision`` result.
+
+    ``ran`` is :func:`describe_ran`'s answer: a fallback within the bound is reported as ``fallback``.
+    """
+    ran, fell_back = ran
+    dtype = low_precision.dtype
+    exact = exact.double()
+    largest = _max_abs(exact)
+    torch_error = _max_abs(low_precision.double() - exact)
+    bound = ERROR_FACTOR * torch_error + torch.finfo(dtype).eps * max(largest, 1.0)
+    name = str(dtype).replace("torch.", "")
+
+    def result(max_abs: float, status: str, message: str = "") -> TensorCheck:
+        max_rel = max_abs / largest if largest > 0 else (0.0 if max_abs == 0 else math.inf)
+        return TensorCheck(case, name, backend, ran, tensor, max_abs, max_rel, torch_error, bound, status, message)
+
+    if got is None:
+        return result(math.inf, "FAIL", "no gradient was produced")
+    if got.shape != exact.shape or got.dtype != dtype:
+        return result(math.inf, "FAIL", f"got {tuple(got.shape)} {got.dtype}, expected {tuple(exact.shape)} {dtype}")
+    difference = (got.double() - exact).abs()
+    max_abs = difference.max().item() if difference.numel() else 0.0
+    if not math.isfinite(max_abs):  # a NaN/Inf where the float64 result is finite
+        max_abs = math.inf
+    if not max_abs <= bound:
+        return result(max_abs, "FAIL")
+    if fell_back:
+        return result(max_abs, "fallback", f"{backend} was asked for but the reference computed this")
+    return result(max_abs, "pass")
+
+
+# --------------------------------------------------------------------------------------------
+# which implementation ran
+# --------------------------------------------------------------------------------------------
+
+def _op_graph(output: torch.Tensor, inputs: Sequence[torch.Tensor]) -> List[torch.autograd.graph.Node]:
+    """The autograd nodes one op call built: from ``output`` back to (not into) its inputs' graphs."""
+    boundary = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    nodes, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in boundary:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "AccumulateGrad":
+            continue
+        nodes.append(node)
+        stack.extend(parent for parent, _ in node.next_functions)
+    return nodes
+
+
+def _is_custom_node(node) -> bool:
+    """An autograd node that is not one of PyTorch's own ops: a kernel's Function or C++ node."""
+    name = type(node).__name__
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        return True
+    return not (_BUILTIN_NODE.fullmatch(name) or name in _BUILTIN_NODES_WITHOUT_SUFFIX)
+
+
+def classify_call(output: torch.Tensor, x, base, A, B, h, scale: float, task_ids) -> str:
+    """``"kernel"``, ``"fallback"`` (the graph is the reference op's) or ``"unverified"`` for one call."""
+    inputs = (x, base, A, B, h)
+    if output.grad_fn is None:
+        return "unverified"  # nothing required grad: no graph to read
+    graph = _op_graph(output, inputs)
+    if any(_is_custom_node(node) for node in graph):
+        return "kernel"
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+        expected = reference.sas_adapter(*leaves, scale, task_ids)
+    signature = Counter(type(node).__name__ for node in graph)
+    reference_signature = Counter(type(node).__name__ for node in _op_graph(expected, leaves))
+    return "fallback" if signature == reference_signature else "unverified"
+
+
+@dataclass
+class _Call:
+    layer: Optional[str]
+    kind: str  # classify_call's answer
+
+
+@contextlib.contextmanager
+def observe_backend(name: str, current_layer: Optional[List[Optional[str]]] = None) -> Iterator[List[_Call]]:
+    """Record every call of backend ``name`` while active (and classify it with :func:`classify_call`).
+
+    ``current_layer`` is a one-item list holding the name of the layer running, set by model hooks.
+    """
+    calls: List[_Call] = []
+    if name == "reference":
+        yield calls
+        return
+    op = functional._load(name)
+
+    def observed(x, base, A, B, h, scale, task_ids):
+        y = op(x, base, A, B, h, scale, task_ids)
+        layer = current_layer[0] if current_layer else None
+        calls.append(_Call(layer, classify_call(y, x, base, A, B, h, scale, task_ids)))
+        return y
+
+    functional._loaded[name] = observed
+    try:
+        yield calls
+    finally:
+        functional._loaded[name] = op
+
+
+def describe_ran(backend: str, calls: Sequence[_Call]) -> Tuple[str, bool]:
+    """What ran when ``backend`` was asked for, and whether any call fell back to the reference.
+
+    No recorded call means the op never reached the backend: the reference (or nothing) ran.
+    """
+    if backend == "reference":
+        return "reference", False
+    kinds = Counter(call.kind for call in calls)
+    if not calls or kinds["fallback"] == len(calls):
+        return "reference", True
+    if kinds["fallback"]:
+        return f"{backend} ({kinds['fallback']}/{len(calls)} calls fell back)", True
+    if kinds["unverified"]:
+        return f"{backend} (unverified: no custom autograd node)", False
+    return backend, False
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Run every SaS call on backend ``name`` inside the block; the previous setting is restored."""
+    previous = functional._backend_override
+    functional.set_backend(name)
+    try:
+        yield
+    finally:
+        functional._backend_override = previous
+
+
+def unsupported_reason(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``backend`` cannot be checked on ``device`` in ``dtype`` (``None`` if it can)."""
+    device = torch.device(device)
+    try:
+        functional.resolve_backend(device, backend)
+    except RuntimeError as exc:
+        return str(exc)
+    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+        return "Triton's interpreter returns wrong bf16 tl.dot results (DESIGN.md section 4); bf16 is checked on CUDA"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# one op call
+# --------------------------------------------------------------------------------------------
+
+def _leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh grad-requiring leaf with ``t``'s values in ``dtype``; same dtype keeps ``t``'s strides."""
+    source = t.detach()
+    return (source if source.dtype == dtype else source.to(dtype)).requires_grad_()
+
+
+def _run_op(op: Callable, tensors: Dict[str, torch.Tensor], dtype: torch.dtype, grad_output: torch.Tensor,
+            scale: float, task_ids) -> Dict[str, Optional[torch.Tensor]]:
+    leaves = {name: _leaf(tensors[name], dtype) for name in GRAD_NAMES}
+    y = op(*(leaves[name] for name in GRAD_NAMES), scale, task_ids)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_output.to(dtype), allow_unused=True)
+    return {"y": y.detach(), **{f"grad {name}": g for name, g in zip(GRAD_NAMES, grads)}}
+
+
+def _default_grad_output(like: torch.Tensor, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(like.shape, generator=generator, dtype=torch.float64).to(like.device)
+
+
+def compare_op(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
+               scale: float = 1.0, task_ids: Optional[torch.Tensor] = None, *,
+               backends: Optional[Sequence[str]] = None, grad_output: Optional[torch.Tensor] = None,
+               case: str = "op", allow_fallback: bool = False, raise_on_failure: bool = False,
+               seed: int = 0) -> CheckReport:
+    """Compare ``sas_adapter(x, base, A, B, h, scale, task_ids)`` on every backend with float64.
+
+    Checks ``y`` and the gradients of x, base, A, B and h for the upstream gradient ``grad_output``
+    (default: standard normal, seeded by ``seed``). ``backends`` defaults to every backend available
+    on ``x``'s device. Inputs keep their strides, so non-contiguous layouts are checked as given.
+    """
+    functional.validate(x, base, A, B, h, scale, task_ids)
+    scale, dtype, device = float(scale), x.dtype, x.device
+    tensors = dict(x=x, base=base, A=A, B=B, h=h)
+    grad_output = _default_grad_output(base, seed) if grad_output is None else grad_output
+
+    def torch_op(*args):
+        return reference.sas_adapter(*args, upcast=False)
+
+    exact = _run_op(torch_op, tensors, torch.float64, grad_output, scale, task_ids)
+    low_precision = _run_op(torch_op, tensors, dtype, grad_output, scale, task_ids)
+    report = CheckReport(allow_fallback=allow_fallback)
+    dtype_name = str(dtype).replace("torch.", "")
+    for backend in backends if backends is not None else functional.available_backends(device):
+        reason = unsupported_reason(backend, device, dtype)
+        if reason is not None:
+            report.skipped.append(Skipped(case, dtype_name, backend, reason))
+            continue
+
+        def backend_op(*args, name=backend):
+            return functional.sas_adapter(*args, backend=name)
+
+        try:
+            with observe_backend(backend) as calls:
+                got = _run_op(backend_op, tensors, dtype, grad_output, scale, task_ids)
+        except Exception as exc:  # a crashing backend is a finding of the check, not the end of it
+            report.checks.append(TensorCheck(case, dtype_name, backend, backend, "y", math.inf, math.inf, 0.0, 0.0,
+                                             "ERROR", f"{type(exc).__name__}: {exc}"))
+            continue
+        ran = describe_ran(backend, calls)
+        for tensor, value in exact.items():
+            report.checks.append(check_tensor(case, backend, ran, tensor, got[tensor], value, low_precision[tensor]))
+    return report.raise_if_failed() if raise_on_failure else report
+
+
+# --------------------------------------------------------------------------------------------
+# a SaSLinear or a whole adapted model
+# --------------------------------------------------------------------------------------------
+
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dtype,
+               grad_output: Optional[torch.Tensor], seed: int) -> Tuple[Dict[str, Optional[torch.Tensor]], List[_Call]]:
+    """Output, every adapted layer's output and every gradient of ``model`` on ``backend``.
+
+    Without ``grad_output`` the upstream gradient is standard normal drawn from ``seed``: equal in every run.
+    """
+    leaves = [_leaf(t, dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+    current_layer: List[Optional[str]] = [None]
+    results: Dict[str, Optional[torch.Tensor]] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, SaSLinear):
+            def enter(_module, _args, name=name):
+                current_layer[0] = name
+
+            def leave(_module, _args, output, name=name):
+                key = f"layer {name}"
+                while key in results:  # a layer called again in one forward
+                    key += "'"
+                results[key] = output.detach()
+            hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        with forced_backend(backend), observe_backend(backend, current_layer) as calls:
+            output = model(*leaves)
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"compare_model needs a model returning one tensor, got {type(output).__name__}")
+            differentiable = [(f"grad input {i}", t) for i, t in enumerate(leaves)
+                              if isinstance(t, torch.Tensor) and t.requires_grad]
+            differentiable += [(f"grad {n}", p) for n, p in model.named_parameters() if p.requires_grad]
+            if grad_output is None:
+                grad_output = _default_grad_output(output, seed)
+            grads = torch.autograd.grad(output, [t for _, t in differentiable], grad_output.to(output.dtype),
+                                        allow_unused=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    results["output"] = output.detach()
+    results.update((name, grad) for (name, _), grad in zip(differentiable, grads))
+    return results, calls
+
+
+def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] = None,
+                  grad_output: Optional[torch.Tensor] = None, case: Optional[str] = None,
+                  allow_fallback: bool = False, raise_on_failure: bool = False, seed: int = 0) -> CheckReport:
+    """Compare a :class:`SaSLinear` or an adapted model on every backend with its float64 copy.
+
+    Runs ``model(*inputs)`` once per backend (through :func:`sas.set_backend`, restored afterwards) in
+    eval mode, and checks the output, every adapted layer's output, and the gradients of the
+    floating-point inputs and of every trainable parameter (A, B, embeddings, hypernetwork, ...).
+    Freshly injected adapters have ``B = 0`` and ``h`` close to 1, which hides most kernel bugs:
+    see :func:`randomize_adapter`.
+    """
+    layers = adapted_layers(model) if not isinstance(model, SaSLinear) else [model]
+    if not layers:
+        raise ValueError("model has no SaSLinear layers; call sas.inject first")
+    if any(layer.merged for layer in layers):
+        raise ValueError("model is merged, so no adapter op runs; call sas.unmerge first")
+    dtype = _floating_dtype(model)
+    device = next(model.parameters()).device
+    case = case or type(model).__name__
+    was_training = model.training
+    model.eval()
+    try:
+        exact_model = copy.deepcopy(model).to(torch.float64)
+        exact, _ = _run_model(exact_model, inputs, "reference", torch.float64, grad_output, seed)
+        del exact_model
+        low_precision, _ = _run_model(model, inputs, "reference", dtype, grad_output, seed)
+        report = CheckReport(allow_fallback=allow_fallback)
+        dtype_name = str(dtype).replace("torch.", "")
+        for backend in backends if backends is not None else functional.available_backends(device):
+            reason = unsupported_reason(backend, device, dtype)
+            if reason is not None:
+                report.skipped.append(Skipped(case, dtype_name, backend, reason))
+                continue
+            try:
+                got, calls = (low_precision, []) if backend == "reference" else _run_model(
+                    model, inputs, backend, dtype, grad_output, seed)
+            except Exception as exc:  # a crashing backend is a finding of the check, not the end of it
+                report.checks.append(TensorCheck(case, dtype_name, backend, backend, "output", math.inf, math.inf,
+                                                 0.0, 0.0, "ERROR", f"{type(exc).__name__}: {exc}"))
+                continue
+            overall = describe_ran(backend, calls)
+            for tensor, value in exact.items():
+                if value is None:  # a parameter the output does not depend on
+                    continue
+                ran = overall
+                if tensor.startswith("layer "):
+                    layer = tensor[len("layer "):].rstrip("'")
+                    ran = describe_ran(backend, [c for c in calls if c.layer == layer])
+                report.checks.append(check_tensor(case, backend, ran, tensor, got.get(tensor), value,
+                                                  low_precision[tensor]))
+    finally:
+        model.train(was_training)
+    return report.raise_if_failed() if raise_on_failure else report
+
+
+@torch.no_grad()
+def randomize_adapter(model: nn.Module, seed: int = 0, up_std: float = 0.1, modulation_std: float = 0.5) -> nn.Module:
+    """Move a fresh adapter away from its init (``B = 0``, ``h`` within 1% of 1) so a check means something.
+
+    With ``B = 0`` the gradients of A and h are exactly zero and a kernel that ignores ``h`` or the
+    scale gives the right answer. ``B ~ N(0, up_std^2)`` (0.1: the update is about a third of a
+    timm-initialised layer's output) and hypernetwork output weights ``~ N(0, modulation_std^2)``
+    (0.5: ``h`` spreads over about 0.5..1.5) make every part of the op visible. In place; returns ``model``.
+    """
+    shared = model.shared if isinstance(model, SaSLinear) else find_shared(model)
+    if shared is None:
+        raise ValueError("model has no SaS adapter; call sas.inject first")
+    generator = torch.Generator().manual_seed(seed)
+    for tensor, std in [(B, up_std) for B in shared.up.values()] + [(shared.hyper.output.weight, modulation_std)]:
+        tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std)
+    return model
+
+
+def compare_backends(target, *inputs, **options) -> CheckReport:
+    """:func:`compare_model` for a module (``target(*inputs)``), :func:`compare_op` for tensors
+    (``target`` is x, then base, A, B, h, scale, task_ids). Options as theirs."""
+    if isinstance(target, nn.Module):
+        return compare_model(target, *inputs, **options)
+    if isinstance(target, torch.Tensor):
+        return compare_op(target, *inputs, **options)
+    raise TypeError(f"compare_backends takes an nn.Module or the op's tensors, got {type(target).__name__}")
+
+
+def assert_matches_reference(target, *inputs, **options) -> CheckReport:
+    """:func:`compare_backends` that raises :class:`BackendMismatchError` (an ``AssertionError``) on failure.
+
+    For your own pytest suite: ``sas.testing.assert_matches_reference(model, images)``.
+    """
+    return compare_backends(target, *inputs, raise_on_failure=True, **options)
+
+
+# --------------------------------------------------------------------------------------------
+# generated op inputs (the sweep of ``python -m sas.check`` and the fuzz tests)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OpCase:
+    """Shapes and layout of one op call; :meth:`make_inputs` builds its tensors."""
+
+    name: str
+    leading: Tuple[int, ...]  # leading dims of x and base; rows = their product (may be 0)
+    d_in: int
+    d_out: int
+    rank: int
+    tasks: int = 0  # 0: one h of shape (rank,); T: h of shape (T, rank) picked per row by task_ids
+    ids_per_batch: bool = False  # one task id per leading-batch element instead of one per row
+    noncontiguous: bool = False  # x row-padded with an offset, base strided, A/B transposed, h strided
+    scale: float = 1.0
+
+    def describe(self) -> str:
+        shape = "x".join(map(str, self.leading + (self.d_in,)))
+        extras = [f"r={self.rank}", f"s={self.scale:g}"]
+        if self.tasks:
+            extras.append(f"T={self.tasks}" + (" per batch" if self.ids_per_batch else " per row"))
+        if self.noncontiguous:
+            extras.append("strided")
+        return f"{self.name} [{shape}->{self.d_out} {' '.join(extras)}]"
+
+    def make_inputs(self, dtype: torch.dtype, device, seed: int = 0) -> dict:
+        """Keyword arguments of :func:`compare_op`: values O(1) at every step, seeded, in ``dtype``."""
+        generator = torch.Generator().manual_seed(seed)
+
+        def randn(*shape, std=1.0):
+            return (torch.randn(shape, generator=generator, dtype=torch.float64) * std).to(device, dtype)
+
+        lead, rank = tuple(self.leading), self.rank
+        if self.noncontiguous:
+            x = randn(*lead, self.d_in + 7)[..., 3:3 + self.d_in]
+            base = randn(self.d_out, *lead).movedim(0, -1)
+            A = randn(self.d_in, rank, std=self.d_in ** -0.5).t()
+            B = randn(rank, self.d_out, std=rank ** -0.5).t()
+            h = (1 + randn(*((self.tasks,) if self.tasks else ()), 2 * rank, std=0.5))[..., ::2]
+        else:
+            x, base = randn(*lead, self.d_in), randn(*lead, self.d_out)
+            A = randn(rank, self.d_in, std=self.d_in ** -0.5)
+            B = randn(self.d_out, rank, std=rank ** -0.5)
+            h = 1 + randn(*((self.tasks,) if self.tasks else ()), rank, std=0.5)
+        task_ids = None
+        if self.tasks:
+            count = lead[0] if self.ids_per_batch else math.prod(lead)
+            task_ids = torch.randint(0, self.tasks, (count,), generator=generator).to(device)
+        return dict(x=x, base=base, A=A, B=B, h=h, scale=self.scale, task_ids=task_ids)
