@@ -47,6 +47,9 @@ def _cpp_extension():
         "-ffp-contract=fast",
         # at::parallel_for is an OpenMP loop expanded in this extension's own code.
         "-fopenmp",
+        # No debug info: with the narrow ATen includes in csrc/ this cut the build from 47 s to
+        # 23 s of CPU time, which counts on the 2-core CI machines.
+        "-g0",
     ]
     extension = CppExtension(
         "sas._C",
