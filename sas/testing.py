@@ -203,7 +203,7 @@ def check_tensor(case: str, backend: str, ran: Tuple[str, bool], tensor: str, go
         return TensorCheck(case, name, backend, ran, tensor, max_abs, max_rel, torch_error, bound, status, message)
 
     if got is None:
-        return result(math.inf, "FAIL", "no gradient was produced")
+        return result(math.inf, "FAIL", "the backend produced no such tensor (no gradient, or the layer never ran)")
     if got.shape != exact.shape or got.dtype != dtype:
         return result(math.inf, "FAIL", f"got {tuple(got.shape)} {got.dtype}, expected {tuple(exact.shape)} {dtype}")
     difference = (got.double() - exact).abs()
