@@ -105,12 +105,17 @@ def config_fits(config: triton.Config, rank_pad: int, element_size: int) -> bool
             and estimated_smem_bytes(config, rank_pad, element_size) <= SMEM_BUDGET_BYTES)
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """Autotune hook: drop configs too big for this rank and dtype; keep the smallest if none fit."""
-    rank_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
-    element_size = named_args["x_ptr"].element_size() if "x_ptr" in named_args else named_args["g_ptr"].element_size()
+def fitting_configs(configs, rank_pad: int, element_size: int):
+    """The configs that fit this rank and dtype; the smallest one if none does."""
     fitting = [c for c in configs if config_fits(c, rank_pad, element_size)]
     return fitting or [min(configs, key=lambda c: estimated_smem_bytes(c, rank_pad, element_size))]
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Autotune hook over :func:`fitting_configs`."""
+    rank_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
+    first_pointer = named_args["x_ptr"] if "x_ptr" in named_args else named_args["g_ptr"]
+    return fitting_configs(configs, rank_pad, first_pointer.element_size())
 
 
 def _autotune(kernel):
@@ -129,9 +134,9 @@ def _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_
         # Out-of-range ids read nothing (modulation 0) rather than out-of-bounds memory.
         hm = tl.load(h_ptr + task[:, None] * stride_ht + offs_r[None, :],
                      mask=valid[:, None] & rank_mask[None, :], other=0.0)
-        return hm.to(tl.float32)
-    hm = tl.load(h_ptr + offs_r, mask=rank_mask, other=0.0).to(tl.float32)
-    return hm[None, :]
+    else:  # (1, R_PAD), broadcast by the caller
+        hm = tl.load(h_ptr + offs_r[None, :], mask=rank_mask[None, :], other=0.0)
+    return hm.to(tl.float32)  # one return: Triton unifies the types of every return statement
 
 
 @_autotune

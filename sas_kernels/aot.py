@@ -1,0 +1,88 @@
+"""Ahead-of-time compilation of every kernel and autotune config for NVIDIA targets, on any machine.
+
+``python -m sas_kernels.aot 80 90`` compiles each kernel x each autotune config (see ``_jobs``)
+for each listed compute capability and prints one JSON line per compilation with its shared-memory use. It must run
+without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions this needs); the test
+suite runs it in a subprocess. This catches code the interpreter accepts and the compiler rejects.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from . import sas_adapter as kernels
+
+# Per-block shared-memory limits (bytes) of the targets: sm_80 (A100) 163 KB, sm_90 (H100) 227 KB.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# fp32 and one half type: fp16 and bf16 compile to the same tile shapes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+AUTOTUNED_KERNELS = ("_sas_forward_kernel", "_sas_backward_rows_kernel", "_sas_backward_da_kernel",
+                     "_sas_backward_db_kernel")
+# Side tensors the host launchers always allocate in fp32 or int64, whatever the input dtype.
+FP32_POINTERS = {"u_ptr", "gb_ptr", "partial_ptr"}
+
+
+def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
+    signature = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "task_ptr":
+            signature[name] = "*i64"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype_name}"
+        elif name == "scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def _jobs():
+    """(kernel name, JITFunction, dtype name, constexprs, num_warps, num_stages) for every compilation:
+    every autotune config in bf16 at the smallest padded rank, and at the largest padded rank (the
+    most shared memory) the configs that survive pruning there, in bf16 and fp32."""
+    variants = [("bf16", kernels.MIN_RANK_PAD), ("bf16", kernels.MAX_RANK), ("fp32", kernels.MAX_RANK)]
+    for dtype_name, r_pad in variants:
+        element_size = torch.tensor([], dtype=DTYPES[dtype_name]).element_size()
+        common = {"R_PAD": r_pad, "HAS_TASKS": True}
+        for name in AUTOTUNED_KERNELS:
+            autotuner = getattr(kernels, name)
+            for config in kernels.fitting_configs(autotuner.configs, r_pad, element_size):
+                constexprs = dict(common, DOT_PRECISION=kernels.FP32_DOT_PRECISION, **config.kwargs)
+                if "SAVE_U" in inspect.signature(autotuner.fn.fn).parameters:
+                    constexprs["SAVE_U"] = True
+                yield name, autotuner.fn, dtype_name, constexprs, config.num_warps, config.num_stages
+    # dh reads only fp32 tensors and has one fixed config; the largest rank is its worst case.
+    constexprs = {"R_PAD": kernels.MAX_RANK, "HAS_TASKS": True, "BLOCK_M": kernels.DH_BLOCK_M,
+                  "BLOCK_T": kernels.DH_BLOCK_T}
+    yield "_sas_backward_dh_kernel", kernels._sas_backward_dh_kernel, "fp32", constexprs, 4, 1
+
+
+def compile_all(arch: int):
+    target = GPUTarget("cuda", arch, 32)
+    for name, fn, dtype_name, constexprs, num_warps, num_stages in _jobs():
+        source = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype_name, constexprs),
+                                           constexprs=constexprs)
+        compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+        yield {"kernel": name, "arch": arch, "dtype": dtype_name, "num_warps": num_warps, "num_stages": num_stages,
+               "constexprs": {k: v for k, v in constexprs.items() if k != "HAS_TASKS"},
+               "shared": compiled.metadata.shared, "limit": SMEM_LIMIT[arch]}
+
+
+def main(argv):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run without TRITON_INTERPRET=1: the interpreter hides the JIT functions")
+    for arch in (int(a) for a in argv or SMEM_LIMIT):
+        for record in compile_all(arch):
+            print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
