@@ -79,7 +79,7 @@ def grid(level: str, device: torch.device, size: str) -> List[Case]:
             return _linear_cases("op", tiny, [16], [4], OP_PROVIDERS)
         if level == "layer":
             return _linear_cases("layer", tiny, [16], [4], [p for p in LAYER_PROVIDERS if p != "reference-compiled"])
-        return [Case("model", mode, 4, model="test_vit", batch=2, image_size=160,
+        return [Case("model", mode, 4, model="test_vit", batch=2, image_size=64,
                      providers=tuple(p for p in MODEL_PROVIDERS if p != "reference-compiled")) for mode in MODEL_MODES]
     full = size == "full"
     if level == "op":
@@ -168,37 +168,37 @@ def trainable(module: nn.Module) -> List[torch.Tensor]:
 def pass_callable(forward: Callable[[], torch.Tensor], grad_inputs: List[torch.Tensor], pass_name: str) -> Callable:
     """The timed call for one pass. The backward alone replays the autograd graph of one
     stored forward (``retain_graph``); ``autograd.grad`` returns gradients instead of
-    accumulating into ``.grad``, so every call does the same work."""
+    accumulating into ``.grad``, so every call does the same work. The upstream gradient
+    is one fixed random tensor."""
     if pass_name == "forward":
         return forward
-    if pass_name == "forward+backward":
-        def step():
-            y = forward()
-            return torch.autograd.grad(y, grad_inputs, grad_of(y))
-        return step
     y = forward()
-    g = grad_of(y)
+    g = torch.randn_like(y)
+    if pass_name == "forward+backward":
+        del y  # only its shape was needed: free the stored graph
+        return lambda: torch.autograd.grad(forward(), grad_inputs, g)
     return lambda: torch.autograd.grad(y, grad_inputs, g, retain_graph=True)
 
 
-_grad_cache: dict = {}
-
-
-def grad_of(y: torch.Tensor) -> torch.Tensor:
-    """A fixed random upstream gradient shaped like ``y`` (one per shape, reused across calls)."""
-    key = (tuple(y.shape), y.dtype, y.device)
-    if key not in _grad_cache:
-        _grad_cache[key] = torch.randn(y.shape, dtype=y.dtype, device=y.device)
-    return _grad_cache[key]
-
-
 _compiled_reference = None
+
+
+def allow_backward_replay() -> None:
+    """Let compiled backwards run with ``retain_graph=True`` (the backward-only timing).
+
+    Since torch 2.6 AOTAutograd donates saved buffers to the compiled backward, which
+    then refuses ``retain_graph``; turning donation off costs the compiled provider
+    at most that buffer reuse."""
+    from torch._functorch import config as functorch_config
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
 
 
 def compiled_reference() -> Callable:
     """One ``torch.compile`` of the reference op for the whole run, so later shapes reuse its dynamic graph."""
     global _compiled_reference
     if _compiled_reference is None:
+        allow_backward_replay()
         _compiled_reference = torch.compile(reference.sas_adapter)
     return _compiled_reference
 
@@ -266,6 +266,8 @@ def _build_layer(case: Case, provider: str, device, dtype) -> Built:
     else:
         layer = sas.SaSLinear.from_linear(linear, rank=case.rank)
         backend = None if provider == "sas" else "reference"
+        if provider == "reference-compiled":
+            allow_backward_replay()
         call_layer = with_backend(torch.compile(layer) if provider == "reference-compiled" else layer, backend)
     randomize_trainable(layer)
     x = torch.randn(case.rows, case.d_in, device=device, dtype=dtype, requires_grad=True)

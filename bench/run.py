@@ -48,6 +48,12 @@ def _git_commit() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine() or "cpu"
 
 
@@ -89,8 +95,8 @@ def run_case(case: Case, provider: str, device: torch.device, dtype: torch.dtype
         row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
     finally:
         built = None
-        gc.collect()
-        if device.type == "cuda":
+        if device.type == "cuda":  # free this case's tensors before the next peak-memory reading
+            gc.collect()
             torch.cuda.empty_cache()
     return row
 

@@ -22,6 +22,7 @@ QUANTILES = (0.5, 0.2, 0.8)
 # `make bench` under 5 minutes.
 CUDA_WARMUP_MS = 25
 CUDA_REP_MS = 100
+CUDA_MIN_CALLS = 12
 CPU_WARMUP_CALLS = 2
 CPU_MIN_CALLS = 5
 CPU_MAX_CALLS = 50
@@ -63,15 +64,26 @@ def time_cpu(fn: Callable[[], object]) -> Timing:
     return _quantiles(samples)
 
 
+def _one_call_ms(fn: Callable[[], object]) -> float:
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end)
+
+
 def time_cuda(fn: Callable[[], object]) -> Timing:
     try:
         from triton.testing import do_bench
     except ImportError:
         do_bench = None
     if do_bench is not None:
-        median, p20, p80 = do_bench(fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=list(QUANTILES))
-        # do_bench runs about rep / (estimated time) calls; report that count.
-        return Timing(median, p20, p80, max(1, int(CUDA_REP_MS / max(median, 1e-3))))
+        # do_bench runs about rep / (time per call) calls: stretch rep so slow calls
+        # (a model's training step) still give CUDA_MIN_CALLS samples.
+        rep = max(CUDA_REP_MS, CUDA_MIN_CALLS * _one_call_ms(fn))
+        median, p20, p80 = do_bench(fn, warmup=CUDA_WARMUP_MS, rep=rep, quantiles=list(QUANTILES))
+        return Timing(median, p20, p80, max(1, int(rep / max(median, 1e-3))))
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
