@@ -99,6 +99,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="comma-separated subset of fp32,fp16,bf16 (default: all the device supports; "
                              f"for --model on CPU {','.join(CPU_MODEL_DTYPES)})")
     parser.add_argument("--backend", action="append", default=None,
+                        choices=[name for name in functional.BACKEND_CHOICES if name != "auto"],
                         help="check only this backend (repeatable; default: every backend present)")
     parser.add_argument("--quick", action="store_true", help=f"a {len(QUICK)}-case subset of the {len(GRID)}-case grid")
     parser.add_argument("--model", default=None,

@@ -104,7 +104,8 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        return not self.failures()
+        """Something was checked and nothing failed: a report of skips only is no evidence."""
+        return bool(self.checks) and not self.failures()
 
     def extend(self, other: "CheckReport") -> None:
         self.checks.extend(other.checks)
@@ -153,6 +154,8 @@ class CheckReport:
         """One line: PASS/FAIL, how many tensors, which backends ran."""
         backends = sorted({c.backend for c in self.checks})
         failures = self.failures()
+        if not self.checks:
+            return f"FAIL: nothing was checked ({len(self.skipped)} skipped)"
         if not failures:
             fallbacks = sum(c.status == "fallback" for c in self.checks)
             note = f"; {fallbacks} fell back to the reference (allowed)" if fallbacks else ""

@@ -229,6 +229,12 @@ def test_cli_fails_on_a_wrong_kernel(install, bug, capsys):
     assert "sas.check: FAIL" in capsys.readouterr().out
 
 
+def test_cli_fails_when_nothing_could_be_checked(install, capsys):
+    install(None)  # as if the C++ extension failed to import
+    assert check.main(["--quick", "--backend", "cpp"]) == 1
+    assert "FAIL: nothing was checked" in capsys.readouterr().out
+
+
 def test_cli_model_check_catches_a_wrong_kernel(install, capsys):
     install(stand_in("drop scale"))
     assert check.main(["--model", "test_vit", "--dtype", "fp32", "--backend", "cpp"]) == 1
