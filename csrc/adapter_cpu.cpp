@@ -14,7 +14,6 @@
 // on the thread count, so every thread count gives bitwise the same result.
 #include "simd.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -263,6 +262,22 @@ bool is_kernel_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
+// Calls fn(T{}) with the element type of `dtype`, one of the kernel dtypes (checked
+// before): ATen's dispatch macros would also instantiate every kernel for double.
+template <typename Fn>
+void dispatch_kernel_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      return fn(float{});
+    case at::kBFloat16:
+      return fn(c10::BFloat16{});
+    case at::kHalf:
+      return fn(c10::Half{});
+    default:
+      TORCH_CHECK(false, "sas: no CPU kernel for dtype ", dtype);
+  }
+}
+
 // Row-major with unit column stride, any row stride (0 included): what the kernels read.
 // Only a tensor whose columns are strided is copied, since strided columns defeat vector loads.
 at::Tensor with_unit_column_stride(const at::Tensor& t) {
@@ -345,12 +360,10 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x_in, const
   PreparedWeights weights = prepare_weights(A, B, h, scale, task_ids, rows);
   at::Tensor y = at::empty(base.sizes(), base.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor u = at::empty({rows, A.size(0)}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sas_cpu_adapter_forward", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {  // excluded by check_operands
-      forward_kernel<scalar_t>(weights.view, rows, x.const_data_ptr<scalar_t>(), x.stride(0),
-                               base.const_data_ptr<scalar_t>(), base.stride(0), y.mutable_data_ptr<scalar_t>(),
-                               u.mutable_data_ptr<float>());
-    }
+  dispatch_kernel_dtype(x.scalar_type(), [&](auto element) {
+    using T = decltype(element);
+    forward_kernel<T>(weights.view, rows, x.const_data_ptr<T>(), x.stride(0), base.const_data_ptr<T>(),
+                      base.stride(0), y.mutable_data_ptr<T>(), u.mutable_data_ptr<float>());
   });
   return {y, u};
 }
@@ -381,13 +394,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
   at::Tensor partial_Bt = at::zeros({num_chunks, rank, d_out}, f32);
   at::Tensor partial_h = at::zeros({num_chunks, tasks, rank}, f32);
   at::Tensor grad_x = at::empty({rows, d_in}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sas_cpu_adapter_backward", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {  // excluded by check_operands
-      backward_kernel<scalar_t>(weights.view, rows, num_chunks, grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0),
-                                x.const_data_ptr<scalar_t>(), x.stride(0), u.const_data_ptr<float>(), tasks,
-                                grad_x.mutable_data_ptr<scalar_t>(), partial_A.mutable_data_ptr<float>(),
-                                partial_Bt.mutable_data_ptr<float>(), partial_h.mutable_data_ptr<float>());
-    }
+  dispatch_kernel_dtype(x.scalar_type(), [&](auto element) {
+    using T = decltype(element);
+    backward_kernel<T>(weights.view, rows, num_chunks, grad_y.const_data_ptr<T>(), grad_y.stride(0),
+                       x.const_data_ptr<T>(), x.stride(0), u.const_data_ptr<float>(), tasks,
+                       grad_x.mutable_data_ptr<T>(), partial_A.mutable_data_ptr<float>(),
+                       partial_Bt.mutable_data_ptr<float>(), partial_h.mutable_data_ptr<float>());
   });
   const at::ScalarType dtype = x.scalar_type();
   at::Tensor grad_A = sum_partials(partial_A).view({rank, d_in}).to(dtype);
