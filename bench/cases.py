@@ -309,20 +309,21 @@ def _build_model(case: Case, provider: str, device, dtype) -> Built:
     labels = torch.randint(0, 10, (case.batch,), device=device)  # every timm classifier has >= 10 classes
     if case.pass_name == "train":
         params = trainable(model)
+        optimizer = None if provider == "frozen" else torch.optim.AdamW(params, lr=1e-4)
+        embedded = {}
         if provider == "frozen":
             # The floor of any adapter's training step: forward plus the backward through
-            # every activation (to the input image), no weight gradients, no optimizer.
-            images.requires_grad_(True)
-            params = [images]
-            optimizer = None
-        else:
-            optimizer = torch.optim.AdamW(params, lr=1e-4)
+            # every block's activations (down to the patch embedding's output, as adapters
+            # in the first block need), no weight gradients, no optimizer.
+            def keep_embedding(module, inputs, output):
+                embedded["tokens"] = output.requires_grad_(True)
+            model.patch_embed.register_forward_hook(keep_embedding)
 
         def step():
             with forced_backend(backend), autocast():
                 loss = nn.functional.cross_entropy(runner(images).float(), labels)
             if optimizer is None:
-                return torch.autograd.grad(loss, params)
+                return torch.autograd.grad(loss, [embedded["tokens"]])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
