@@ -57,6 +57,14 @@ class SaSShared(nn.Module):
         # Per-forward cache (see begin_forward); None outside a model forward.
         self._forward_cache: Optional[Dict[torch.dtype, dict]] = None
 
+    def forward(self, inputs):
+        """Pass ``inputs`` through unchanged.
+
+        The owner sits in the model's module tree only to own tensors; a container that calls
+        every child in turn (``nn.Sequential``) calls it last, and it must not change the output.
+        """
+        return inputs
+
     def modulation(self, layer_index: int) -> torch.Tensor:
         """``h_l`` (r,) of one layer."""
         return self.hyper(self.embeddings[layer_index])

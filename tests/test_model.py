@@ -75,6 +75,17 @@ def test_unmatched_targets_list_the_models_linear_names():
         sas.inject(TwoLayer(), SaSConfig(targets=["decoder"]))
 
 
+def test_sequential_model_keeps_working():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(37, 101), nn.Tanh(), nn.Linear(101, 3))
+    x = torch.randn(4, 37)
+    expected = model(x)
+    sas.inject(model, SaSConfig(rank=2, targets=["0", "2"]))
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    _randomise_adapter(model)
+    assert not torch.allclose(model(x), expected)
+
+
 def test_injecting_twice_is_refused():
     model = sas.inject(_test_vit(), SaSConfig(rank=2))
     with pytest.raises(ValueError, match="already has SaS injected"):
