@@ -5,6 +5,7 @@ import csv
 import datetime
 import gc
 import json
+import os
 import platform
 import re
 import subprocess
@@ -35,6 +36,10 @@ META_FIELDS = ["device", "device_type", "dtype", "torch", "triton", "python", "g
 
 
 def _git_commit() -> str:
+    """``git rev-parse --short HEAD`` (+dirty); a source tree copied without ``.git`` (a lent GPU
+    machine) can pass it in ``SAS_BENCH_COMMIT``."""
+    if os.environ.get("SAS_BENCH_COMMIT"):
+        return os.environ["SAS_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
