@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,9 +33,12 @@ using simd::Vec;
 
 // Rows per block: the block's grad_y rows (16 x 3072 floats = 192 KiB at ViT-B fc1)
 // stay in L2 between the gB pass and the dB pass that re-reads them.
-constexpr int64_t kRowsPerBlock = 16;
 // Output columns per chunk: rank 8 x 512 float32 weights = 16 KiB, which stays in L1
 // while a block of rows is written.
+// Measured on the 2-core CI machine (1 thread, ViT-B shapes, rank 8): every pair of
+// 8/16/32 rows and 256/512/1024 columns was within run-to-run noise (about 10%) of
+// 16/512; e.g. 768->3072 backward 14.3 ms at 16/512, 15.0-16.4 ms at 8 rows.
+constexpr int64_t kRowsPerBlock = 16;
 constexpr int64_t kColumnsPerChunk = 512;
 // The backward sums weight gradients over at most this many row chunks, each with
 // its own partial buffer (8 x (768 + 3072) floats = 120 KiB at ViT-B fc1). Fixed,
@@ -205,6 +207,10 @@ void backward_kernel(const Weights& w, int64_t rows, int64_t num_chunks, const T
       float* sum_A = partial_A + chunk * rank * w.d_in;
       float* sum_Bt = partial_Bt + chunk * rank * w.d_out;
       float* sum_h = partial_h + chunk * tasks * rank;
+      // Zeroed here, by the thread that fills them, rather than by a separate parallel fill.
+      std::fill(sum_A, sum_A + rank * w.d_in, 0.0f);
+      std::fill(sum_Bt, sum_Bt + rank * w.d_out, 0.0f);
+      std::fill(sum_h, sum_h + tasks * rank, 0.0f);
       for (int64_t block = chunk * num_blocks / num_chunks; block < (chunk + 1) * num_blocks / num_chunks; ++block) {
         const int64_t row0 = block * kRowsPerBlock;
         const int64_t count = std::min(kRowsPerBlock, rows - row0);
@@ -242,19 +248,18 @@ void backward_kernel(const Weights& w, int64_t rows, int64_t num_chunks, const T
 }
 
 // (num_chunks, size) partials -> (size,) sums, chunk 0 first: a fixed order, so the
-// result does not depend on how threads split the elements.
+// result does not depend on threads. Serial on purpose: it is about 0.5M adds at ViT-B
+// fc1, and each extra parallel region of an op can stall on a descheduled thread when
+// the machine is busy.
 at::Tensor sum_partials(const at::Tensor& partials) {
   const int64_t num_chunks = partials.size(0);
-  const int64_t size = partials.numel() / std::max<int64_t>(num_chunks, 1);
-  at::Tensor total = at::zeros({size}, partials.options());
-  const float* src = partials.data_ptr<float>();
-  float* dst = total.data_ptr<float>();
-  // 4096 floats per task: small enough to split ViT-B's 6144-element dA over 2 threads.
-  at::parallel_for(0, size, 4096, [&](int64_t first, int64_t last) {
-    for (int64_t c = 0; c < num_chunks; ++c) {
-      for (int64_t e = first; e < last; ++e) dst[e] += src[c * size + e];
-    }
-  });
+  const int64_t size = partials.numel() / num_chunks;
+  at::Tensor total = partials[0].clone().view({size});
+  const float* src = partials.const_data_ptr<float>();
+  float* dst = total.mutable_data_ptr<float>();
+  for (int64_t c = 1; c < num_chunks; ++c) {
+    for (int64_t e = 0; e < size; ++e) dst[e] += src[c * size + e];
+  }
   return total;
 }
 
@@ -390,9 +395,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
   PreparedWeights weights = prepare_weights(A, B, h, scale, task_ids, rows);
   const int64_t num_chunks = std::clamp<int64_t>(ceil_div(rows, kRowsPerBlock), 1, kMaxRowChunks);
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
-  at::Tensor partial_A = at::zeros({num_chunks, rank, d_in}, f32);
-  at::Tensor partial_Bt = at::zeros({num_chunks, rank, d_out}, f32);
-  at::Tensor partial_h = at::zeros({num_chunks, tasks, rank}, f32);
+  at::Tensor partial_A = at::empty({num_chunks, rank, d_in}, f32);
+  at::Tensor partial_Bt = at::empty({num_chunks, rank, d_out}, f32);
+  at::Tensor partial_h = at::empty({num_chunks, tasks, rank}, f32);
   at::Tensor grad_x = at::empty({rows, d_in}, x.options().memory_format(at::MemoryFormat::Contiguous));
   dispatch_kernel_dtype(x.scalar_type(), [&](auto element) {
     using T = decltype(element);
