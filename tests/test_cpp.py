@@ -128,19 +128,19 @@ def test_non_contiguous_inputs():
 
 @needs_cpp
 @pytest.mark.parametrize("tasks", [0, 4])
-def test_one_and_two_threads_agree_bitwise(tasks):
+def test_thread_counts_agree_bitwise(tasks):
     # 300 rows = 19 row blocks: more than the 16 row chunks, so chunks hold unequal block counts.
     tensors, task_ids, grad_y = make_inputs((300,), 80, 112, 8, tasks)
     threads = torch.get_num_threads()
     try:
         results = []
-        for count in (1, 2):
+        for count in (1, 2, 3):  # 3: chunks split unevenly over threads
             torch.set_num_threads(count)
             results.append(run(cpp_op, tensors, task_ids, grad_y, torch.float32))
     finally:
         torch.set_num_threads(threads)
-    for one, two in zip(*results):
-        assert torch.equal(one, two)
+    for single, *multi in zip(*results):
+        assert all(torch.equal(single, other) for other in multi)
 
 
 @needs_cpp
