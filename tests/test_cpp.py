@@ -116,14 +116,12 @@ def test_non_contiguous_inputs():
     grad_y = torch.randn(d_out, rows, generator=gen).t()
     for t in (x, base, A, B, h, grad_y):
         assert not t.is_contiguous()
-    assert_matches_reference([t.double() for t in (x, base, A, B, h)], None, grad_y.double(), torch.float32)
-    # A gradient broadcast from a scalar loss has row stride 0.
-    leaves = [t.clone().requires_grad_() for t in (x, base, A, B, h)]
-    cpp_op(*leaves, SCALE, None).sum().backward()
-    ref_leaves = [t.double().requires_grad_() for t in (x, base, A, B, h)]
-    reference.sas_adapter(*ref_leaves, SCALE).sum().backward()
-    for got, want in zip(leaves, ref_leaves):
-        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-4)
+    # float32 in, float32 run: run() hands the kernel these very views (.to() of the same dtype is a no-op).
+    assert_matches_reference([x, base, A, B, h], None, grad_y, torch.float32)
+    # A gradient broadcast over rows (as from a bias-like loss) has row stride 0.
+    broadcast_grad = torch.randn(d_out, generator=gen).expand(rows, d_out)
+    assert broadcast_grad.stride() == (0, 1)
+    assert_matches_reference([x, base, A, B, h], None, broadcast_grad, torch.float32)
 
 
 @needs_cpp
