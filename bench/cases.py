@@ -301,7 +301,7 @@ def _build_model(case: Case, provider: str, device, dtype) -> Built:
             sas.merge(model)
         else:
             model.merge_adapter()
-    backend = None if provider == "sas" else ("reference" if provider.startswith("reference") else None)
+    backend = "reference" if provider.startswith("reference") else None
     runner = torch.compile(model) if provider == "reference-compiled" else model
     cuda = torch.device(device).type == "cuda"
     # bf16 autocast on CUDA (the setting); fp32 on CPU.

@@ -92,9 +92,7 @@ def run_case(case: Case, provider: str, device: torch.device, dtype: torch.dtype
                    peak_mem_mib=peak_memory_mib(built.call, device), status="ok")
         if built.ideal_bytes is not None:
             row["achieved_gbps"] = built.ideal_bytes / (timing.median_ms * 1e-3) / 1e9
-    except NotApplicable as exc:
-        row.update(status="skipped", error=str(exc))
-    except ImportError as exc:
+    except (NotApplicable, ImportError) as exc:  # nothing to measure, or optional PEFT absent
         row.update(status="skipped", error=str(exc))
     except Exception as exc:  # a failing provider is recorded in its row; the run goes on
         row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])

@@ -140,3 +140,15 @@ def test_failing_provider_is_recorded_and_the_run_goes_on(monkeypatch):
     status = {(r["pass"], r["provider"]): (r["status"], r["error"]) for r in result["rows"]}
     assert all(status[(p, "reference")] == ("error", "RuntimeError: boom") for p in cases.PASSES)
     assert all(status[(p, "sas")][0] == "ok" for p in cases.PASSES)
+
+
+def test_missing_peft_is_a_skip_with_a_notice(monkeypatch):
+    def no_peft():
+        raise ImportError("peft is not importable (test); pip install peft to compare against it")
+
+    monkeypatch.setattr(cases, "peft_module", no_peft)
+    result = run.run_benchmarks(["layer"], "cpu", torch.float32, "tiny", providers=["peft-lora", "frozen"], quiet=True)
+    status = {(r["pass"], r["provider"]): r for r in result["rows"]}
+    assert all(status[(p, "peft-lora")]["status"] == "skipped" for p in cases.PASSES)
+    assert "pip install peft" in status[("forward", "peft-lora")]["error"]
+    assert all(status[(p, "frozen")]["status"] == "ok" for p in cases.PASSES)
