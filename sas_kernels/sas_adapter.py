@@ -25,6 +25,13 @@ little. fp16/bf16 inputs use half-precision tensor-core dots with fp32 accumulat
 intermediate ``s * u * h`` is rounded to the input dtype once before the expand dot, as
 PyTorch's own half-precision path does.
 
+Long reductions (over d_in in the forward, d_out in the backward rows kernel, rows in dA/dB)
+add each block's dot, computed from zero, to the running fp32 sum instead of chaining the
+accumulator through every dot: a sequential fp32 chain of 768 products (ViT-B's d_in) gave
+about 2.6x PyTorch's rounding error on the H100 (DESIGN.md §4 allows 2x); block sums of
+BLOCK_D products added a dozen times keep the chain short at the cost of one register add per
+block.
+
 Reductions over rows (dA, dB, dh) are deterministic: each of a fixed number of row splits writes
 a partial, and ``torch.sum`` over the split axis reduces them in a fixed order. The number of
 splits depends only on the shape, so two runs give bitwise-identical gradients.
@@ -167,7 +174,7 @@ def _sas_forward_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         a_t = tl.load(a_ptr + offs_r[None, :] * stride_a + offs_k[:, None],
                       mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
-        u = tl.dot(x, a_t, u, input_precision=DOT_PRECISION)
+        u += tl.dot(x, a_t, input_precision=DOT_PRECISION)
     if SAVE_U:
         tl.store(u_ptr + offs_m[:, None] * rank + offs_r[None, :], u, mask=row_mask[:, None] & rank_mask[None, :])
 
@@ -213,7 +220,7 @@ def _sas_backward_rows_kernel(
                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[:, None] * stride_b + offs_r[None, :],
                     mask=n_mask[:, None] & rank_mask[None, :], other=0.0)
-        gb = tl.dot(g, b, gb, input_precision=DOT_PRECISION)
+        gb += tl.dot(g, b, input_precision=DOT_PRECISION)
     tl.store(gb_ptr + offs_m[:, None] * rank + offs_r[None, :], gb, mask=row_mask[:, None] & rank_mask[None, :])
 
     hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks, stride_ht,
@@ -263,7 +270,7 @@ def _sas_backward_da_kernel(
         du = (gb * hm * scale).to(x_ptr.dtype.element_ty)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(du), x, acc, input_precision=DOT_PRECISION)
+        acc += tl.dot(tl.trans(du), x, input_precision=DOT_PRECISION)
     partial = partial_ptr + split.to(tl.int64) * rank * d_in
     tl.store(partial + offs_r[:, None] * d_in + offs_k[None, :], acc, mask=rank_mask[:, None] & k_mask[None, :])
 
@@ -302,7 +309,7 @@ def _sas_backward_db_kernel(
         v = (u * hm * scale).to(g_ptr.dtype.element_ty)
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(g), v, acc, input_precision=DOT_PRECISION)
+        acc += tl.dot(tl.trans(g), v, input_precision=DOT_PRECISION)
     partial = partial_ptr + split.to(tl.int64) * d_out * rank
     tl.store(partial + offs_n[:, None] * rank + offs_r[None, :], acc, mask=n_mask[:, None] & rank_mask[None, :])
 
