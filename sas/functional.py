@@ -193,3 +193,14 @@ def sas_adapter(
     if name == "reference":
         return reference.sas_adapter(x, base, A, B, h, float(scale), task_ids)
     return _load(name)(x, base, A, B, h, float(scale), task_ids)
+
+
+def _preload_backends() -> None:
+    """Import every backend this machine can use now: ``torch.compile`` cannot trace an import,
+    so a first call inside a compiled region must find its backend already loaded."""
+    _load("cpp")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        _load("triton")
+
+
+_preload_backends()

@@ -119,3 +119,11 @@ def test_auto_prefers_cpp_on_cpu_only_when_it_loads(monkeypatch):
     monkeypatch.setitem(functional._loaded, "cpp", None)
     assert functional.resolve_backend(torch.device("cpu"), "auto") == "reference"
     assert functional.available_backends(torch.device("cpu"))[-1] == "reference"
+
+
+def test_dynamo_traces_the_op_without_graph_breaks():
+    """The backends are imported with sas, so a first call inside torch.compile has nothing to import."""
+    args = _good()
+    compiled = torch.compile(lambda *a: functional.sas_adapter(*a, 0.5), fullgraph=True, backend="eager")
+    expected = functional.sas_adapter(*args.values(), 0.5)
+    torch.testing.assert_close(compiled(*args.values()), expected)
