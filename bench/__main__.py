@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--tiny", action="store_true", help="tiny shapes in seconds: a smoke test of the harness")
     parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
                         help="run only these providers (default all of each level)")
+    parser.add_argument("--rows", nargs="+", type=int, default=None,
+                        help="replace the op/layer row counts, e.g. --rows 6304 (ViT-B/16 at batch 32)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -39,7 +41,7 @@ def main(argv=None) -> None:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     levels = list(LEVELS) if args.level == "all" else [args.level]
     size = "full" if args.full else "tiny" if args.tiny else "quick"
-    result = run_benchmarks(levels, device, dtype, size, args.providers, args.quiet)
+    result = run_benchmarks(levels, device, dtype, size, args.providers, args.quiet, args.rows)
     print(format_table(result))
     for path in write_results(result, args.out):
         print(f"wrote {path}")

@@ -70,8 +70,11 @@ def _linear_cases(level, shapes, rows_list, ranks, providers, passes=PASSES) -> 
             for name in shapes for rows in rows_list for rank in ranks for pass_name in passes]
 
 
-def grid(level: str, device: torch.device, size: str) -> List[Case]:
-    """The cases of ``level`` for ``size`` "tiny" (tests), "quick" (the default run) or "full" (the issue's grid)."""
+def grid(level: str, device: torch.device, size: str, rows: Optional[List[int]] = None) -> List[Case]:
+    """The cases of ``level`` for ``size`` "tiny" (tests), "quick" (the default run) or "full" (the issue's grid).
+
+    ``rows``, when given, replaces the row counts of the op and layer levels (e.g. one target shape).
+    """
     cuda = torch.device(device).type == "cuda"
     if size == "tiny":
         tiny = {"tiny 64->96": (64, 96)}
@@ -84,21 +87,21 @@ def grid(level: str, device: torch.device, size: str) -> List[Case]:
     full = size == "full"
     if level == "op":
         if full:
-            return _linear_cases("op", VIT_SHAPES, [TOKENS * b for b in (1, 32, 128, 256)], [4, 8, 16, 64], OP_PROVIDERS)
+            return _linear_cases("op", VIT_SHAPES, rows or [TOKENS * b for b in (1, 32, 128, 256)], [4, 8, 16, 64], OP_PROVIDERS)
         if cuda:
             # Every shape at the smallest and largest batch: the default H100 run took 399 s with
             # batch 32 too and 3+4 layer shapes; this trims it under the 6-minute budget.
-            return _linear_cases("op", VIT_SHAPES, [TOKENS * b for b in (1, 256)], [8], OP_PROVIDERS)
+            return _linear_cases("op", VIT_SHAPES, rows or [TOKENS * b for b in (1, 256)], [8], OP_PROVIDERS)
         shapes = {k: VIT_SHAPES[k] for k in ("B 768->768", "B 768->3072", "B 3072->768")}
-        return _linear_cases("op", shapes, [TOKENS, TOKENS * 8], [8], OP_PROVIDERS)
+        return _linear_cases("op", shapes, rows or [TOKENS, TOKENS * 8], [8], OP_PROVIDERS)
     if level == "layer":
         if full:
-            return _linear_cases("layer", VIT_SHAPES, [TOKENS * b for b in (1, 32, 128, 256)], [8, 64], LAYER_PROVIDERS)
+            return _linear_cases("layer", VIT_SHAPES, rows or [TOKENS * b for b in (1, 32, 128, 256)], [8, 64], LAYER_PROVIDERS)
         if cuda:
             shapes = {k: VIT_SHAPES[k] for k in ("B 768->768", "B 768->3072", "B 3072->768")}
-            return _linear_cases("layer", shapes, [TOKENS * 32, TOKENS * 256], [8], LAYER_PROVIDERS)
+            return _linear_cases("layer", shapes, rows or [TOKENS * 32, TOKENS * 256], [8], LAYER_PROVIDERS)
         shapes = {k: VIT_SHAPES[k] for k in ("B 768->768", "B 768->3072")}
-        return _linear_cases("layer", shapes, [TOKENS * 2], [8], LAYER_PROVIDERS)
+        return _linear_cases("layer", shapes, rows or [TOKENS * 2], [8], LAYER_PROVIDERS)
     if cuda or full:
         batches = (32, 128)
         # Compiling a whole ViT's training step costs about a minute per case; the

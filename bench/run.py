@@ -141,10 +141,12 @@ def _progress(total: int, quiet: bool):
 
 
 def run_benchmarks(levels: List[str], device: str, dtype: torch.dtype, size: str = "quick",
-                   providers: Optional[List[str]] = None, quiet: bool = False) -> Dict:
+                   providers: Optional[List[str]] = None, quiet: bool = False,
+                   rows: Optional[List[int]] = None) -> Dict:
     """Run every case of ``levels``; return ``{"meta": ..., "rows": [...]}``."""
     device = torch.device(device)
-    all_cases = [c for level in levels for c in cases_module.restrict(cases_module.grid(level, device, size), providers)]
+    all_cases = [c for level in levels
+                 for c in cases_module.restrict(cases_module.grid(level, device, size, rows), providers)]
     notes = []
     if device.type == "cpu":
         notes.append("peak memory is n/a on CPU: PyTorch keeps no CPU allocator statistics and peak RSS only grows")
