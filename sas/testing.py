@@ -208,7 +208,7 @@ def check_tensor(case: str, backend: str, ran: Tuple[str, bool], tensor: str, go
     terms = max(largest, _max_abs(magnitude)) if magnitude is not None else largest
     torch_error = _max_abs(low_precision.double() - exact)
     bound = ERROR_FACTOR * torch_error + torch.finfo(dtype).eps * max(terms, 1.0)
-    name = str(dtype).replace("torch.", "")
+    name = _dtype_name(dtype)
 
     def result(max_abs: float, status: str, message: str = "") -> TensorCheck:
         max_rel = max_abs / largest if largest > 0 else (0.0 if max_abs == 0 else math.inf)
@@ -344,6 +344,28 @@ def unsupported_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     return None
 
 
+def _checkable_backends(report: "CheckReport", backends: Optional[Sequence[str]], case: str, device: torch.device,
+                        dtype: torch.dtype) -> Iterator[str]:
+    """``backends`` (default: every backend available on ``device``) that can be checked in ``dtype``;
+    the others are recorded in ``report.skipped`` with the reason."""
+    for backend in backends if backends is not None else functional.available_backends(device):
+        reason = unsupported_reason(backend, device, dtype)
+        if reason is None:
+            yield backend
+        else:
+            report.skipped.append(Skipped(case, _dtype_name(dtype), backend, reason))
+
+
+def _crashed(case: str, dtype: torch.dtype, backend: str, tensor: str, exc: Exception) -> TensorCheck:
+    """The check of a backend that raised: a crash is a finding of the check, not the end of it."""
+    return TensorCheck(case, _dtype_name(dtype), backend, backend, tensor, math.inf, math.inf, 0.0, 0.0, "ERROR",
+                       f"{type(exc).__name__}: {exc}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 # --------------------------------------------------------------------------------------------
 # one op call
 # --------------------------------------------------------------------------------------------
@@ -354,11 +376,23 @@ def _leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (source if source.dtype == dtype else source.to(dtype)).requires_grad_()
 
 
-def _run_op(op: Callable, tensors: Dict[str, torch.Tensor], dtype: torch.dtype, grad_output: torch.Tensor,
-            scale: float, task_ids) -> Dict[str, Optional[torch.Tensor]]:
-    leaves = {name: _leaf(tensors[name], dtype) for name in GRAD_NAMES}
-    y = op(*(leaves[name] for name in GRAD_NAMES), scale, task_ids)
-    grads = torch.autograd.grad(y, list(leaves.values()), grad_output.to(dtype), allow_unused=True)
+def run_op(op: Callable, x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
+           scale: float = 1.0, task_ids: Optional[torch.Tensor] = None, *, dtype: Optional[torch.dtype] = None,
+           grad_output: Optional[torch.Tensor] = None, seed: int = 0) -> Dict[str, Optional[torch.Tensor]]:
+    """One call ``op(x, base, A, B, h, scale, task_ids)`` and its backward, as :func:`compare_op` runs it.
+
+    Takes :meth:`OpCase.make_inputs`'s keywords: ``run_op(op, **case.make_inputs(dtype, device))``.
+    Each of x, base, A, B, h becomes a fresh grad-requiring leaf in ``dtype`` (default: x's dtype),
+    keeping its strides when already in ``dtype``. ``grad_output`` (default: standard normal, seeded by
+    ``seed``) is cast to ``dtype`` and keeps its strides likewise. Returns ``{"y": ..., "grad x": ...,
+    "grad base": ..., "grad A": ..., "grad B": ..., "grad h": ...}``; a gradient the op leaves
+    unconnected is ``None``.
+    """
+    dtype = x.dtype if dtype is None else dtype
+    grad_output = _default_grad_output(base, seed) if grad_output is None else grad_output
+    leaves = [_leaf(t, dtype) for t in (x, base, A, B, h)]
+    y = op(*leaves, scale, task_ids)
+    grads = torch.autograd.grad(y, leaves, grad_output.to(dtype), allow_unused=True)
     return {"y": y.detach(), **{f"grad {name}": g for name, g in zip(GRAD_NAMES, grads)}}
 
 
@@ -386,27 +420,22 @@ def compare_op(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Te
     def torch_op(*args):
         return reference.sas_adapter(*args, upcast=False)
 
-    exact = _run_op(torch_op, tensors, torch.float64, grad_output, scale, task_ids)
-    magnitude = _run_op(torch_op, {k: v.abs() for k, v in tensors.items()}, torch.float64, grad_output.abs(),
-                        abs(scale), task_ids)
-    low_precision = _run_op(torch_op, tensors, dtype, grad_output, scale, task_ids)
-    report = CheckReport(allow_fallback=allow_fallback)
-    dtype_name = str(dtype).replace("torch.", "")
-    for backend in backends if backends is not None else functional.available_backends(device):
-        reason = unsupported_reason(backend, device, dtype)
-        if reason is not None:
-            report.skipped.append(Skipped(case, dtype_name, backend, reason))
-            continue
+    def run(op, run_dtype, values=tensors, upstream=grad_output, op_scale=scale):
+        return run_op(op, **values, scale=op_scale, task_ids=task_ids, dtype=run_dtype, grad_output=upstream)
 
+    exact = run(torch_op, torch.float64)
+    magnitude = run(torch_op, torch.float64, {k: v.abs() for k, v in tensors.items()}, grad_output.abs(), abs(scale))
+    low_precision = run(torch_op, dtype)
+    report = CheckReport(allow_fallback=allow_fallback)
+    for backend in _checkable_backends(report, backends, case, device, dtype):
         def backend_op(*args, name=backend):
             return functional.sas_adapter(*args, backend=name)
 
         try:
             with observe_backend(backend) as calls:
-                got = _run_op(backend_op, tensors, dtype, grad_output, scale, task_ids)
-        except Exception as exc:  # a crashing backend is a finding of the check, not the end of it
-            report.checks.append(TensorCheck(case, dtype_name, backend, backend, "y", math.inf, math.inf, 0.0, 0.0,
-                                             "ERROR", f"{type(exc).__name__}: {exc}"))
+                got = run(backend_op, dtype)
+        except Exception as exc:
+            report.checks.append(_crashed(case, dtype, backend, "y", exc))
             continue
         ran = describe_ran(backend, calls)
         for tensor, value in exact.items():
@@ -491,18 +520,12 @@ def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] =
         del exact_model
         low_precision, _ = _run_model(model, inputs, "reference", dtype, grad_output, seed)
         report = CheckReport(allow_fallback=allow_fallback)
-        dtype_name = str(dtype).replace("torch.", "")
-        for backend in backends if backends is not None else functional.available_backends(device):
-            reason = unsupported_reason(backend, device, dtype)
-            if reason is not None:
-                report.skipped.append(Skipped(case, dtype_name, backend, reason))
-                continue
+        for backend in _checkable_backends(report, backends, case, device, dtype):
             try:
                 got, calls = (low_precision, []) if backend == "reference" else _run_model(
                     model, inputs, backend, dtype, grad_output, seed)
-            except Exception as exc:  # a crashing backend is a finding of the check, not the end of it
-                report.checks.append(TensorCheck(case, dtype_name, backend, backend, "output", math.inf, math.inf,
-                                                 0.0, 0.0, "ERROR", f"{type(exc).__name__}: {exc}"))
+            except Exception as exc:
+                report.checks.append(_crashed(case, dtype, backend, "output", exc))
                 continue
             overall = describe_ran(backend, calls)
             for tensor, value in exact.items():
@@ -556,7 +579,7 @@ def assert_matches_reference(target, *inputs, **options) -> CheckReport:
 
 
 # --------------------------------------------------------------------------------------------
-# generated op inputs (the sweep of ``python -m sas.check`` and the fuzz tests)
+# generated op inputs (the sweep of ``python -m sas.check``, the fuzz and the kernel tests)
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -572,6 +595,9 @@ class OpCase:
     ids_per_batch: bool = False  # one task id per leading-batch element instead of one per row
     noncontiguous: bool = False  # x row-padded with an offset, base strided, A/B transposed, h strided
     scale: float = 1.0
+    # x and base column slices of wider buffers (unit last stride, row stride above the width: the
+    # layout kernels read in place, no copy); with noncontiguous, base is such a slice instead of strided
+    column_slices: bool = False
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.leading + (self.d_in,)))
@@ -580,6 +606,8 @@ class OpCase:
             extras.append(f"T={self.tasks}" + (" per batch" if self.ids_per_batch else " per row"))
         if self.noncontiguous:
             extras.append("strided")
+        if self.column_slices:
+            extras.append("column slices")
         return f"{self.name} [{shape}->{self.d_out} {' '.join(extras)}]"
 
     def make_inputs(self, dtype: torch.dtype, device, seed: int = 0) -> dict:
@@ -590,14 +618,19 @@ class OpCase:
             return (torch.randn(shape, generator=generator, dtype=torch.float64) * std).to(device, dtype)
 
         lead, rank = tuple(self.leading), self.rank
-        if self.noncontiguous:
+        if self.column_slices:
+            x = randn(*lead, self.d_in + 7)[..., 3:3 + self.d_in]
+            base = randn(*lead, self.d_out + 5)[..., 2:2 + self.d_out]
+        elif self.noncontiguous:
             x = randn(*lead, self.d_in + 7)[..., 3:3 + self.d_in]
             base = randn(self.d_out, *lead).movedim(0, -1)
+        else:
+            x, base = randn(*lead, self.d_in), randn(*lead, self.d_out)
+        if self.noncontiguous:
             A = randn(self.d_in, rank, std=self.d_in ** -0.5).t()
             B = randn(rank, self.d_out, std=rank ** -0.5).t()
             h = (1 + randn(*((self.tasks,) if self.tasks else ()), 2 * rank, std=0.5))[..., ::2]
         else:
-            x, base = randn(*lead, self.d_in), randn(*lead, self.d_out)
             A = randn(rank, self.d_in, std=self.d_in ** -0.5)
             B = randn(self.d_out, rank, std=rank ** -0.5)
             h = 1 + randn(*((self.tasks,) if self.tasks else ()), rank, std=0.5)

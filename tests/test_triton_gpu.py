@@ -1,14 +1,14 @@
 """The Triton kernels on CUDA (``make test-gpu``): the interpreter grid in fp32/fp16/bf16, ViT-B
 shapes, int64 offsets, ``torch.compile(fullgraph=True)``, CUDA-graph capture and deterministic
-gradients. Accuracy follows DESIGN.md's rule (see ``sas_kernels.testing``)."""
+gradients. Accuracy follows DESIGN.md's rule (``sas.testing.compare_op``)."""
 import pytest
 import torch
+from kernel_cases import KERNEL_GRID, MULTI_TASK_GRID, assert_matches_reference, each_case, triton_op
 from torch import nn
 
 import sas
 from sas import functional, reference
-from sas_kernels.testing import (KERNEL_GRID, MULTI_TASK_GRID, Case, assert_close_to_reference, case_id, make_inputs,
-                                 run_op)
+from sas.testing import OpCase, run_op
 
 pytestmark = pytest.mark.gpu
 
@@ -17,34 +17,28 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ViT-B/16 layers at batch 32 (197 tokens each): qkv, proj, fc1, fc2.
 VIT_B_ROWS = 197 * 32
 VIT_B_CASES = [
-    Case(leading=(32, 197), d_in=768, d_out=2304, rank=8),
-    Case(leading=(32, 197), d_in=768, d_out=768, rank=8, tasks=4, ids_per_leading=True),
-    Case(leading=(32, 197), d_in=768, d_out=3072, rank=64),
-    Case(leading=(VIT_B_ROWS,), d_in=3072, d_out=768, rank=256),
+    OpCase("vit-b-qkv-r8", (32, 197), 768, 2304, rank=8, scale=0.5),
+    OpCase("vit-b-proj-r8-tasks", (32, 197), 768, 768, rank=8, tasks=4, ids_per_batch=True, scale=0.5),
+    OpCase("vit-b-fc1-r64", (32, 197), 768, 3072, rank=64, scale=0.5),
+    OpCase("vit-b-fc2-r256", (VIT_B_ROWS,), 3072, 768, rank=256, scale=0.5),
 ]
 
 
-def triton_op(x, base, A, B, h, scale, task_ids):
-    return functional.sas_adapter(x, base, A, B, h, scale, task_ids, backend="triton")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", KERNEL_GRID + MULTI_TASK_GRID, ids=case_id)
+@each_case(KERNEL_GRID + MULTI_TASK_GRID, DTYPES)
 def test_grid_matches_reference(case, dtype):
-    assert_close_to_reference(case, "triton", dtype, "cuda")
+    assert_matches_reference(case, "triton", dtype, "cuda")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", VIT_B_CASES, ids=case_id)
+@each_case(VIT_B_CASES, DTYPES)
 def test_vit_b_shapes_match_reference(case, dtype):
-    assert_close_to_reference(case, "triton", dtype, "cuda")
+    assert_matches_reference(case, "triton", dtype, "cuda")
 
 
 def test_zero_rows_on_cuda():
-    case = Case(leading=(0,), d_in=64, d_out=48, rank=8)
-    y, dx, _, dA, dB, dh = run_op(triton_op, make_inputs(case, torch.bfloat16, "cuda"), torch.bfloat16, case.scale)
-    assert y.shape == (0, 48) and dx.shape == (0, 64)
-    assert all(torch.count_nonzero(g) == 0 for g in (dA, dB, dh))
+    case = OpCase("zero-rows", (0,), 64, 48, rank=8, scale=0.5)
+    out = run_op(triton_op, **case.make_inputs(torch.bfloat16, "cuda"))
+    assert out["y"].shape == (0, 48) and out["grad x"].shape == (0, 64)
+    assert all(torch.count_nonzero(out[name]) == 0 for name in ("grad A", "grad B", "grad h"))
 
 
 def test_int64_offsets_beyond_2_pow_31_elements():
@@ -130,12 +124,11 @@ def test_cuda_graph_capture_forward_backward():
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_gradients_bitwise_identical_across_runs(dtype):
-    case = Case(leading=(32, 197), d_in=768, d_out=2304, rank=8, tasks=3)
-    inputs = make_inputs(case, dtype, "cuda")
-    first = run_op(triton_op, inputs, dtype, case.scale)
-    second = run_op(triton_op, inputs, dtype, case.scale)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    inputs = OpCase("determinism", (32, 197), 768, 2304, rank=8, tasks=3, scale=0.5).make_inputs(dtype, "cuda")
+    first = run_op(triton_op, **inputs)
+    second = run_op(triton_op, **inputs)
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
 
 
 def test_auto_backend_picks_triton_on_cuda():
