@@ -31,6 +31,14 @@ def _untouched(model):
     return not sas.adapted_layers(model) and not hasattr(model, "sas_shared")
 
 
+def _assert_refused(directory, error, match):
+    """Loading ``directory`` into a fresh model raises ``error`` and leaves the model as it was."""
+    fresh = _vit()
+    with pytest.raises(error, match=match):
+        sas.load_adapter(fresh, directory)
+    assert _untouched(fresh)
+
+
 def test_files_hold_only_adapter_tensors_each_once(saved):
     model, directory = saved
     tensors = load_file(str(directory / WEIGHTS_NAME))
@@ -59,39 +67,27 @@ def test_other_architecture_refused(saved):
 def test_base_model_name_checked(tmp_path):
     model = sas.inject(_vit(), SaSConfig(rank=2, base_model_name="vit_base_patch16_224"))
     sas.save_adapter(model, tmp_path)
-    fresh = _vit()
-    with pytest.raises(ValueError, match="was made for 'vit_base_patch16_224', not for this 'test_vit'"):
-        sas.load_adapter(fresh, tmp_path)
-    assert _untouched(fresh)
+    _assert_refused(tmp_path, ValueError, "was made for 'vit_base_patch16_224', not for this 'test_vit'")
 
 
 @pytest.mark.parametrize("victim", [CONFIG_NAME, WEIGHTS_NAME])
 def test_missing_file(saved, victim):
     _, directory = saved
     (directory / victim).unlink()
-    fresh = _vit()
-    with pytest.raises(FileNotFoundError, match=f"no {victim}"):
-        sas.load_adapter(fresh, directory)
-    assert _untouched(fresh)
+    _assert_refused(directory, FileNotFoundError, f"no {victim}")
 
 
 def test_corrupt_config(saved):
     _, directory = saved
     (directory / CONFIG_NAME).write_text("{not json")
-    fresh = _vit()
-    with pytest.raises(ValueError, match="is not valid JSON"):
-        sas.load_adapter(fresh, directory)
-    assert _untouched(fresh)
+    _assert_refused(directory, ValueError, "is not valid JSON")
 
 
 def test_corrupt_weights(saved):
     _, directory = saved
     data = (directory / WEIGHTS_NAME).read_bytes()
     (directory / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
-    fresh = _vit()
-    with pytest.raises(ValueError, match="is not a readable safetensors file"):
-        sas.load_adapter(fresh, directory)
-    assert _untouched(fresh)
+    _assert_refused(directory, ValueError, "is not a readable safetensors file")
 
 
 def _rewrite(directory, change):
@@ -103,28 +99,19 @@ def _rewrite(directory, change):
 def test_shape_mismatch_names_the_tensor(saved):
     _, directory = saved
     _rewrite(directory, lambda t: t.__setitem__("sas_shared.up.attn_qkv", torch.zeros(192, 5)))
-    fresh = _vit()
-    with pytest.raises(ValueError, match=r"tensor 'sas_shared.up.attn_qkv' has shape \(192, 5\)"):
-        sas.load_adapter(fresh, directory)
-    assert _untouched(fresh)
+    _assert_refused(directory, ValueError, r"tensor 'sas_shared.up.attn_qkv' has shape \(192, 5\)")
 
 
 def test_missing_tensor_named(saved):
     _, directory = saved
     _rewrite(directory, lambda t: t.pop("sas_shared.embeddings"))
-    fresh = _vit()
-    with pytest.raises(ValueError, match="lacks tensor 'sas_shared.embeddings'"):
-        sas.load_adapter(fresh, directory)
-    assert _untouched(fresh)
+    _assert_refused(directory, ValueError, "lacks tensor 'sas_shared.embeddings'")
 
 
 def test_unexpected_tensor_named(saved):
     _, directory = saved
     _rewrite(directory, lambda t: t.__setitem__("sas_shared.up.extra", torch.zeros(2)))
-    fresh = _vit()
-    with pytest.raises(ValueError, match="unexpected tensor 'sas_shared.up.extra'"):
-        sas.load_adapter(fresh, directory)
-    assert _untouched(fresh)
+    _assert_refused(directory, ValueError, "unexpected tensor 'sas_shared.up.extra'")
 
 
 def test_save_needs_an_adapter(tmp_path):
