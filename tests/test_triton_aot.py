@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sas_kernels import sas_adapter as kernels
 from sas_kernels.aot import SMEM_LIMIT
@@ -50,3 +51,14 @@ def test_autotune_space_is_fully_compiled_at_low_rank(compiled):
                 for r in records if r["kernel"] == "_sas_forward_kernel" and r["dtype"] == "bf16"
                 and r["constexprs"]["R_PAD"] == kernels.MIN_RANK_PAD}
         assert seen == expected
+
+
+@pytest.mark.parametrize("rank_pad, element_size", [(16, 2), (256, 4)])
+def test_untuned_mode_keeps_the_first_fitting_config(monkeypatch, rank_pad, element_size):
+    configs = [kernels._config(*c) for c in kernels.AUTOTUNE_SPACE]
+    args = {"R_PAD": rank_pad, "x_ptr": torch.empty(0, dtype={2: torch.bfloat16, 4: torch.float32}[element_size])}
+    fitting = kernels.fitting_configs(configs, rank_pad, element_size)
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    assert kernels.prune_configs(configs, args) == fitting
+    monkeypatch.setattr(kernels, "AUTOTUNE", False)
+    assert kernels.prune_configs(configs, args) == fitting[:1]
