@@ -11,6 +11,7 @@ VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 SHARING_CHOICES = ("role", "shape", "layer")
 ACTIVATION_CHOICES = ("tanh", "relu", "gelu")
+LAYER_OP_CHOICES = ("adapter", "fused")
 
 
 @dataclass
@@ -41,6 +42,11 @@ class SaSConfig:
     trainable_modules: List[str] = field(
         default_factory=list,
         metadata={"help": "Names or dotted suffixes of extra modules that stay trainable, e.g. ['head']."})
+    layer_op: str = field(
+        default="adapter",
+        metadata={"help": "How an adapted layer computes: 'adapter' (the frozen nn.Linear, then the SaS op on the "
+                          "Triton/C++/reference backend) or 'fused' (frozen GEMM and adapter as one op, "
+                          "sas_kernels.fused_linear, design picked per shape; measured on CPU only so far)."})
     base_model_name: Optional[str] = field(
         default=None, metadata={"help": "Architecture the adapter was made for; checked on load when set."})
 
@@ -71,6 +77,8 @@ class SaSConfig:
             raise ValueError(f"sharing must be one of {SHARING_CHOICES}, got {self.sharing!r}")
         if self.sharing == "layer" and self.share_down_by_input_dim:
             raise ValueError("share_down_by_input_dim=True contradicts sharing='layer' (no sharing)")
+        if self.layer_op not in LAYER_OP_CHOICES:
+            raise ValueError(f"layer_op must be one of {LAYER_OP_CHOICES}, got {self.layer_op!r}")
         if not isinstance(self.trainable_modules, (list, tuple)) or not all(
                 isinstance(m, str) and m for m in self.trainable_modules):
             raise ValueError(f"trainable_modules must be a list of non-empty str, got {self.trainable_modules!r}")

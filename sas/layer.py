@@ -110,7 +110,7 @@ class SaSLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, shared: SaSShared, layer_index: int,
-                 down_key: str, up_key: str, scale: float, owns_shared: bool = False):
+                 down_key: str, up_key: str, scale: float, owns_shared: bool = False, layer_op: str = "adapter"):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"SaSLinear wraps nn.Linear, got {type(base_layer).__name__}")
@@ -123,17 +123,18 @@ class SaSLinear(nn.Module):
         self.down_key = down_key
         self.up_key = up_key
         self.scale = float(scale)
+        self.layer_op = layer_op  # "adapter" or "fused": see SaSConfig.layer_op
         self.merged = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 8, scale: float = 1.0, embed_dim: int = 8,
-                    hyper_hidden: int = 32, hyper_activation: str = "tanh") -> "SaSLinear":
+                    hyper_hidden: int = 32, hyper_activation: str = "tanh", layer_op: str = "adapter") -> "SaSLinear":
         """A standalone adapted layer that owns its own A, B and hypernetwork (for single-layer use)."""
         shared = SaSShared(rank, embed_dim, hyper_hidden, hyper_activation,
                            {"layer": linear.in_features}, {"layer": linear.out_features}, 1)
         shared.to(device=linear.weight.device, dtype=linear.weight.dtype)
         linear.requires_grad_(False)
-        return cls(linear, shared, 0, "layer", "layer", scale, owns_shared=True)
+        return cls(linear, shared, 0, "layer", "layer", scale, owns_shared=True, layer_op=layer_op)
 
     @property
     def in_features(self) -> int:
@@ -155,6 +156,13 @@ class SaSLinear(nn.Module):
         return self.shared.modulation(self.layer_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_op == "fused" and not self.merged:
+            # Imported on use: it loads Triton, which CPU-only use of sas does not otherwise need.
+            from sas_kernels import fused_linear
+            weight = self.base_layer.weight
+            A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key,
+                                                fused_linear.compute_dtype(x, weight))
+            return fused_linear.sas_linear(x, weight, self.base_layer.bias, A, B, h, self.scale)
         base = self.base_layer(x)
         if self.merged:
             return base
@@ -194,6 +202,7 @@ class SaSLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.A.shape[0]}, "
                 f"layer={self.layer_index}, down={self.down_key!r}, up={self.up_key!r}, scale={self.scale}, "
+                f"op={self.layer_op}, "
                 f"merged={self.merged}")
 
 

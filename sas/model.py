@@ -117,7 +117,8 @@ def inject(model: nn.Module, config: SaSConfig) -> nn.Module:
     for index, plan in enumerate(plans):
         parent_name, _, child_name = plan.name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        layer = SaSLinear(modules[plan.name], shared, index, plan.down_key, plan.up_key, config.scale)
+        layer = SaSLinear(modules[plan.name], shared, index, plan.down_key, plan.up_key, config.scale,
+                          layer_op=config.layer_op)
         setattr(parent, child_name, layer)
     model.add_module(SHARED_ATTRIBUTE, shared)
     model.register_forward_pre_hook(shared.begin_forward)

@@ -173,7 +173,7 @@ class SaSLinearFunction(torch.autograd.Function):
         return dx, None, None, dA, dB, dh, None, None
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype of the frozen layer's output: autocast's dtype when it is on, else the weight's."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -212,7 +212,7 @@ def sas_linear(
     if isinstance(h, torch.Tensor) and h.dim() != 1:
         raise ValueError(f"sas_linear takes one modulation h of shape (rank,), got {tuple(h.shape)}; a per-task "
                          f"h cannot be folded into one weight: use F.linear + sas.functional.sas_adapter(task_ids=)")
-    dtype = _compute_dtype(x, weight)
+    dtype = compute_dtype(x, weight)
     x, A, B, h = x.to(dtype), A.to(dtype), B.to(dtype), h.to(dtype)
     weight = weight.detach().to(dtype)
     bias = None if bias is None else bias.detach().to(dtype)

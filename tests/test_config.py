@@ -34,6 +34,7 @@ def test_json_round_trip(tmp_path):
     (dict(scale="1"), "scale must be a finite number"),
     (dict(sharing="global"), "sharing must be one of"),
     (dict(sharing="layer", share_down_by_input_dim=True), "contradicts sharing='layer'"),
+    (dict(layer_op="gemm"), "layer_op must be one of"),
     (dict(trainable_modules="head"), "trainable_modules must be a list of non-empty str"),
 ])
 def test_bad_values_rejected_with_exact_message(kwargs, message):

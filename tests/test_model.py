@@ -252,3 +252,25 @@ def test_hypernetwork_runs_once_per_model_forward_and_matches_per_layer_path():
     assert len(calls) == 1 + 4 * len(model.blocks)
     # H over all embeddings at once is a GEMM, per layer a GEMV: same math, fp32 rounding apart.
     torch.testing.assert_close(cached, per_layer, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_layer_op_matches_the_adapter_path():
+    adapter = sas.inject(_test_vit(), SaSConfig(rank=4, scale=0.5))
+    _randomise_adapter(adapter)
+    fused = sas.inject(_test_vit(), SaSConfig(rank=4, scale=0.5, layer_op="fused"))
+    fused.load_state_dict(adapter.state_dict())
+    assert all(layer.layer_op == "fused" for layer in sas.adapted_layers(fused))
+    x = _images(adapter)
+    expected, got = adapter(x), fused(x)
+    # fp32 both ways; the fused op folds s B diag(h) A into the weight first, so the products are
+    # grouped differently: agreement to fp32 rounding accumulated through 12 blocks, not bitwise.
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    grads = {n: p.grad for n, p in adapter.named_parameters() if p.requires_grad}
+    for name, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        sas.merge(fused)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
