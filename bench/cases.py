@@ -25,7 +25,8 @@ from sas import functional, reference
 from . import bytes_model
 
 OP_PROVIDERS = ("sas", "reference", "reference-compiled")
-LAYER_PROVIDERS = ("sas", "reference", "reference-compiled", "peft-lora", "peft-vera", "frozen")
+# sas-fused: SaSLinear with layer_op="fused" (frozen GEMM and adapter as one op, sas_kernels.fused_linear).
+LAYER_PROVIDERS = ("sas", "sas-fused", "reference", "reference-compiled", "peft-lora", "peft-vera", "frozen")
 MODEL_PROVIDERS = LAYER_PROVIDERS
 ALL_PROVIDERS = LAYER_PROVIDERS
 PASSES = ("forward", "backward", "forward+backward")
@@ -231,6 +232,8 @@ def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -
 def _backend_name(provider: str, device) -> str:
     if provider == "sas":
         return functional.resolve_backend(device)
+    if provider == "sas-fused":
+        return "fused_linear"
     if provider == "reference-compiled":
         return "reference+inductor"
     if provider.startswith("peft") or provider == "frozen":
@@ -260,6 +263,10 @@ def _build_op(case: Case, provider: str, device, dtype) -> Built:
     return Built(call, _backend_name(provider, device), bytes_model.pass_bytes(fwd, bwd, case.pass_name), case.rows)
 
 
+def _layer_op(provider: str) -> str:
+    return "fused" if provider == "sas-fused" else "adapter"
+
+
 def _build_layer(case: Case, provider: str, device, dtype) -> Built:
     e = torch.empty((), dtype=dtype).element_size()
     linear = nn.Linear(case.d_in, case.d_out).to(device=device, dtype=dtype).requires_grad_(False)
@@ -269,8 +276,8 @@ def _build_layer(case: Case, provider: str, device, dtype) -> Built:
         layer = peft_wrap(nn.Sequential(linear), provider, case.rank, ["0"])
         call_layer = layer
     else:
-        layer = sas.SaSLinear.from_linear(linear, rank=case.rank)
-        backend = None if provider == "sas" else "reference"
+        layer = sas.SaSLinear.from_linear(linear, rank=case.rank, layer_op=_layer_op(provider))
+        backend = None if provider.startswith("sas") else "reference"
         if provider == "reference-compiled":
             allow_backward_replay()
         call_layer = with_backend(torch.compile(layer) if provider == "reference-compiled" else layer, backend)
@@ -288,14 +295,14 @@ def _build_model(case: Case, provider: str, device, dtype) -> Built:
     import timm
 
     merged = case.pass_name == "infer-merged"
-    if merged and provider in ("reference", "reference-compiled", "frozen"):
+    if merged and provider in ("sas-fused", "reference", "reference-compiled", "frozen"):
         raise NotApplicable("a merged model runs no adapter code: identical to the sas merged row / the frozen row")
     torch.manual_seed(0)
     model = timm.create_model(case.model, pretrained=False, img_size=case.image_size).to(device)
     if provider.startswith("peft"):
         model = peft_wrap(model, provider, case.rank, VIT_TARGETS)
     elif provider != "frozen":
-        model = sas.inject(model, sas.SaSConfig(rank=case.rank))
+        model = sas.inject(model, sas.SaSConfig(rank=case.rank, layer_op=_layer_op(provider)))
     else:
         model.requires_grad_(False)
     randomize_trainable(model)
