@@ -386,10 +386,13 @@ def row_splits(rows: int, rank: int, width: int) -> Tuple[int, int]:
 
 
 def _task_layout(h: torch.Tensor, task_ids: Optional[torch.Tensor], rows: int):
-    """(task pointer tensor, rows per task id, number of tasks, h's task stride)."""
+    """(task pointer tensor, rows per task id, number of tasks, h's task stride).
+
+    The kernels index task ids with unit stride, so a strided ``task_ids`` (e.g. ``ids[::2]``) is copied.
+    """
     if h.dim() == 1:
         return h, 1, 1, 0  # the pointer is never read when HAS_TASKS is False
-    return task_ids.reshape(-1), max(rows // max(task_ids.numel(), 1), 1), h.shape[0], h.stride(0)
+    return task_ids.contiguous(), max(rows // max(task_ids.numel(), 1), 1), h.shape[0], h.stride(0)
 
 
 def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,

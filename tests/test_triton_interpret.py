@@ -7,7 +7,7 @@ import torch
 from kernel_cases import KERNEL_GRID, MULTI_TASK_GRID, assert_matches_reference, each_case, triton_op
 
 from sas import functional
-from sas.testing import OpCase, run_op
+from sas.testing import OpCase, compare_op, run_op
 from sas_kernels import sas_adapter as kernels
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRET, reason="needs TRITON_INTERPRET=1 (set by conftest without CUDA)")
@@ -29,6 +29,16 @@ def test_rank_256_and_rows_spanning_several_splits():
 @each_case(MULTI_TASK_GRID, DTYPES)
 def test_multi_task_rows(case, dtype):
     assert_matches_reference(case, "triton", dtype, "cpu")
+
+
+def test_strided_task_ids():
+    # task_ids[::2] is 1-D but not contiguous: the kernels index ids with unit stride, so the launcher copies it.
+    inputs = OpCase("strided-ids", (29,), 24, 19, rank=5, tasks=3, scale=0.5).make_inputs(torch.float32, "cpu")
+    ids = inputs["task_ids"]
+    inputs["task_ids"] = torch.stack([ids, torch.full_like(ids, -1)], dim=1).reshape(-1)[::2]
+    assert not inputs["task_ids"].is_contiguous() and torch.equal(inputs["task_ids"], ids)
+    report = compare_op(**inputs, backends=["triton"], case="strided task_ids")
+    assert report.passed, report.table()
 
 
 @pytest.mark.parametrize("tasks", (0, 3))
