@@ -81,13 +81,15 @@ def plan_injection(model: nn.Module, config: SaSConfig) -> List[LayerPlan]:
     return plans
 
 
-def _apply_trainable_modules(model: nn.Module, config: SaSConfig) -> None:
+def _trainable_modules(model: nn.Module, config: SaSConfig) -> List[nn.Module]:
+    """The modules ``config.trainable_modules`` names; raises for an entry that matches none."""
+    modules = []
     for pattern in config.trainable_modules:
         hits = [m for n, m in model.named_modules() if n and _matches(n, pattern)]
         if not hits:
             raise ValueError(f"trainable_modules entry {pattern!r} matches no module of the model")
-        for module in hits:
-            module.requires_grad_(True)
+        modules.extend(hits)
+    return modules
 
 
 def build_shared(plans: List[LayerPlan], config: SaSConfig, device, dtype) -> SaSShared:
@@ -107,9 +109,11 @@ def inject(model: nn.Module, config: SaSConfig) -> nn.Module:
 
     Creates one :class:`SaSShared` (as ``model.sas_shared``) owning A/B per sharing
     group, one embedding per layer and the hypernetwork; freezes every base
-    parameter; unfreezes ``config.trainable_modules``. Returns ``model``.
+    parameter; unfreezes ``config.trainable_modules``. Returns ``model``. Bad targets or
+    ``trainable_modules`` raise before the model changes.
     """
     plans = plan_injection(model, config)
+    trainable = _trainable_modules(model, config)  # checked before the model changes
     reference_weight = dict(model.named_modules())[plans[0].name].weight
     shared = build_shared(plans, config, reference_weight.device, reference_weight.dtype)
     model.requires_grad_(False)
@@ -125,7 +129,8 @@ def inject(model: nn.Module, config: SaSConfig) -> nn.Module:
     model.register_forward_hook(shared.end_forward, always_call=True)
     shared.config = config
     shared.layer_names = [p.name for p in plans]
-    _apply_trainable_modules(model, config)
+    for module in trainable:
+        module.requires_grad_(True)
     return model
 
 

@@ -127,8 +127,12 @@ def test_only_adapter_and_chosen_modules_get_gradients():
 
 
 def test_unknown_trainable_module_rejected():
+    model = _test_vit()
     with pytest.raises(ValueError, match="trainable_modules entry 'classifier' matches no module"):
-        sas.inject(_test_vit(), SaSConfig(trainable_modules=["classifier"]))
+        sas.inject(model, SaSConfig(trainable_modules=["classifier"]))
+    # Refused before any change (load_adapter promises an untouched model on error).
+    assert not sas.adapted_layers(model) and not hasattr(model, "sas_shared")
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_gradcheck_through_layer_and_hypernetwork():
