@@ -17,6 +17,7 @@ silently falling back.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -160,7 +161,7 @@ def validate(x, base, A, B, h, scale, task_ids=None) -> None:
         raise TypeError(f"task_ids must be an int32/int64 tensor, got {task_ids!r:.80}")
     if task_ids.device != x.device:
         raise ValueError(f"device mismatch: x is {_describe(x)} but task_ids is {_describe(task_ids)}")
-    rows = x.numel() // d_in if d_in else 0
+    rows = math.prod(x.shape[:-1])
     leading = x.shape[0] if x.dim() >= 2 else rows
     if task_ids.dim() != 1 or task_ids.shape[0] not in (rows, leading):
         raise ValueError(f"task_ids must be 1-D with one id per row ({rows}) or per leading-batch element "

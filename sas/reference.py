@@ -5,6 +5,7 @@ for clarity, not speed: plain tensor ops, autograd does the backward.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -43,8 +44,9 @@ def sas_adapter(
     out_dtype = base.dtype
     compute_dtype = torch.float32 if upcast and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     d_in, d_out = x.shape[-1], base.shape[-1]
-    x2 = x.reshape(-1, d_in).to(compute_dtype)
-    base2 = base.reshape(-1, d_out).to(compute_dtype)
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, d): that is ambiguous when d_in or d_out is 0
+    x2 = x.reshape(rows, d_in).to(compute_dtype)
+    base2 = base.reshape(rows, d_out).to(compute_dtype)
     modulation = gather_modulation(h.to(compute_dtype), task_ids, x2.shape[0])
     u = x2 @ A.to(compute_dtype).t()
     y = base2 + scale * ((u * modulation) @ B.to(compute_dtype).t())

@@ -38,6 +38,7 @@ splits depends only on the shape, so two runs give bitwise-identical gradients.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Tuple
 
@@ -374,13 +375,13 @@ def rank_pad(rank: int) -> int:
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as (rows, last dim) with a unit-stride last dim: a view whenever the leading dims
     collapse to one row stride (contiguous or column-sliced tensors), a copy only otherwise."""
-    rows = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    rows = t.reshape(math.prod(t.shape[:-1]), t.shape[-1]) if t.dim() != 2 else t
     return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
 
 
 def row_splits(rows: int, rank: int, width: int) -> Tuple[int, int]:
     """(number of row splits, rows per split) for the column-blocked reductions; depends only on the shape."""
-    splits = min(triton.cdiv(rows, MIN_ROWS_PER_SPLIT), MAX_SPLITS, max(1, PARTIAL_BUDGET // (rank * width)))
+    splits = min(triton.cdiv(rows, MIN_ROWS_PER_SPLIT), MAX_SPLITS, max(1, PARTIAL_BUDGET // max(rank * width, 1)))
     per_split = triton.cdiv(triton.cdiv(rows, splits), SPLIT_ROW_ALIGN) * SPLIT_ROW_ALIGN
     return triton.cdiv(rows, per_split), per_split
 

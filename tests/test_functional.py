@@ -66,6 +66,22 @@ def test_zero_rank_rejected():
         _call(A=torch.randn(0, 6), B=torch.randn(5, 0), h=torch.randn(0))
 
 
+@pytest.mark.parametrize("backend", functional.available_backends(torch.device("cpu")))
+@pytest.mark.parametrize("x_shape, d_out, per_batch_ids", [((5, 0), 3, False), ((2, 3, 0), 4, True), ((4, 5), 0, False)])
+def test_zero_width_layer(backend, x_shape, d_out, per_batch_ids):
+    # nn.Linear(0, n) and nn.Linear(n, 0) are legal: y is base, every weight gradient is zero.
+    x = torch.randn(*x_shape, requires_grad=True)
+    base = torch.randn(*x_shape[:-1], d_out, requires_grad=True)
+    A, B = torch.randn(2, x_shape[-1], requires_grad=True), torch.randn(d_out, 2, requires_grad=True)
+    h = torch.randn(3, 2, requires_grad=True) if per_batch_ids else torch.randn(2, requires_grad=True)
+    task_ids = torch.tensor([0, 2]) if per_batch_ids else None
+    y = functional.sas_adapter(x, base, A, B, h, 0.5, task_ids, backend=backend)
+    y.sum().backward()
+    assert torch.equal(y, base) and x.grad.shape == x.shape
+    for tensor in (A, B, h):
+        assert tensor.grad.shape == tensor.shape and torch.count_nonzero(tensor.grad) == 0
+
+
 def test_leading_dims_of_base_must_match_x():
     with pytest.raises(ValueError, match=r"base must have x's leading dims: x is \(4, 6\).*base is \(3, 5\)"):
         _call(base=torch.randn(3, 5))
