@@ -1,5 +1,4 @@
 """SaS under DistributedDataParallel: two gloo CPU processes give the gradients of one process."""
-import os
 
 import pytest
 import timm
