@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_count import record_launch
+
 # Read once at import, like Triton itself: the interpreter must be chosen before kernels load.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -365,6 +367,7 @@ def _sas_backward_dh_kernel(
 def _launcher(kernel):
     """``wrap_triton`` makes launches traceable by torch.compile; the interpreter launches directly
     (older torch versions reject interpreted kernels in ``wrap_triton``)."""
+    record_launch(getattr(kernel, "__name__", None) or kernel.fn.__name__)
     return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
