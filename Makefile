@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo test-gpu bench bench-gpu check clean
+.PHONY: setup test fuzz demo test-gpu bench bench-gpu check clean
 
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ setup: $(STAMP)
 
 # SAS_REQUIRE_CPP=1: a C++ extension that failed to build fails the suite instead of skipping it.
 test: $(STAMP)
-	SAS_REQUIRE_CPP=1 $(PY) -m pytest -q tests
+	SAS_REQUIRE_CPP=1 $(PY) -m pytest -q --hypothesis-profile=ci tests
+
+# Open-ended property search (random, 1,000 examples per test); pin what it finds as an @example.
+fuzz: $(STAMP)
+	SAS_REQUIRE_CPP=1 $(PY) -m pytest -q --hypothesis-profile=fuzz tests/test_fuzz.py
 
 demo: $(STAMP)
 	$(PY) -m sas.demo

@@ -3,6 +3,15 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Hypothesis profiles. "ci" (the default, used by `make test`) draws the same 30 examples on every
+# run, so the suite cannot turn red by chance; a failure found anywhere is pinned as an @example.
+# "fuzz" (`make fuzz`) searches afresh each run: 1,000 random examples, no example database, so
+# every run explores new inputs. Select one with `pytest --hypothesis-profile=NAME`.
+settings.register_profile("ci", max_examples=30, derandomize=True, database=None, print_blob=True)
+settings.register_profile("fuzz", max_examples=1000, derandomize=False, database=None, print_blob=True)
+settings.load_profile("ci")
 
 # Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter, which must be
 # chosen before anything imports them. On a CUDA machine the real kernels run instead.

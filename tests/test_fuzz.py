@@ -4,19 +4,20 @@ Random leading dims (zero rows included), sizes, ranks 1..64, scales (zero and n
 dtypes, single or per-task modulations, and a random memory layout per tensor; each drawn call goes
 through :func:`sas.testing.compare_op`, so a wrong result, a crash or a silent fallback fails.
 Examples are bounded so the CPU run, Triton's interpreter included, stays well under a minute.
+Every failure fuzzing finds is pinned as an ``@example`` here, so `make test` replays it on every run.
 """
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sas import testing
 
-# 30 examples take 10-15 s on the 2-core CI machine with the reference, C++ and interpreted Triton
-# backends (400 examples passed in 77 s). The example database is off so every run draws fresh
-# examples instead of replaying ones saved by earlier local runs.
-FUZZ_SETTINGS = settings(max_examples=30, deadline=None, database=None,
-                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# How many examples and whether they are drawn at random comes from the hypothesis profile
+# (tests/conftest.py): `make test` runs the derandomized "ci" profile (30 examples, 10-15 s on the
+# 2-core CI machine with the reference, C++ and interpreted Triton backends), `make fuzz` the
+# open-ended "fuzz" profile. Every failure ever found is pinned below as an @example.
+FUZZ_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Leading dims per rank of the leading shape, bounded so rows stay <= 200 (DESIGN.md section 4).
 LEADING_SIZE_LIMIT = {1: 200, 2: 14, 3: 5}
@@ -54,6 +55,16 @@ def op_calls(draw, device):
     return case, inputs
 
 
+def pinned_call(case: testing.OpCase, dtype: torch.dtype, seed: int, device: str = "cpu"):
+    """A fuzz call rebuilt from its case, dtype and seed (contiguous layouts), for an @example."""
+    return case, case.make_inputs(dtype, device, seed=seed)
+
+
+# C++ fp32 y at 1.16x the bound, found at random by an earlier `make test`: the kernel seeded its rank
+# sum with base, rounding each of the 20 additions at base's magnitude (fixed in csrc/adapter_cpu.cpp).
+FOUND_CPP_Y_ROUNDING = pinned_call(testing.OpCase("fuzz", (1,), 1, 34, 20, scale=0.0625), torch.float32, seed=0)
+
+
 def check_every_backend(case, inputs):
     report = testing.compare_op(**inputs, case=case.describe())
     strides = {name: tuple(inputs[name].stride()) for name in ("x", "base", "A", "B", "h")}
@@ -62,6 +73,7 @@ def check_every_backend(case, inputs):
 
 @FUZZ_SETTINGS
 @given(op_calls("cpu"))
+@example(FOUND_CPP_Y_ROUNDING)
 def test_fuzz_every_cpu_backend_against_float64(call):
     check_every_backend(*call)
 
