@@ -1,4 +1,4 @@
-"""``python -m bench``: op, layer and model benchmarks; table on stdout, JSON + CSV under bench/results/."""
+"""``python -m bench``: op, layer, model and host benchmarks; table on stdout, JSON + CSV under bench/results/."""
 from __future__ import annotations
 
 import argparse
@@ -6,17 +6,21 @@ from pathlib import Path
 
 import torch
 
-from .cases import ALL_PROVIDERS
-from .run import RESULTS_DIR, format_table, run_benchmarks, write_results
+from . import host
+from .cases import ALL_PROVIDERS, VIT_SHAPES
+from .run import RESULTS_DIR, collect_meta, format_table, run_benchmarks, write_results
+from .timing import TIMING_MODES
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-LEVELS = ("op", "layer", "model")
+LEVELS = ("op", "layer", "model")  # "all" runs these; "host" runs alone (its rows have other fields)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--level", choices=LEVELS + ("all",), default="all", help="which level to run (default all)")
+    parser.add_argument("--level", choices=LEVELS + ("all", "host"), default="all",
+                        help="which level to run (default all = op, layer, model; host: host time per call and "
+                             "device ops / saved bytes per adapted layer, see bench/host.py)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -28,6 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run only these providers (default all of each level)")
     parser.add_argument("--rows", nargs="+", type=int, default=None,
                         help="replace the op/layer row counts, e.g. --rows 6304 (ViT-B/16 at batch 32)")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(VIT_SHAPES), default=None, metavar="SHAPE",
+                        help="keep only these op/layer shapes, e.g. --shapes 'B 768->768'")
+    parser.add_argument("--timing", nargs="+", choices=TIMING_MODES, default=["eager"],
+                        help="op/layer/model timing modes: eager (host work included) and/or cuda-graph "
+                             "(replay of a captured call: device time alone; CUDA only)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no case after this many seconds (the rest are recorded as skipped)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -39,11 +50,19 @@ def main(argv=None) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to PyTorch")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    levels = list(LEVELS) if args.level == "all" else [args.level]
     size = "full" if args.full else "tiny" if args.tiny else "quick"
-    result = run_benchmarks(levels, device, dtype, size, args.providers, args.quiet, args.rows)
-    print(format_table(result))
-    for path in write_results(result, args.out):
+    if args.level == "host":
+        result = {"meta": collect_meta(torch.device(device), dtype, size, ["host"], host.host_notes(device), None),
+                  "rows": host.run_host(device, dtype, size)}
+        print(host.format_host_table(result))
+        paths = write_results(result, args.out, host.HOST_FIELDS)
+    else:
+        levels = list(LEVELS) if args.level == "all" else [args.level]
+        result = run_benchmarks(levels, device, dtype, size, args.providers, args.quiet, args.rows,
+                                args.timing, args.budget_s, args.shapes)
+        print(format_table(result))
+        paths = write_results(result, args.out)
+    for path in paths:
         print(f"wrote {path}")
 
 

@@ -25,7 +25,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Every row of the JSON ``rows`` list and every CSV line has exactly these fields.
 ROW_FIELDS = [
     "level", "case", "pass", "shape", "d_in", "d_out", "rows", "rank", "model", "batch", "dtype",
-    "provider", "backend", "status", "error",
+    "provider", "backend", "timing", "status", "error",
     "median_ms", "p20_ms", "p80_ms", "samples", "first_call_s",
     "throughput", "throughput_unit", "ideal_bytes", "achieved_gbps", "pct_of_copy_bw", "peak_mem_mib",
 ] + [f"speedup_vs_{p.replace('-', '_')}" for p in ALL_PROVIDERS]
@@ -70,14 +70,22 @@ def _triton_version() -> Optional[str]:
         return None
 
 
-def run_case(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -> Dict:
+def _blank_row(case: Case, provider: str, dtype: torch.dtype, timing_mode: str) -> Dict:
     row = {f: None for f in ROW_FIELDS}
     row.update(level=case.level, case=case.label, shape=case.shape or None, d_in=case.d_in or None,
                d_out=case.d_out or None, rows=case.rows or None, rank=case.rank, model=case.model or None,
                batch=case.batch or None, dtype=str(dtype).replace("torch.", ""), provider=provider,
-               throughput_unit="images/s" if case.level == "model" else "rows/s")
+               throughput_unit="images/s" if case.level == "model" else "rows/s", timing=timing_mode)
     row["pass"] = case.pass_name
+    return row
+
+
+def run_case(case: Case, provider: str, device: torch.device, dtype: torch.dtype, timing_mode: str = "eager") -> Dict:
+    """One row: build ``provider`` for ``case``, time it in ``timing_mode`` (bench.timing.TIMING_MODES)."""
+    row = _blank_row(case, provider, dtype, timing_mode)
     try:
+        if timing_mode == "cuda-graph" and device.type != "cuda":
+            raise NotApplicable("cuda-graph timing needs a CUDA device")
         built = cases_module.build(case, provider, device, dtype)
         row["backend"] = built.backend
         # The first call pays for compilation (torch.compile, Triton autotuning): recorded, then excluded.
@@ -86,10 +94,11 @@ def run_case(case: Case, provider: str, device: torch.device, dtype: torch.dtype
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         row["first_call_s"] = time.perf_counter() - start
-        timing = measure(built.call, device)
+        timing = measure(built.call, device, timing_mode)
         row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, samples=timing.samples,
                    throughput=built.work_items / (timing.median_ms * 1e-3), ideal_bytes=built.ideal_bytes,
-                   peak_mem_mib=peak_memory_mib(built.call, device), status="ok")
+                   peak_mem_mib=peak_memory_mib(built.call, device) if timing_mode == "eager" else None,
+                   status="ok")
         if built.ideal_bytes is not None:
             row["achieved_gbps"] = built.ideal_bytes / (timing.median_ms * 1e-3) / 1e9
     except (NotApplicable, ImportError) as exc:  # nothing to measure, or optional PEFT absent
@@ -105,12 +114,13 @@ def run_case(case: Case, provider: str, device: torch.device, dtype: torch.dtype
 
 
 def add_derived(rows: List[Dict], copy_gbps: float) -> None:
-    """% of the measured copy bandwidth, and every row's speedup against each other provider of its case."""
+    """% of the measured copy bandwidth, and every row's speedup against each other provider of its case
+    (in the same timing mode)."""
     by_case: Dict[tuple, Dict[str, Dict]] = {}
     for row in rows:
         if row["achieved_gbps"] is not None:
             row["pct_of_copy_bw"] = 100.0 * row["achieved_gbps"] / copy_gbps
-        by_case.setdefault((row["level"], row["case"]), {})[row["provider"]] = row
+        by_case.setdefault((row["level"], row["case"], row["timing"]), {})[row["provider"]] = row
     for providers in by_case.values():
         for row in providers.values():
             for name, other in providers.items():
@@ -140,13 +150,32 @@ def _progress(total: int, quiet: bool):
         return Counter()
 
 
+def collect_meta(device: torch.device, dtype: torch.dtype, size: str, levels: List[str], notes: List[str],
+                 copy_gbps: Optional[float]) -> Dict:
+    """The ``meta`` object of a result file (:data:`META_FIELDS`); ``copy_gbps`` is None where no level needs it."""
+    return {
+        "device": device_name(device), "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
+        "git_commit": _git_commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "copy_bandwidth_gbps": copy_gbps, "size": size, "levels": list(levels), "argv": sys.argv[1:],
+        "cpu_threads": torch.get_num_threads(), "notes": notes,
+    }
+
+
 def run_benchmarks(levels: List[str], device: str, dtype: torch.dtype, size: str = "quick",
                    providers: Optional[List[str]] = None, quiet: bool = False,
-                   rows: Optional[List[int]] = None) -> Dict:
-    """Run every case of ``levels``; return ``{"meta": ..., "rows": [...]}``."""
+                   rows: Optional[List[int]] = None, timing_modes=("eager",),
+                   budget_s: Optional[float] = None, shapes: Optional[List[str]] = None) -> Dict:
+    """Run every case of ``levels`` in each of ``timing_modes``; return ``{"meta": ..., "rows": [...]}``.
+
+    With ``budget_s``, no case starts once that many seconds have passed: its rows are recorded as
+    skipped, so a time-boxed run (``make bench-gpu``) still writes every row it measured. ``shapes``
+    keeps only those op/layer shapes (``cases.VIT_SHAPES`` keys)."""
+    started = time.perf_counter()
     device = torch.device(device)
     all_cases = [c for level in levels
-                 for c in cases_module.restrict(cases_module.grid(level, device, size, rows), providers)]
+                 for c in cases_module.restrict(cases_module.grid(level, device, size, rows), providers)
+                 if not shapes or c.level == "model" or c.shape in shapes]
     notes = []
     if device.type == "cpu":
         notes.append("peak memory is n/a on CPU: PyTorch keeps no CPU allocator statistics and peak RSS only grows")
@@ -157,21 +186,22 @@ def run_benchmarks(levels: List[str], device: str, dtype: torch.dtype, size: str
         notes.append("model level: reference-compiled only for the training step at batch 32 (all with --full)")
     notes.append("backward = replay of one stored forward's autograd graph; ideal bytes per DESIGN.md §3 "
                  "(bench/bytes_model.py), u not saved; model level has no bytes model")
+    if budget_s is not None:
+        notes.append(f"time budget {budget_s:.0f} s: cases not started within it are skipped")
     copy_gbps = copy_bandwidth_gbps(device)
-    meta = {
-        "device": device_name(device), "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
-        "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
-        "git_commit": _git_commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "copy_bandwidth_gbps": copy_gbps, "size": size, "levels": list(levels), "argv": sys.argv[1:],
-        "cpu_threads": torch.get_num_threads(), "notes": notes,
-    }
+    meta = collect_meta(device, dtype, size, levels, notes, copy_gbps)
     rows = []
-    bar = _progress(sum(len(c.providers) for c in all_cases), quiet)
+    bar = _progress(sum(len(c.providers) for c in all_cases) * len(timing_modes), quiet)
     for case in all_cases:
         bar.set_description(f"{case.level} {case.label}"[:60])
-        for provider in case.providers:
-            rows.append(run_case(case, provider, device, dtype))
-            bar.update(1)
+        for mode in timing_modes:
+            for provider in case.providers:
+                if budget_s is not None and time.perf_counter() - started > budget_s:
+                    rows.append(_blank_row(case, provider, dtype, mode))
+                    rows[-1].update(status="skipped", error=f"time budget of {budget_s:.0f} s spent")
+                else:
+                    rows.append(run_case(case, provider, device, dtype, mode))
+                bar.update(1)
     bar.close()
     add_derived(rows, copy_gbps)
     return {"meta": meta, "rows": rows}
@@ -186,7 +216,8 @@ def result_stem(meta: Dict) -> str:
     return stem if meta["size"] == "quick" else f"{stem}_{meta['size']}"
 
 
-def write_results(result: Dict, out_dir: Path = RESULTS_DIR) -> List[Path]:
+def write_results(result: Dict, out_dir: Path = RESULTS_DIR, fields: List[str] = ROW_FIELDS) -> List[Path]:
+    """``<stem>.json`` (meta + rows) and ``<stem>.csv`` (one line per row, ``fields`` as columns)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(result["meta"])
@@ -196,8 +227,8 @@ def write_results(result: Dict, out_dir: Path = RESULTS_DIR) -> List[Path]:
         meta = result["meta"]
         handle.write(f"# device={meta['device']}; torch={meta['torch']}; triton={meta['triton']}; "
                      f"commit={meta['git_commit']}; date={meta['date']}; "
-                     f"copy_bandwidth_gbps={meta['copy_bandwidth_gbps']:.1f}\n")
-        writer = csv.DictWriter(handle, fieldnames=ROW_FIELDS)
+                     f"copy_bandwidth_gbps={_fmt(meta['copy_bandwidth_gbps'], '.1f')}\n")
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(result["rows"])
     return [json_path, csv_path]
@@ -224,13 +255,14 @@ def format_table(result: Dict) -> str:
         lines += ["", f"== {level} level ==", header]
         for r in rows:
             if r["status"] != "ok":
-                lines.append(f"{r['case']:<40} {r['provider']:<18} {r['status']}: {r['error']}"[:200])
+                lines.append(f"{r['case']:<40} {r['provider']:<18} {r['timing']:<10} {r['status']}: {r['error']}"[:200])
                 continue
             unit = "img/s" if r["throughput_unit"] == "images/s" else "row/s"
             # "sas x": how many times faster sas ran than this row's provider.
             sas_speedup = r["speedup_vs_sas"] and 1.0 / r["speedup_vs_sas"]
+            provider = r["provider"] if r["timing"] == "eager" else f"{r['provider']} [graph]"
             lines.append(
-                f"{r['case']:<40} {r['provider']:<18} {r['backend'] or '-':<18} {r['median_ms']:>10.3f} "
+                f"{r['case']:<40} {provider:<18} {r['backend'] or '-':<18} {r['median_ms']:>10.3f} "
                 f"{r['p20_ms']:>8.3f}-{r['p80_ms']:<8.3f} {r['throughput']:>9.3g} {unit} "
                 f"{_fmt(r['achieved_gbps'], '8.1f'):>8} {_fmt(r['pct_of_copy_bw'], '6.1f'):>6} "
                 f"{_fmt(r['peak_mem_mib'], '9.1f', 'n/a'):>9} {_fmt(sas_speedup, '6.2f'):>6}")

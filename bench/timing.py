@@ -4,6 +4,10 @@ CUDA times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed before
 every call, warm-up excluded) or, without Triton, from CUDA events around each call.
 CPU times come from ``time.perf_counter`` around each call. Both report the median
 and the 20th/80th percentiles in milliseconds.
+
+Timing modes (:data:`TIMING_MODES`): ``eager`` times the call as written, host work included;
+``cuda-graph`` captures one call into a CUDA graph and times its replays, which is the device time
+alone (no Python, dispatch or launch overhead), CUDA only.
 """
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ from typing import Callable, Optional
 import torch
 
 QUANTILES = (0.5, 0.2, 0.8)
+TIMING_MODES = ("eager", "cuda-graph")
+# Calls run on a side stream before capture: the first ones compile/autotune and set up cuBLAS
+# workspaces and allocator pools, none of which may happen during capture (PyTorch's CUDA-graph recipe).
+GRAPH_WARMUP_CALLS = 3
 
 # Warm-up and measuring budgets. CUDA: do_bench's defaults (25 ms / 100 ms) give
 # hundreds of samples for the microsecond-scale op; CPU calls take milliseconds to
@@ -98,8 +106,29 @@ def time_cuda(fn: Callable[[], object]) -> Timing:
     return _quantiles(samples)
 
 
-def measure(fn: Callable[[], object], device: torch.device) -> Timing:
-    return time_cuda(fn) if torch.device(device).type == "cuda" else time_cpu(fn)
+def time_cuda_graph(fn: Callable[[], object]) -> Timing:
+    """Device time of ``fn`` without its host work: one call captured into a CUDA graph, replays timed
+    like :func:`time_cuda`. ``fn`` may run a backward (``autograd.grad``) inside the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP_CALLS):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_cuda(graph.replay)
+
+
+def measure(fn: Callable[[], object], device: torch.device, mode: str = "eager") -> Timing:
+    """Time ``fn`` on ``device`` in timing ``mode`` (see :data:`TIMING_MODES`)."""
+    cuda = torch.device(device).type == "cuda"
+    if mode == "cuda-graph":
+        if not cuda:
+            raise ValueError("cuda-graph timing needs a CUDA device")
+        return time_cuda_graph(fn)
+    return time_cuda(fn) if cuda else time_cpu(fn)
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
