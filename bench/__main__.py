@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="replace the op/layer row counts, e.g. --rows 6304 (ViT-B/16 at batch 32)")
     parser.add_argument("--shapes", nargs="+", choices=sorted(VIT_SHAPES), default=None, metavar="SHAPE",
                         help="keep only these op/layer shapes, e.g. --shapes 'B 768->768'")
+    parser.add_argument("--batch", nargs="+", type=int, default=None,
+                        help="keep only these model-level batch sizes, e.g. --batch 128")
     parser.add_argument("--timing", nargs="+", choices=TIMING_MODES, default=["eager"],
                         help="op/layer/model timing modes: eager (host work included) and/or cuda-graph "
                              "(replay of a captured call: device time alone; CUDA only)")
@@ -59,7 +61,7 @@ def main(argv=None) -> None:
     else:
         levels = list(LEVELS) if args.level == "all" else [args.level]
         result = run_benchmarks(levels, device, dtype, size, args.providers, args.quiet, args.rows,
-                                args.timing, args.budget_s, args.shapes)
+                                args.timing, args.budget_s, args.shapes, args.batch)
         print(format_table(result))
         paths = write_results(result, args.out)
     for path in paths:

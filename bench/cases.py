@@ -9,6 +9,8 @@ times compare directly. Providers:
 * ``reference-compiled`` - ``torch.compile`` of the reference path (compile time reported apart)
 * ``peft-lora``, ``peft-vera`` - Hugging Face PEFT at the same rank on the same layers (optional)
 * ``frozen``             - the layer or model with no adapter: the floor
+* ``sas-compiled``, ``peft-lora-compiled``, ``frozen-compiled`` - model training step under
+  ``torch.compile`` (opt-in: only when named in ``--providers``)
 """
 from __future__ import annotations
 
@@ -25,10 +27,13 @@ from sas import functional, reference
 from . import bytes_model
 
 OP_PROVIDERS = ("sas", "reference", "reference-compiled")
-# sas-fused: SaSLinear with layer_op="fused" (frozen GEMM and adapter as one op, sas_kernels.fused_linear).
+# sas-fused: SaSLinear with layer_op="fused" (frozen GEMM and adapter as one op, sas.fused_linear).
 LAYER_PROVIDERS = ("sas", "sas-fused", "reference", "reference-compiled", "peft-lora", "peft-vera", "frozen")
-MODEL_PROVIDERS = LAYER_PROVIDERS
-ALL_PROVIDERS = LAYER_PROVIDERS
+# Model level, opt-in (run only when named in --providers): the whole training step of the model
+# under torch.compile for SaS, PEFT LoRA and the frozen floor, the issue's compiled comparison.
+OPT_IN_PROVIDERS = ("sas-compiled", "peft-lora-compiled", "frozen-compiled")
+MODEL_PROVIDERS = LAYER_PROVIDERS + OPT_IN_PROVIDERS
+ALL_PROVIDERS = MODEL_PROVIDERS
 PASSES = ("forward", "backward", "forward+backward")
 MODEL_MODES = ("train", "infer", "infer-merged")
 
@@ -84,7 +89,7 @@ def grid(level: str, device: torch.device, size: str, rows: Optional[List[int]] 
         if level == "layer":
             return _linear_cases("layer", tiny, [16], [4], [p for p in LAYER_PROVIDERS if p != "reference-compiled"])
         return [Case("model", mode, 4, model="test_vit", batch=2, image_size=64,
-                     providers=tuple(p for p in MODEL_PROVIDERS if p != "reference-compiled")) for mode in MODEL_MODES]
+                     providers=tuple(p for p in MODEL_PROVIDERS if not p.endswith("-compiled"))) for mode in MODEL_MODES]
     full = size == "full"
     if level == "op":
         if full:
@@ -109,12 +114,13 @@ def grid(level: str, device: torch.device, size: str, rows: Optional[List[int]] 
         # default CUDA run compiles the training step at batch 32 only.
         return [Case("model", mode, 8, model="vit_base_patch16_224", batch=batch, providers=tuple(
                     p for p in MODEL_PROVIDERS
-                    if p != "reference-compiled" or full or (mode == "train" and batch == batches[0])))
+                    if (p != "reference-compiled" or full or (mode == "train" and batch == batches[0]))
+                    and (p not in OPT_IN_PROVIDERS or mode == "train")))
                 for batch in batches for mode in MODEL_MODES]
     # A 2-core CPU runs a ViT-B training step in seconds; the quick run uses ViT-Ti at batch 2
     # and leaves out torch.compile of the whole model (minutes of compiling on 2 cores).
     return [Case("model", mode, 8, model="vit_tiny_patch16_224", batch=2,
-                 providers=tuple(p for p in MODEL_PROVIDERS if p != "reference-compiled")) for mode in MODEL_MODES]
+                 providers=tuple(p for p in MODEL_PROVIDERS if not p.endswith("-compiled"))) for mode in MODEL_MODES]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -234,8 +240,8 @@ def _backend_name(provider: str, device) -> str:
         return functional.resolve_backend(device)
     if provider == "sas-fused":
         return "fused_linear"
-    if provider == "reference-compiled":
-        return "reference+inductor"
+    if provider.endswith("-compiled"):
+        return _backend_name(provider[:-len("-compiled")], device) + "+inductor"
     if provider.startswith("peft") or provider == "frozen":
         return "torch"
     return "reference"
@@ -294,6 +300,9 @@ def _build_layer(case: Case, provider: str, device, dtype) -> Built:
 def _build_model(case: Case, provider: str, device, dtype) -> Built:
     import timm
 
+    compiled = provider.endswith("-compiled")
+    backend_name = _backend_name(provider, device)
+    provider = provider[:-len("-compiled")] if compiled else provider
     merged = case.pass_name == "infer-merged"
     if merged and provider in ("sas-fused", "reference", "reference-compiled", "frozen"):
         raise NotApplicable("a merged model runs no adapter code: identical to the sas merged row / the frozen row")
@@ -311,8 +320,8 @@ def _build_model(case: Case, provider: str, device, dtype) -> Built:
             sas.merge(model)
         else:
             model.merge_adapter()
-    backend = "reference" if provider.startswith("reference") else None
-    runner = torch.compile(model) if provider == "reference-compiled" else model
+    backend = "reference" if provider == "reference" else None
+    runner = torch.compile(model) if compiled else model
     cuda = torch.device(device).type == "cuda"
     # bf16 autocast on CUDA (the issue's setting); fp32 on CPU.
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and dtype != torch.float32 \
@@ -347,7 +356,7 @@ def _build_model(case: Case, provider: str, device, dtype) -> Built:
         def call():
             with torch.no_grad(), forced_backend(backend), autocast():
                 return runner(images)
-    return Built(call, _backend_name(provider, device), None, case.batch)
+    return Built(call, backend_name, None, case.batch)
 
 
 class NotApplicable(Exception):
@@ -355,7 +364,7 @@ class NotApplicable(Exception):
 
 
 def restrict(cases: List[Case], providers: Optional[List[str]]) -> List[Case]:
-    """Keep only ``providers`` (when given) in every case."""
+    """Keep only ``providers`` (when given) in every case; without, leave out :data:`OPT_IN_PROVIDERS`."""
     if not providers:
-        return cases
+        return [replace(c, providers=tuple(p for p in c.providers if p not in OPT_IN_PROVIDERS)) for c in cases]
     return [replace(c, providers=tuple(p for p in c.providers if p in providers)) for c in cases]

@@ -165,17 +165,19 @@ def collect_meta(device: torch.device, dtype: torch.dtype, size: str, levels: Li
 def run_benchmarks(levels: List[str], device: str, dtype: torch.dtype, size: str = "quick",
                    providers: Optional[List[str]] = None, quiet: bool = False,
                    rows: Optional[List[int]] = None, timing_modes=("eager",),
-                   budget_s: Optional[float] = None, shapes: Optional[List[str]] = None) -> Dict:
+                   budget_s: Optional[float] = None, shapes: Optional[List[str]] = None,
+                   batches: Optional[List[int]] = None) -> Dict:
     """Run every case of ``levels`` in each of ``timing_modes``; return ``{"meta": ..., "rows": [...]}``.
 
     With ``budget_s``, no case starts once that many seconds have passed: its rows are recorded as
     skipped, so a time-boxed run (``make bench-gpu``) still writes every row it measured. ``shapes``
-    keeps only those op/layer shapes (``cases.VIT_SHAPES`` keys)."""
+    keeps only those op/layer shapes (``cases.VIT_SHAPES`` keys), ``batches`` only those model batches."""
     started = time.perf_counter()
     device = torch.device(device)
     all_cases = [c for level in levels
                  for c in cases_module.restrict(cases_module.grid(level, device, size, rows), providers)
-                 if not shapes or c.level == "model" or c.shape in shapes]
+                 if (not shapes or c.level == "model" or c.shape in shapes)
+                 and (not batches or c.level != "model" or c.batch in batches)]
     notes = []
     if device.type == "cpu":
         notes.append("peak memory is n/a on CPU: PyTorch keeps no CPU allocator statistics and peak RSS only grows")
