@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from . import functional
 from .config import VIT_TARGETS, SaSConfig
-from .model import inject
+from .model import inject, plan_injection
 from .testing import CheckReport, OpCase, compare_model, compare_op, randomize_adapter
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,8 +91,64 @@ def environment(device: torch.device) -> dict:
                 triton_interpret=os.environ.get("TRITON_INTERPRET") == "1")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad usage prints one line and exits with status 2 (1 means a check failed)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _check_device(parser: argparse.ArgumentParser, name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        parser.error(f"--device {name!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name!r}: CUDA is not available on this machine")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError for some missing backends
+        parser.error(f"--device {name!r}: cannot allocate on it ({str(exc).splitlines()[0]})")
+
+
+def _check_model(parser: argparse.ArgumentParser, name: str, targets: Optional[str]) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        parser.error(f"--model {name!r}: not a timm model name (see timm.list_models())")
+    try:
+        config = SaSConfig(targets=targets.split(",") if targets else list(VIT_TARGETS), scale=MODEL_SCALE)
+    except ValueError as exc:
+        parser.error(f"--targets {targets!r}: {exc}")
+    try:
+        with torch.device("meta"):  # shapes and names only: no memory, no initialisation
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # a model that cannot be built on meta is checked by the run itself
+        return
+    try:
+        plan_injection(model, config)
+    except ValueError as exc:
+        parser.error(f"--targets: {str(exc).splitlines()[0]}")
+
+
+def _check_json_path(parser: argparse.ArgumentParser, name: str) -> None:
+    path = Path(name)
+    if path.is_dir():
+        parser.error(f"--json {name!r}: is a folder")
+    # Try the write now rather than after the whole run; a file that did not exist is removed again.
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        parser.error(f"--json {name!r}: cannot write it ({exc.strerror or exc})")
+    if not existed:
+        path.unlink()
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sas.check", description=__doc__.split("\n\n")[0],
+    """The arguments, every one checked before any work: bad usage prints one line and exits 2."""
+    parser = _Parser(prog="python -m sas.check", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to check (default: cuda when present, else cpu)")
@@ -121,6 +178,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             parser.error(f"--dtype: unknown {sorted(unknown)}; choose from {','.join(DTYPES)}")
     if args.batch < 1:
         parser.error("--batch must be at least 1")
+    _check_device(parser, args.device)
+    if args.targets is not None and not args.model:
+        parser.error("--targets only applies with --model")
+    if args.model:
+        _check_model(parser, args.model, args.targets)
+    if args.json:
+        _check_json_path(parser, args.json)
     return args
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Union
@@ -12,6 +13,22 @@ VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 SHARING_CHOICES = ("role", "shape", "layer")
 ACTIVATION_CHOICES = ("tanh", "relu", "gelu")
 LAYER_OP_CHOICES = ("adapter", "fused")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    # The type test comes first: an unhashable or non-str value must get the same clear message.
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def parse_json(text: Union[str, bytes], source) -> object:
+    """``json.loads(text)``; malformed or absurdly nested text raises ``ValueError`` naming ``source``."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{source} is not valid JSON: {exc}") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise ValueError(f"{source} is nested too deeply to be a SaS adapter config") from None
 
 
 @dataclass
@@ -56,6 +73,10 @@ class SaSConfig:
         if isinstance(self.targets, str):
             if not self.targets:
                 raise ValueError("targets must not be an empty string")
+            try:
+                re.compile(self.targets)
+            except (re.error, RecursionError, OverflowError) as exc:  # deep nesting overflows the parser
+                raise ValueError(f"targets is not a valid regex ({exc}): {self.targets!r}") from None
         elif isinstance(self.targets, (list, tuple)):
             if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
                 raise ValueError(f"targets must be a regex str or a non-empty list of non-empty str, got {self.targets!r}")
@@ -66,23 +87,28 @@ class SaSConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.hyper_activation not in ACTIVATION_CHOICES:
-            raise ValueError(f"hyper_activation must be one of {ACTIVATION_CHOICES}, got {self.hyper_activation!r}")
+        _check_choice("hyper_activation", self.hyper_activation, ACTIVATION_CHOICES)
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale != self.scale:
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")
         self.scale = float(self.scale)
         if self.scale in (float("inf"), float("-inf")):
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")
-        if self.sharing not in SHARING_CHOICES:
-            raise ValueError(f"sharing must be one of {SHARING_CHOICES}, got {self.sharing!r}")
+        _check_choice("sharing", self.sharing, SHARING_CHOICES)
+        # Only a real bool: a truthy string such as "false" (e.g. from a hand-edited JSON file) must not
+        # silently turn sharing on.
+        if not isinstance(self.share_down_by_input_dim, bool):
+            raise ValueError(f"share_down_by_input_dim must be a bool (true or false), "
+                             f"got {type(self.share_down_by_input_dim).__name__} {self.share_down_by_input_dim!r}")
         if self.sharing == "layer" and self.share_down_by_input_dim:
             raise ValueError("share_down_by_input_dim=True contradicts sharing='layer' (no sharing)")
-        if self.layer_op not in LAYER_OP_CHOICES:
-            raise ValueError(f"layer_op must be one of {LAYER_OP_CHOICES}, got {self.layer_op!r}")
+        _check_choice("layer_op", self.layer_op, LAYER_OP_CHOICES)
         if not isinstance(self.trainable_modules, (list, tuple)) or not all(
                 isinstance(m, str) and m for m in self.trainable_modules):
             raise ValueError(f"trainable_modules must be a list of non-empty str, got {self.trainable_modules!r}")
         self.trainable_modules = list(self.trainable_modules)
+        if self.base_model_name is not None and not isinstance(self.base_model_name, str):
+            raise ValueError(f"base_model_name must be a str or None, "
+                             f"got {type(self.base_model_name).__name__} {self.base_model_name!r}")
 
     # -- presets ---------------------------------------------------------
     @classmethod
@@ -102,6 +128,8 @@ class SaSConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SaSConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a SaSConfig must be given as a JSON object (dict), got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -118,4 +146,4 @@ class SaSConfig:
     def from_json(cls, text_or_path: Union[str, Path]) -> "SaSConfig":
         candidate = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
         text = candidate.read_text() if candidate is not None else str(text_or_path)
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(parse_json(text, candidate or "SaSConfig JSON"))

@@ -124,7 +124,14 @@ class SaSLinear(nn.Module):
         self.up_key = up_key
         self.scale = float(scale)
         self.layer_op = layer_op  # "adapter" or "fused": see SaSConfig.layer_op
-        self.merged = False
+        # Merge state (see merge). The flag is a persistent buffer so it travels with the weights in a
+        # state_dict: loading a merged model's weights into an unmerged one must not add the update twice.
+        # forward() reads the Python mirror, never the device tensor (no host sync per call).
+        self.register_buffer("sas_merged", torch.zeros((), dtype=torch.bool, device=base_layer.weight.device))
+        self._merged = False
+        self._merge_record: Optional[tuple] = None  # (weight, its version after merge, its copy before merge)
+        self.register_load_state_dict_pre_hook(_merged_flag_follows_weight)
+        self.register_load_state_dict_post_hook(_sync_merged_flag)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 8, scale: float = 1.0, embed_dim: int = 8,
@@ -170,6 +177,15 @@ class SaSLinear(nn.Module):
         A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, base.dtype)
         return functional.sas_adapter(x.to(base.dtype), base, A, B, h, self.scale)
 
+    @property
+    def merged(self) -> bool:
+        """Whether the update is folded into ``base_layer.weight`` (saved as the ``sas_merged`` buffer)."""
+        return self._merged
+
+    def _set_merged(self, merged: bool) -> None:
+        self._merged = merged
+        self.sas_merged.fill_(merged)
+
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``s * B @ diag(h_l) @ A`` in float32, the update folded in by :meth:`merge`."""
@@ -178,7 +194,11 @@ class SaSLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into ``base_layer.weight``; refuses a non-finite update."""
+        """Fold the update into ``base_layer.weight``; refuses a non-finite update.
+
+        Keeps a copy of the weight as it was (one more weight of memory while merged), so that
+        :meth:`unmerge` restores it bit for bit even if the adapter changes while merged.
+        """
         if self.merged:
             warnings.warn("SaSLinear is already merged; merge() did nothing", UserWarning, stacklevel=2)
             return
@@ -186,24 +206,61 @@ class SaSLinear(nn.Module):
         if not torch.isfinite(delta).all():
             raise ValueError("refusing to merge: the SaS update contains NaN or Inf")
         weight = self.base_layer.weight
+        before = weight.detach().clone()
         weight.copy_((weight.float() + delta).to(weight.dtype))
-        self.merged = True
+        self._merge_record = (weight, weight._version, before)
+        self._set_merged(True)
+
+    def unmerge_refusal(self) -> Optional[str]:
+        """Why :meth:`unmerge` would refuse (``None`` when it would not)."""
+        weight, version, _ = self._merge_record or (None, None, None)
+        # Any write since merge (load_state_dict, an optimizer step, copy_) bumps the version counter, and
+        # restoring the copy would undo it; .to(dtype/device) keeps the Parameter and its version.
+        if weight is not self.base_layer.weight or version != weight._version:
+            return ("its weight before merge is not known: the merged weight was loaded (e.g. from a merged "
+                    "model's state_dict) or written since merge; load the base weights and the adapter instead")
+        if not torch.isfinite(self.delta_weight()).all():
+            return "the SaS update contains NaN or Inf"
+        return None
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the update again (A, B and h must not have changed since :meth:`merge`)."""
+        """Restore ``base_layer.weight`` exactly as it was before :meth:`merge`.
+
+        The update is not subtracted (that drifts by rounding, and by every adapter change made while
+        merged): the copy taken by :meth:`merge` is put back. Refuses (``ValueError``, nothing changed)
+        when that copy no longer describes the weight, or when the current update is non-finite.
+        """
         if not self.merged:
             warnings.warn("SaSLinear is not merged; unmerge() did nothing", UserWarning, stacklevel=2)
             return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
-        self.merged = False
+        reason = self.unmerge_refusal()
+        if reason is not None:
+            raise ValueError(f"refusing to unmerge: {reason}")
+        weight, _, before = self._merge_record
+        weight.copy_(before)
+        self._merge_record = None
+        self._set_merged(False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.A.shape[0]}, "
                 f"layer={self.layer_index}, down={self.down_key!r}, up={self.up_key!r}, scale={self.scale}, "
                 f"op={self.layer_op}, "
                 f"merged={self.merged}")
+
+
+def _merged_flag_follows_weight(layer: SaSLinear, state_dict, prefix, *_unused) -> None:
+    """Load-state pre-hook: a state without ``sas_merged`` (saved before the flag existed, or partial)."""
+    key = prefix + "sas_merged"
+    if key not in state_dict:
+        # With the base weight in it, the state is an unmerged one from before the flag; without it, the
+        # weight stays as it is and so does the flag.
+        carries_weight = prefix + "base_layer.weight" in state_dict
+        state_dict[key] = torch.zeros((), dtype=torch.bool) if carries_weight else layer.sas_merged.clone()
+
+
+def _sync_merged_flag(layer: SaSLinear, _incompatible_keys) -> None:
+    layer._merged = bool(layer.sas_merged)
 
 
 def adapted_layers(model: nn.Module) -> List[SaSLinear]:

@@ -1,7 +1,10 @@
 """Whole-model operations: inject SaS into any ``nn.Module``, merge/unmerge, count parameters."""
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
@@ -24,6 +27,36 @@ class LayerPlan:
     out_features: int
     down_key: str
     up_key: str
+    aliases: Tuple[str, ...] = ()  # other names the same nn.Linear instance is reachable under
+
+
+# Parents that read a child Linear's weight themselves instead of calling the child, so a SaSLinear
+# there would be skipped or crash the forward: nn.MultiheadAttention always uses out_proj.weight, and
+# nn.TransformerEncoderLayer's inference fast path passes linear1/linear2 weights to one fused kernel.
+READS_CHILD_WEIGHT = {nn.MultiheadAttention: ("out_proj",), nn.TransformerEncoderLayer: ("linear1", "linear2")}
+
+# Python's re backtracks, so a pattern such as "(.*.*.*.*)*Z" (e.g. from an untrusted adapter_config.json)
+# can run for ever. Regex targets are therefore matched in a child interpreter that is killed after this
+# many seconds; module names are few and short, so a sane pattern takes milliseconds (the child's start,
+# about 50 ms, dominates) and any pattern gives an answer or an error in bounded time.
+REGEX_TIME_LIMIT_S = 5.0
+_FULLMATCH_SCRIPT = ("import json, re, sys; request = json.load(sys.stdin); "
+                     "json.dump([re.fullmatch(request['pattern'], n) is not None for n in request['names']], sys.stdout)")
+
+
+def regex_fullmatches(pattern: str, names: List[str]) -> List[bool]:
+    """``[re.fullmatch(pattern, n) is not None for n in names]`` within :data:`REGEX_TIME_LIMIT_S`."""
+    request = json.dumps({"pattern": pattern, "names": names})
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _FULLMATCH_SCRIPT], input=request,
+                              capture_output=True, text=True, timeout=REGEX_TIME_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"targets regex {pattern!r} did not finish matching {len(names)} module names within "
+                         f"{REGEX_TIME_LIMIT_S:g} s (catastrophic backtracking); use a simpler regex or a list "
+                         f"of names") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"matching targets regex {pattern!r} failed in {sys.executable}: {done.stderr.strip()}")
+    return json.loads(done.stdout)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -42,21 +75,59 @@ def _key(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", text.replace("*", "N"))
 
 
-def _is_target(name: str, config: SaSConfig) -> bool:
+def _linears(model: nn.Module) -> List[Tuple[nn.Linear, List[str]]]:
+    """Every not yet adapted ``nn.Linear`` below ``model`` with every name it is reachable under."""
+    names: Dict[int, Tuple[nn.Linear, List[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and isinstance(module, nn.Linear):
+            names.setdefault(id(module), (module, []))[1].append(name)
+    return list(names.values())
+
+
+def _chosen(linears: List[Tuple[nn.Linear, List[str]]], config: SaSConfig) -> List[Tuple[nn.Linear, List[str], str]]:
+    """``(module, names, the first name that matched)`` of every targeted Linear."""
+    every_name = [n for _, names in linears for n in names]
+    listing = ", ".join(every_name) or "(none)"
     if isinstance(config.targets, str):
-        return re.fullmatch(config.targets, name) is not None
-    return any(_matches(name, t) for t in config.targets)
+        hits = {n for n, hit in zip(every_name, regex_fullmatches(config.targets, every_name)) if hit}
+        if not hits:
+            raise ValueError(f"targets {config.targets!r} match no nn.Linear in the model; "
+                             f"its Linear layers are: {listing}")
+    else:
+        for target in config.targets:
+            if not any(_matches(n, target) for n in every_name):
+                raise ValueError(f"targets entry {target!r} matches no nn.Linear in the model; "
+                                 f"its Linear layers are: {listing}")
+        hits = {n for n in every_name if any(_matches(n, t) for t in config.targets)}
+    return [(module, names, next(n for n in names if n in hits))
+            for module, names in linears if any(n in hits for n in names)]
+
+
+def _refuse_weight_readers(model: nn.Module, chosen) -> None:
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for _, names, _ in chosen:
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else model
+            for kind, children in READS_CHILD_WEIGHT.items():
+                if isinstance(parent, kind) and child in children:
+                    raise ValueError(f"cannot adapt {name!r}: its parent {type(parent).__name__} reads "
+                                     f"{child}.weight itself instead of calling {child!r}, so the adapter would "
+                                     f"be bypassed or the forward would fail; leave it out of targets")
 
 
 def plan_injection(model: nn.Module, config: SaSConfig) -> List[LayerPlan]:
-    """Which Linear layers ``config`` adapts in ``model`` and their shared keys; changes nothing."""
+    """Which Linear layers ``config`` adapts in ``model`` and their shared keys; changes nothing.
+
+    A Linear instance reachable under several names is adapted once, under all of them (one layer,
+    one embedding), if any of its names is targeted.
+    """
     if find_shared(model) is not None:
         raise ValueError("model already has SaS injected; inject into a fresh base model")
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, SaSLinear)]
-    chosen = [(n, m) for n, m in linears if _is_target(n, config)]
-    if not chosen:
-        names = ", ".join(n for n, _ in linears) or "(none)"
-        raise ValueError(f"targets {config.targets!r} match no nn.Linear in the model; its Linear layers are: {names}")
+    matched = _chosen(_linears(model), config)
+    _refuse_weight_readers(model, matched)
+    chosen = [(name, module) for module, _, name in matched]
+    aliases = {name: tuple(n for n in names if n != name) for _, names, name in matched}
     group_of = {}
     for name, module in chosen:
         shape = (module.in_features, module.out_features)
@@ -77,7 +148,7 @@ def plan_injection(model: nn.Module, config: SaSConfig) -> List[LayerPlan]:
         if len(shapes_per_group[group]) > 1:
             group = f"{group}_{shape[0]}x{shape[1]}"
         down = f"in{shape[0]}" if config.share_down_by_input_dim else group
-        plans.append(LayerPlan(name, shape[0], shape[1], down, group))
+        plans.append(LayerPlan(name, shape[0], shape[1], down, group, aliases[name]))
     return plans
 
 
@@ -114,16 +185,16 @@ def inject(model: nn.Module, config: SaSConfig) -> nn.Module:
     """
     plans = plan_injection(model, config)
     trainable = _trainable_modules(model, config)  # checked before the model changes
-    reference_weight = dict(model.named_modules())[plans[0].name].weight
+    modules = dict(model.named_modules(remove_duplicate=False))
+    reference_weight = modules[plans[0].name].weight
     shared = build_shared(plans, config, reference_weight.device, reference_weight.dtype)
     model.requires_grad_(False)
-    modules = dict(model.named_modules())
     for index, plan in enumerate(plans):
-        parent_name, _, child_name = plan.name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
         layer = SaSLinear(modules[plan.name], shared, index, plan.down_key, plan.up_key, config.scale,
                           layer_op=config.layer_op)
-        setattr(parent, child_name, layer)
+        for name in (plan.name,) + plan.aliases:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child_name, layer)
     model.add_module(SHARED_ATTRIBUTE, shared)
     model.register_forward_pre_hook(shared.begin_forward)
     model.register_forward_hook(shared.end_forward, always_call=True)
@@ -141,17 +212,56 @@ def _require_adapted(model: nn.Module) -> List[SaSLinear]:
     return layers
 
 
+def _refuse_tied_weights(model: nn.Module, layers: List[SaSLinear]) -> None:
+    """Raise if a layer's frozen weight shares memory with any other tensor of the model.
+
+    Merging writes into the weight in place, so a tied user (an embedding tied to an output head, or
+    another adapted layer) would silently change too.
+    """
+    owners: Dict[tuple, Dict[tuple, str]] = {}  # storage -> {(module id, attribute): a name}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for attribute, tensor in tensors:
+            if tensor.numel() and tensor.device.type != "meta":
+                storage = (tensor.device, tensor.untyped_storage().data_ptr())
+                name = f"{module_name}.{attribute}" if module_name else attribute
+                owners.setdefault(storage, {}).setdefault((id(module), attribute), name)
+    for layer in layers:
+        weight = layer.base_layer.weight
+        if not weight.numel() or weight.device.type == "meta":
+            continue
+        users = owners.get((weight.device, weight.untyped_storage().data_ptr()), {})
+        own = users.get((id(layer.base_layer), "weight"), "base_layer.weight")
+        others = sorted(name for key, name in users.items() if key != (id(layer.base_layer), "weight"))
+        if others:
+            raise ValueError(f"refusing to merge: the frozen weight {own!r} shares its memory with {others} "
+                             f"(tied weights), which merging would change too; untie them first (e.g. give "
+                             f"the layer its own copy: nn.Parameter(weight.detach().clone())) or keep the "
+                             f"model unmerged")
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every layer's ``s * B diag(h_l) A`` into its frozen weight (zero-overhead inference).
 
-    All updates are computed and checked before any weight changes, so a
-    non-finite update leaves the model untouched. Merging twice warns and does nothing.
+    All updates are computed and checked before any weight changes, so a non-finite update or a tied
+    weight (see below) leaves the model untouched. Merging twice warns and does nothing.
+
+    - Each layer keeps a copy of its weight as it was, so :func:`unmerge` restores the frozen weights
+      bit for bit, also after the adapter changed while merged. The copies cost one more copy of
+      every adapted weight until unmerge.
+    - A frozen weight that shares memory with another tensor (tied weights) is refused: merging
+      would change the other user too.
+    - The merged state is saved with the weights: every ``SaSLinear`` has a boolean buffer
+      ``sas_merged`` in the ``state_dict``. Loading a merged model's ``state_dict`` into an injected
+      model marks its layers merged, so the update is not applied twice; such a model cannot be
+      unmerged (its pre-merge weights are not in the state), it serves merged inference.
     """
     layers = _require_adapted(model)
     pending = [layer for layer in layers if not layer.merged]
     if not pending:
         warnings.warn("model is already merged; merge() did nothing", UserWarning, stacklevel=2)
         return model
+    _refuse_tied_weights(model, pending)
     with torch.no_grad():
         for layer in pending:
             if not torch.isfinite(layer.delta_weight()).all():
@@ -163,10 +273,20 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`: subtract every folded update again."""
-    for layer in _require_adapted(model):
-        if layer.merged:
-            layer.unmerge()
+    """Undo :func:`merge`: put every frozen weight back exactly as it was before merging.
+
+    Every layer is checked before any changes; a refusal (``ValueError``) leaves the whole model
+    merged: when the current update is non-finite, or when a weight was loaded or written since
+    merge, so that what merge remembered no longer describes it.
+    """
+    layers = [layer for layer in _require_adapted(model) if layer.merged]
+    for layer in layers:
+        reason = layer.unmerge_refusal()
+        if reason is not None:
+            raise ValueError(f"refusing to unmerge layer {layer.layer_index} ({layer.down_key}/{layer.up_key}): "
+                             f"{reason}")
+    for layer in layers:
+        layer.unmerge()
     return model
 
 
