@@ -115,7 +115,7 @@ def grid(level: str, device: torch.device, size: str, rows: Optional[List[int]] 
         return [Case("model", mode, 8, model="vit_base_patch16_224", batch=batch, providers=tuple(
                     p for p in MODEL_PROVIDERS
                     if (p != "reference-compiled" or full or (mode == "train" and batch == batches[0]))
-                    and (p not in OPT_IN_PROVIDERS or mode == "train")))
+                    and (p not in OPT_IN_PROVIDERS or full or mode == "train")))
                 for batch in batches for mode in MODEL_MODES]
     # A 2-core CPU runs a ViT-B training step in seconds; the quick run uses ViT-Ti at batch 2
     # and leaves out torch.compile of the whole model (minutes of compiling on 2 cores).
