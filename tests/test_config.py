@@ -36,6 +36,15 @@ def test_json_round_trip(tmp_path):
     (dict(sharing="layer", share_down_by_input_dim=True), "contradicts sharing='layer'"),
     (dict(layer_op="gemm"), "layer_op must be one of"),
     (dict(trainable_modules="head"), "trainable_modules must be a list of non-empty str"),
+    # Types are checked, not coerced: the string "false" is truthy and used to turn sharing on.
+    (dict(share_down_by_input_dim="false"), "share_down_by_input_dim must be a bool (true or false), got str 'false'"),
+    (dict(share_down_by_input_dim=0), "share_down_by_input_dim must be a bool (true or false), got int 0"),
+    (dict(hyper_activation=["tanh"]), "hyper_activation must be one of"),
+    (dict(sharing=None), "sharing must be one of"),
+    (dict(layer_op=1), "layer_op must be one of"),
+    (dict(base_model_name=3), "base_model_name must be a str or None, got int 3"),
+    (dict(targets=r"blocks\.(\d+\.attn"), "targets is not a valid regex"),
+    (dict(targets="*qkv"), "targets is not a valid regex"),
 ])
 def test_bad_values_rejected_with_exact_message(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
@@ -45,3 +54,15 @@ def test_bad_values_rejected_with_exact_message(kwargs, message):
 def test_unknown_json_field_rejected():
     with pytest.raises(ValueError, match=r"unknown SaSConfig fields \['rnak'\]"):
         SaSConfig.from_dict({"rnak": 4})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "a SaSConfig must be given as a JSON object"),
+    ('{"rank": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"rank": 4', "is not valid JSON"),
+])
+def test_bad_json_file_is_a_value_error(text, message, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        SaSConfig.from_json(path)
