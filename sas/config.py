@@ -63,7 +63,7 @@ class SaSConfig:
         default="adapter",
         metadata={"help": "How an adapted layer computes: 'adapter' (the frozen nn.Linear, then the SaS op on the "
                           "Triton/C++/reference backend) or 'fused' (frozen GEMM and adapter as one op, "
-                          "sas_kernels.fused_linear, design picked per shape; measured on CPU only so far)."})
+                          "sas.fused_linear, design picked per shape; measured on CPU only so far)."})
     base_model_name: Optional[str] = field(
         default=None, metadata={"help": "Architecture the adapter was made for; checked on load when set."})
 

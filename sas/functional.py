@@ -50,7 +50,7 @@ def _cpp_supports(device: torch.device) -> bool:
 
 
 BACKENDS: Dict[str, Backend] = {
-    "triton": Backend("triton", "sas_kernels", "sas_adapter_triton", _triton_supports),
+    "triton": Backend("triton", "sas._triton", "sas_adapter_triton", _triton_supports),
     "cpp": Backend("cpp", "sas._cpp", "sas_adapter_cpp", _cpp_supports),
 }
 

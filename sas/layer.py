@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Optional
+import weakref
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from . import functional
+from . import functional, fused_linear, linear_op, reference
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -54,8 +55,14 @@ class SaSShared(nn.Module):
         self.embeddings = nn.Parameter(torch.randn(num_layers, embed_dim))
         self.hyper = HyperNetwork(embed_dim, hyper_hidden, rank, hyper_activation)
 
-        # Per-forward cache (see begin_forward); None outside a model forward.
-        self._forward_cache: Optional[Dict[torch.dtype, dict]] = None
+        # Per-dtype cache of h (and of A/B cast to another dtype): see layer_tensors.
+        self._cache: Dict[tuple, _CacheEntry] = {}
+
+    def __getstate__(self):
+        # Cached tensors carry autograd graphs, which copy.deepcopy and pickle refuse; they are rebuilt on use.
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
 
     def forward(self, inputs):
         """Pass ``inputs`` through unchanged.
@@ -70,33 +77,94 @@ class SaSShared(nn.Module):
         return self.hyper(self.embeddings[layer_index])
 
     def modulations(self) -> torch.Tensor:
-        """``h`` of every layer at once, (num_layers, r)."""
+        """``h`` of every layer at once, (num_layers, r), under plain autograd."""
         return self.hyper(self.embeddings)
 
-    # A model forward would otherwise run the hypernetwork and cast A/B once per layer: on ViT-B
-    # that is 48 tiny MLPs plus about 150 casts, each a separate kernel launch in forward and
-    # backward. Between begin_forward and end_forward (installed as hooks on the model by
-    # sas.inject) they are computed once per forward and dtype and shared by every layer.
-    def begin_forward(self, *_unused) -> None:
-        self._forward_cache = {}
+    def modulation_sources(self) -> Tuple[torch.Tensor, ...]:
+        """Every tensor :meth:`modulations` reads: the cache is valid while none of them changed."""
+        hyper = self.hyper
+        return (self.embeddings, hyper.hidden.weight, hyper.hidden.bias, hyper.output.weight, hyper.output.bias)
 
-    def end_forward(self, *_unused) -> None:
-        self._forward_cache = None
-
+    # Running the hypernetwork and casting A/B once per layer would cost, on ViT-B, 48 tiny MLPs plus
+    # about 150 casts per forward, each a separate kernel launch in forward and backward. Instead h of
+    # every layer (one node, _ModulationTable) and the casts are computed once per forward and shared:
+    # an entry is recomputed when a layer that already took from it asks again (a new forward, or a
+    # checkpointed segment's recomputation) or when a tensor it was computed from changed (version
+    # counters: an optimizer step, load_state_dict). No hooks on the user's model are needed, and
+    # gradient checkpointing stays exact: entries are kept apart by grad mode, so a segment's no-grad
+    # first pass never hands a detached h to layers that need gradients, and the node saves no tensors
+    # through save_for_backward, so a non-reentrant recomputation sees the forward's saved tensors.
     def layer_tensors(self, layer_index: int, down_key: str, up_key: str, dtype: torch.dtype):
-        """``(A, B, h_l)`` of one layer in ``dtype``, from the per-forward cache when one is open."""
-        cache = self._forward_cache
-        if cache is None:
-            return (self.down[down_key].to(dtype), self.up[up_key].to(dtype),
-                    self.modulation(layer_index).to(dtype))
-        entry = cache.get(dtype)
-        if entry is None:
-            entry = cache[dtype] = {
-                "down": {k: v.to(dtype) for k, v in self.down.items()},
-                "up": {k: v.to(dtype) for k, v in self.up.items()},
-                "h": self.modulations().to(dtype).unbind(0),
-            }
-        return entry["down"][down_key], entry["up"][up_key], entry["h"][layer_index]
+        """``(A, B, h_l)`` of one layer in ``dtype``."""
+        if torch.compiler.is_compiling():  # traced once; the compiler deduplicates and fuses
+            return (self.down[down_key].to(dtype), self.up[up_key].to(dtype), self.modulation(layer_index).to(dtype))
+        entry = self._entry(dtype, layer_index)
+        A, B = self.down[down_key], self.up[up_key]
+        if A.dtype != dtype:
+            A, B = entry.cast(A), entry.cast(B)
+        return A, B, entry.modulations[layer_index]
+
+    def _entry(self, dtype: torch.dtype, layer_index: int) -> "_CacheEntry":
+        sources = self.modulation_sources()
+        stamp = tuple((id(t), t._version) for t in sources)
+        key = (dtype, sources[0].device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        entry = self._cache.get(key)
+        # A layer asking twice means a new forward began (or a checkpointed segment is recomputed):
+        # recomputing then also catches writes that bypass version counters (``.data``, gradcheck).
+        if entry is None or entry.stamp != stamp or layer_index in entry.served:
+            self._cache[key] = entry = _CacheEntry(stamp, self._modulation_table(sources, dtype), dtype)
+        entry.served.add(layer_index)
+        return entry
+
+    def _modulation_table(self, sources, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+        owner = weakref.ref(self)  # the cached graph must not keep the owner alive
+
+        def compute():
+            return owner().modulations().to(dtype)
+
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return _ModulationTable.apply(compute, *sources).unbind(0)
+        return compute().unbind(0)
+
+
+class _CacheEntry:
+    """h of every layer in one dtype, and A/B cast to it, valid while ``stamp`` matches."""
+
+    def __init__(self, stamp: tuple, modulations: Tuple[torch.Tensor, ...], dtype: torch.dtype):
+        self.stamp, self.modulations, self.dtype = stamp, modulations, dtype
+        self.served: set = set()  # layers that took their h from this entry
+        self._casts: Dict[int, Tuple[int, torch.Tensor, torch.Tensor]] = {}  # id -> (version, source, cast)
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        """``t.to(dtype)``, reused while ``t`` is unchanged (same object, same version)."""
+        hit = self._casts.get(id(t))
+        if hit is None or hit[0] != t._version or hit[1] is not t:
+            hit = self._casts[id(t)] = (t._version, t, t.to(self.dtype))
+        return hit[2]
+
+
+class _ModulationTable(torch.autograd.Function):
+    """``compute()`` (h of every layer) as one autograd node whose backward recomputes it under autograd.
+
+    The node keeps only references to its source tensors (parameters) on ``ctx``, never through
+    ``save_for_backward``: checkpointing packs saved tensors of a segment and compares them with its
+    recomputation, and a table computed in one pass but cached for the next must not take part in
+    that. Having no saved tensors also lets two backward passes (reentrant checkpointing's inner one,
+    then the outer one) run through the same node. Backward recomputes the tiny MLP (a few ops, once
+    per model backward) and differentiates it, with ``create_graph`` when the caller asked for it,
+    so double backward is exact too.
+    """
+
+    @staticmethod
+    def forward(ctx, compute, *sources):
+        ctx.compute, ctx.sources = compute, sources
+        return compute()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = reference.regrad(lambda *_: ctx.compute(), ctx.sources, ctx.needs_input_grad[1:], grad,
+                                 create_graph=torch.is_grad_enabled())
+        return (None, *grads)
 
 
 class SaSLinear(nn.Module):
@@ -124,6 +192,7 @@ class SaSLinear(nn.Module):
         self.up_key = up_key
         self.scale = float(scale)
         self.layer_op = layer_op  # "adapter" or "fused": see SaSConfig.layer_op
+        self._validated: Optional[tuple] = None  # the last input signature forward() fully validated
         # Merge state (see merge). The flag is a persistent buffer so it travels with the weights in a
         # state_dict: loading a merged model's weights into an unmerged one must not add the update twice.
         # forward() reads the Python mirror, never the device tensor (no host sync per call).
@@ -163,19 +232,26 @@ class SaSLinear(nn.Module):
         return self.shared.modulation(self.layer_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layer_op == "fused" and not self.merged:
-            # Imported on use: it loads Triton, which CPU-only use of sas does not otherwise need.
-            from sas_kernels import fused_linear
-            weight = self.base_layer.weight
-            A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key,
-                                                fused_linear.compute_dtype(x, weight))
-            return fused_linear.sas_linear(x, weight, self.base_layer.bias, A, B, h, self.scale)
-        base = self.base_layer(x)
         if self.merged:
-            return base
-        # The adapter runs in the dtype the frozen layer produced (e.g. bf16 under autocast).
-        A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, base.dtype)
-        return functional.sas_adapter(x.to(base.dtype), base, A, B, h, self.scale)
+            return self.base_layer(x)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if self.layer_op == "fused":
+            A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key,
+                                                linear_op.compute_dtype(x, weight))
+            return fused_linear.sas_linear(x, weight, bias, A, B, h, self.scale)
+        if torch.compiler.is_compiling():
+            # The compiler traces the op-level path: its torch.library ops are what it knows how to trace.
+            base = self.base_layer(x)
+            A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, base.dtype)
+            return functional.sas_adapter(x.to(base.dtype), base, A, B, h, self.scale)
+        dtype = linear_op.compute_dtype(x, weight)
+        A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, dtype)
+        signature = (x.dtype, x.device, x.dim(), x.shape[-1], dtype)
+        if signature != self._validated:  # full checks once per input signature, then none
+            functional.validate(x.to(dtype), weight.new_empty(()).to(dtype).expand(*x.shape[:-1], self.out_features),
+                                A, B, h, self.scale)
+            self._validated = signature
+        return linear_op.adapted_linear(x, weight, bias, A, B, h, self.scale)
 
     @property
     def merged(self) -> bool:

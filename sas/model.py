@@ -196,8 +196,6 @@ def inject(model: nn.Module, config: SaSConfig) -> nn.Module:
             parent_name, _, child_name = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child_name, layer)
     model.add_module(SHARED_ATTRIBUTE, shared)
-    model.register_forward_pre_hook(shared.begin_forward)
-    model.register_forward_hook(shared.end_forward, always_call=True)
     shared.config = config
     shared.layer_names = [p.name for p in plans]
     for module in trainable:

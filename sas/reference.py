@@ -51,3 +51,18 @@ def sas_adapter(
     u = x2 @ A.to(compute_dtype).t()
     y = base2 + scale * ((u * modulation) @ B.to(compute_dtype).t())
     return y.to(out_dtype).reshape(base.shape)
+
+
+def regrad(fn, inputs, needs, grad_output, create_graph: bool = True):
+    """Gradients of ``fn(*inputs)`` for ``grad_output`` with respect to the inputs flagged in ``needs``
+    (``None`` for the others), computed under autograd.
+
+    Kernels' autograd Functions call it from ``backward`` when a double backward asked for a graph
+    (``create_graph=True``): their hand-written backward has none, so they recompute with the
+    reference ops instead, which makes second-order gradients the reference's exactly.
+    """
+    with torch.enable_grad():
+        out = fn(*inputs)
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=create_graph) if wanted else ())
+    return [next(grads) if need else None for need in needs]

@@ -24,7 +24,8 @@ dtype on the reference backend, which computes the adapter itself in float32 for
 bound is slightly tighter than the model's pure low-precision error.
 
 Which implementation really ran is observed, not assumed: while a backend is checked its op is
-wrapped, and each call's autograd graph (the part the op itself built) is inspected. A custom autograd
+wrapped, and each call's autograd graph (the part the op itself built) is inspected; a layer's
+whole-layer op (:mod:`sas.linear_op`) counts as the backend's when its kernel launcher is reached. A custom autograd
 node (an ``autograd.Function``, a ``torch.library`` op with registered autograd, a C++ node) shows a
 kernel ran; a graph equal to the reference op's shows a silent fallback, which is reported as
 ``fallback`` and never counted as a pass.
@@ -42,7 +43,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import functional, reference
+from . import functional, linear_op, reference
 from .layer import SaSLinear, adapted_layers, find_shared
 
 #: A backend may be this many times less accurate than PyTorch's own computation (DESIGN.md section 4).
@@ -290,6 +291,7 @@ def observe_backend(name: str, current_layer: Optional[List[Optional[str]]] = No
         yield calls
         return
     op = functional._load(name)
+    layer_kernels = linear_op.KERNELS[name]
 
     def observed(x, base, A, B, h, scale, task_ids):
         y = op(x, base, A, B, h, scale, task_ids)
@@ -297,11 +299,18 @@ def observe_backend(name: str, current_layer: Optional[List[Optional[str]]] = No
         calls.append(_Call(layer, classify_call(y, x, base, A, B, h, scale, task_ids)))
         return y
 
+    def observed_layer_forward(*args):
+        # SaSLinear's whole-layer op (sas.linear_op) reached this backend's kernel launcher.
+        calls.append(_Call(current_layer[0] if current_layer else None, "kernel"))
+        return layer_kernels.forward(*args)
+
     functional._loaded[name] = observed
+    linear_op.KERNELS[name] = layer_kernels._replace(forward=observed_layer_forward)
     try:
         yield calls
     finally:
         functional._loaded[name] = op
+        linear_op.KERNELS[name] = layer_kernels
 
 
 def describe_ran(backend: str, calls: Sequence[_Call]) -> Tuple[str, bool]:

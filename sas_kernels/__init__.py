@@ -1,4 +1,8 @@
-"""Triton kernels for the SaS adapter op (forward and backward), their launchers and autograd Functions."""
-from .sas_adapter import sas_adapter_triton, sas_backward, sas_forward
+"""Triton kernels for the SaS adapter op (forward and backward) and their host launchers.
 
-__all__ = ["sas_adapter_triton", "sas_forward", "sas_backward"]
+Nothing here imports ``sas``: the autograd glue that uses these launchers lives with the API
+(``sas/_triton.py`` for the op, ``sas/linear_op.py`` for the whole adapted layer).
+"""
+from .sas_adapter import MAX_RANK, as_rows, sas_backward, sas_forward
+
+__all__ = ["MAX_RANK", "as_rows", "sas_forward", "sas_backward"]

@@ -22,10 +22,13 @@ from . import sas_adapter as kernels
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # fp32 and one half type: fp16 and bf16 compile to the same tile shapes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-AUTOTUNED_KERNELS = ("_sas_forward_kernel", "_sas_backward_rows_kernel", "_sas_backward_da_kernel",
-                     "_sas_backward_db_kernel")
+AUTOTUNED_KERNELS = ("_sas_forward_kernel", "_sas_backward_rows_kernel", "_sas_backward_weights_kernel")
+# Boolean constexprs some kernels take besides HAS_TASKS, set to their most demanding branch (every
+# optional load and store on; the weights kernel's multi-split reduction with its atomics).
+FEATURE_FLAGS = {"SAVE_U": True, "ACCUMULATE_DX": True, "ONE_SPLIT": False}
 # Side tensors the host launchers always allocate in fp32 or int64, whatever the input dtype.
 FP32_POINTERS = {"u_ptr", "gb_ptr", "partial_ptr"}
+INT32_POINTERS = {"counter_ptr"}
 
 
 def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
@@ -35,6 +38,8 @@ def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
             signature[name] = "constexpr"
         elif name == "task_ptr":
             signature[name] = "*i64"
+        elif name in INT32_POINTERS:
+            signature[name] = "*i32"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype_name}"
         elif name == "scale":
@@ -56,13 +61,9 @@ def _jobs():
             autotuner = getattr(kernels, name)
             for config in kernels.fitting_configs(autotuner.configs, r_pad, element_size):
                 constexprs = dict(common, DOT_PRECISION=kernels.FP32_DOT_PRECISION, **config.kwargs)
-                if "SAVE_U" in inspect.signature(autotuner.fn.fn).parameters:
-                    constexprs["SAVE_U"] = True
+                parameters = inspect.signature(autotuner.fn.fn).parameters
+                constexprs.update({flag: on for flag, on in FEATURE_FLAGS.items() if flag in parameters})
                 yield name, autotuner.fn, dtype_name, constexprs, config.num_warps, config.num_stages
-    # dh reads only fp32 tensors and has one fixed config; the largest rank is its worst case.
-    constexprs = {"R_PAD": kernels.MAX_RANK, "HAS_TASKS": True, "BLOCK_M": kernels.DH_BLOCK_M,
-                  "BLOCK_T": kernels.DH_BLOCK_T}
-    yield "_sas_backward_dh_kernel", kernels._sas_backward_dh_kernel, "fp32", constexprs, 4, 1
 
 
 def compile_all(arch: int):

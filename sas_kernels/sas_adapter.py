@@ -1,22 +1,24 @@
 """Fused Triton kernels for the SaS adapter op ``y = base + s * ((x @ A.T) * h) @ B.T``.
 
-Anatomy (Liger-style): constants, ``_sas_forward_kernel`` and the ``_sas_backward_*_kernel``
-family, host launchers :func:`sas_forward` / :func:`sas_backward` (flatten to 2-D rows through
-strides, allocate, launch), ``torch.library`` ops ``sas::adapter_fwd`` / ``sas::adapter_bwd``
-(``triton_op`` + ``wrap_triton``, so ``torch.compile(fullgraph=True)`` traces through them and
-CUDA graphs can capture them: no host syncs), and a thin ``autograd.Function``.
+Anatomy (Liger-style): constants, ``_sas_forward_kernel``, ``_sas_backward_rows_kernel`` and
+``_sas_backward_weights_kernel``, host launchers :func:`sas_forward` / :func:`sas_backward` (flatten
+to 2-D rows through strides, allocate, launch), and the ``torch.library`` ops ``sas::adapter_fwd`` /
+``sas::adapter_bwd`` (``triton_op`` + ``wrap_triton``) that torch.compile traces and CUDA graphs
+capture (no host syncs). Eager callers (``sas/_triton.py``, ``sas/linear_op.py``) call the launchers
+directly: no torch.library dispatch, and after the first launch of a shape no autotuner either.
 
 Data movement per pass (N rows, element size e, rank r, fp32 side tensors of N x r):
 
-* forward (1 kernel): reads x and base once, writes y once, writes u = x @ A.T
-  (``4 N r``, kept for the backward so x is not re-read to recompute it):
+* forward (1 launch): reads x and base once, writes y once (over base when the caller allows it),
+  writes u = x @ A.T (``4 N r``, kept for the backward so x is not re-read to recompute it):
   ``e N (d_in + 2 d_out) + 4 N r``, i.e. the ideal of DESIGN.md section 3 plus the saved u.
-* backward (4 kernels): ``rows`` reads g, writes gB = g @ B (``4 N r``) and dx;
-  ``dA`` reads x and gB; ``dB`` reads g a second time and u; ``dh`` reads gB and u.
-  ``dbase`` is g itself (no copy). Total ``e N (2 d_out + 2 d_in) + 20 N r`` plus the per-split
-  partials of dA/dB (at most ``PARTIAL_BUDGET`` fp32 elements each). The second read of g is the
-  price of deterministic dB: a row-blocked kernel cannot hold a (d_out, r) accumulator, so dB
-  gets its own column-blocked pass instead of atomics.
+* backward (2 launches): ``rows`` reads g, writes gB = g @ B (``4 N r``) and dx (adding into the
+  frozen path's ``g @ W0`` when given, so the layer needs no separate add); ``weights`` computes
+  dA (reads x and gB), dB (reads g a second time and u) and dh (reads gB and u) in one grid and
+  writes them in the parameters' dtype. ``dbase`` is g itself (no copy). Total
+  ``e N (2 d_out + 2 d_in) + 20 N r`` plus the per-split partials (at most ``PARTIAL_BUDGET`` fp32
+  elements). The second read of g is the price of deterministic dB: a row-blocked kernel cannot
+  hold a (d_out, r) accumulator, so dB gets its own column-blocked tiles instead of atomics.
 
 Precision: every dot accumulates in fp32. fp32 inputs use IEEE fp32 dots (``input_precision
 ="ieee"``), not TF32, so the fp32 path matches PyTorch's default fp32 matmul (TF32 off) to
@@ -33,14 +35,17 @@ BLOCK_D products added a dozen times keep the chain short at the cost of one reg
 block.
 
 Reductions over rows (dA, dB, dh) are deterministic: each of a fixed number of row splits writes
-a partial, and ``torch.sum`` over the split axis reduces them in a fixed order. The number of
-splits depends only on the shape, so two runs give bitwise-identical gradients.
+a partial, and the split that finishes a tile last sums the tile's partials in split order
+(``_store_reduced``). The number of splits depends only on the shape, so two runs give
+bitwise-identical gradients; with one split (up to ``MIN_ROWS_PER_SPLIT`` rows) the tile is
+written directly and no partials exist.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -95,9 +100,8 @@ INTERPRETER_CONFIG = (64, 64, 4, 1)
 # ahead of time by the test suite.
 AUTOTUNE = os.environ.get("SAS_TRITON_AUTOTUNE", "1") != "0"
 
-# dh is tiny (N x r reads): one fixed config, tasks in blocks of 16 (tl.dot's minimum).
-DH_BLOCK_M = 64
-DH_BLOCK_T = 16
+# dh's tiles hold tasks in blocks of 16 (tl.dot's minimum) for the one-hot segment sum.
+TASK_BLOCK: tl.constexpr = tl.constexpr(16)
 
 
 def _config(block_m: int, block_d: int, num_warps: int, num_stages: int) -> triton.Config:
@@ -197,7 +201,9 @@ def _sas_forward_kernel(
         b_t = tl.load(b_ptr + offs_n[None, :] * stride_b + offs_r[:, None],
                       mask=rank_mask[:, None] & n_mask[None, :], other=0.0)
         base = tl.load(base_ptr + offs_m[:, None] * stride_basem + offs_n[None, :], mask=out_mask, other=0.0)
-        y = tl.dot(v, b_t, base.to(tl.float32), input_precision=DOT_PRECISION)
+        # base is added after the rank sum, as PyTorch's base + s * (v @ B.T) does: seeding the dot's
+        # accumulator with base would round each partial sum at base's magnitude.
+        y = base.to(tl.float32) + tl.dot(v, b_t, input_precision=DOT_PRECISION)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -212,10 +218,11 @@ def _sas_backward_rows_kernel(
     stride_gm, stride_dxm, stride_a, stride_b, stride_ht,
     scale,
     # meta
-    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ACCUMULATE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One block of rows: gB = g @ B (stored, fp32), du = s * gB * h, dx = du @ A."""
+    """One block of rows: gB = g @ B (stored, fp32), du = s * gB * h, dx = du @ A (+ dx already there
+    when ACCUMULATE_DX: the frozen path's g @ W0, so the layer's dx needs no separate add)."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < rows
     offs_r = tl.arange(0, R_PAD)
@@ -241,34 +248,53 @@ def _sas_backward_rows_kernel(
         a = tl.load(a_ptr + offs_r[:, None] * stride_a + offs_k[None, :],
                     mask=rank_mask[:, None] & k_mask[None, :], other=0.0)
         dx = tl.dot(du, a, input_precision=DOT_PRECISION)
-        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & k_mask[None, :])
+        dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
+        dx_mask = row_mask[:, None] & k_mask[None, :]
+        if ACCUMULATE_DX:
+            dx += tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
-@_autotune
 @triton.jit
-def _sas_backward_da_kernel(
-    # pointers
-    x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr,
-    # sizes
-    rows, d_in, d_out, rank, rows_per_task, n_tasks, rows_per_split,
-    # strides
-    stride_xm, stride_ht,
-    scale,
-    # meta
-    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One block of d_in columns over one row split: partial dA = (s * gB * h).T @ x."""
-    offs_k = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    k_mask = offs_k < d_in
-    split = tl.program_id(1)
+def _store_reduced(acc, out_ptr, partial_ptr, counter_ptr, counter_index, offsets, mask, split, n_splits,
+                   split_stride, ONE_SPLIT: tl.constexpr):
+    """Write one tile of a weight gradient summed over every row split, in a fixed order.
+
+    With one split the tile is the whole sum: it is stored once, in the gradient's dtype. Otherwise
+    each split stores its fp32 partial, counts itself in at the tile's counter, and the split that
+    arrives last sums all partials in split order (0, 1, ...) and stores the result, so the sum does
+    not depend on which split finished when: bitwise-identical gradients without a second launch.
+    The last split also resets the counter to 0 for the next launch.
+    """
+    if ONE_SPLIT:
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partial_ptr + split.to(tl.int64) * split_stride + offsets, acc, mask=mask)
+        # Every thread's partial store must be ordered before the one thread that performs the
+        # scalar atomic: a block barrier first, then the atomic's release (acq_rel, gpu scope).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + counter_index, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            total = tl.zeros_like(acc)
+            for other in range(0, n_splits):
+                # .cg: read through L2, where the other programs' partials are, never a stale L1 line.
+                total += tl.load(partial_ptr + other * split_stride + offsets, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter_ptr + counter_index, 0, sem="relaxed")
+
+
+@triton.jit
+def _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, da_ptr, tile, split, block,
+             row_start, row_end, d_in, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_xm, stride_ht,
+             scale, R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Columns ``block`` of dA = (s * gB * h).T @ x over the rows of one split."""
     offs_r = tl.arange(0, R_PAD)
     rank_mask = offs_r < rank
-
+    offs_k = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_mask = offs_k < d_in
     acc = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, rows)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_mask = offs_m < row_end
@@ -280,34 +306,21 @@ def _sas_backward_da_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(tl.trans(du), x, input_precision=DOT_PRECISION)
-    partial = partial_ptr + split.to(tl.int64) * rank * d_in
-    tl.store(partial + offs_r[:, None] * d_in + offs_k[None, :], acc, mask=rank_mask[:, None] & k_mask[None, :])
+    _store_reduced(acc, da_ptr, partial_ptr, counter_ptr, tile, offs_r[:, None] * d_in + offs_k[None, :],
+                   rank_mask[:, None] & k_mask[None, :], split, n_splits, split_stride, ONE_SPLIT)
 
 
-@_autotune
 @triton.jit
-def _sas_backward_db_kernel(
-    # pointers
-    g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr,
-    # sizes
-    rows, d_in, d_out, rank, rows_per_task, n_tasks, rows_per_split,
-    # strides
-    stride_gm, stride_ht,
-    scale,
-    # meta
-    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One block of d_out columns over one row split: partial dB = g.T @ (s * u * h)."""
-    offs_n = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n_mask = offs_n < d_out
-    split = tl.program_id(1)
+def _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, db_ptr, tile, split, block,
+             row_start, row_end, d_out, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_gm, stride_ht,
+             scale, R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``block`` of dB = g.T @ (s * u * h) over the rows of one split."""
     offs_r = tl.arange(0, R_PAD)
     rank_mask = offs_r < rank
-
+    offs_n = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_mask = offs_n < d_out
     acc = tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32)
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, rows)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_mask = offs_m < row_end
@@ -319,29 +332,19 @@ def _sas_backward_db_kernel(
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(tl.trans(g), v, input_precision=DOT_PRECISION)
-    partial = partial_ptr + split.to(tl.int64) * d_out * rank
-    tl.store(partial + offs_n[:, None] * rank + offs_r[None, :], acc, mask=n_mask[:, None] & rank_mask[None, :])
+    _store_reduced(acc, db_ptr, partial_ptr, counter_ptr, tile, offs_n[:, None] * rank + offs_r[None, :],
+                   n_mask[:, None] & rank_mask[None, :], split, n_splits, split_stride, ONE_SPLIT)
 
 
 @triton.jit
-def _sas_backward_dh_kernel(
-    # pointers
-    gb_ptr, u_ptr, task_ptr, partial_ptr,
-    # sizes
-    rows, rank, rows_per_task, n_tasks, rows_per_split,
-    scale,
-    # meta
-    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """One block of tasks over one row split: partial dh[t] = s * sum over rows of task t of gB * u."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    split = tl.program_id(1)
+def _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr, counter_ptr, dh_ptr, tile, split, block,
+             row_start, row_end, rank, rows_per_task, n_tasks, n_splits, split_stride, scale,
+             R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tasks ``block`` of dh[t] = s * sum over the split's rows of task t of gB * u."""
     offs_r = tl.arange(0, R_PAD)
     rank_mask = offs_r < rank
-
-    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, rows)
+    offs_t = block * TASK_BLOCK + tl.arange(0, TASK_BLOCK)
+    acc = tl.zeros((TASK_BLOCK, R_PAD), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_mask = offs_m < row_end
@@ -355,20 +358,89 @@ def _sas_backward_dh_kernel(
             acc = tl.dot(tl.trans(one_hot), gb * u, acc, input_precision="ieee")
         else:
             acc += tl.sum(gb * u, axis=0)[None, :]
-    partial = partial_ptr + split.to(tl.int64) * n_tasks * rank
-    tl.store(partial + offs_t[:, None] * rank + offs_r[None, :], acc * scale,
-             mask=(offs_t < n_tasks)[:, None] & rank_mask[None, :])
+    _store_reduced(acc * scale, dh_ptr, partial_ptr, counter_ptr, tile, offs_t[:, None] * rank + offs_r[None, :],
+                   (offs_t < n_tasks)[:, None] & rank_mask[None, :], split, n_splits, split_stride, ONE_SPLIT)
+
+
+@_autotune
+@triton.jit
+def _sas_backward_weights_kernel(
+    # pointers
+    x_ptr, g_ptr, u_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, da_ptr, db_ptr, dh_ptr,
+    # sizes
+    rows, d_in, d_out, rank, rows_per_task, n_tasks, rows_per_split, n_splits,
+    # strides
+    stride_xm, stride_gm, stride_ht,
+    scale,
+    # meta
+    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The weight gradients, one program per (tile, row split), tiles in grid order: the d_in column
+    blocks of dA, the d_out row blocks of dB, then the task blocks of dh. One launch instead of one
+    kernel per gradient: dA and dB read the same kind of tiles and differ only in the wide operand."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    in_blocks = tl.cdiv(d_in, BLOCK_D)
+    out_blocks = tl.cdiv(d_out, BLOCK_D)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, rows)
+    # Partials of one split, side by side: dA (rank, d_in), dB (d_out, rank), dh (n_tasks, rank).
+    split_stride = rank * (d_in + d_out + n_tasks)
+    if tile < in_blocks:
+        _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, da_ptr, tile, split, tile,
+                 row_start, row_end, d_in, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_xm,
+                 stride_ht, scale, R_PAD, HAS_TASKS, ONE_SPLIT, DOT_PRECISION, BLOCK_M, BLOCK_D)
+    elif tile < in_blocks + out_blocks:
+        _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr + rank * d_in, counter_ptr, db_ptr, tile, split,
+                 tile - in_blocks, row_start, row_end, d_out, rank, rows_per_task, n_tasks, n_splits, split_stride,
+                 stride_gm, stride_ht, scale, R_PAD, HAS_TASKS, ONE_SPLIT, DOT_PRECISION, BLOCK_M, BLOCK_D)
+    else:
+        _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr + rank * (d_in + d_out), counter_ptr, dh_ptr, tile, split,
+                 tile - in_blocks - out_blocks, row_start, row_end, rank, rows_per_task, n_tasks, n_splits,
+                 split_stride, scale, R_PAD, HAS_TASKS, ONE_SPLIT, BLOCK_M)
 
 
 # ----------------------------------------------------------------------------------------------
 # Host launchers
 # ----------------------------------------------------------------------------------------------
 
-def _launcher(kernel):
-    """``wrap_triton`` makes launches traceable by torch.compile; the interpreter launches directly
-    (older torch versions reject interpreted kernels in ``wrap_triton``)."""
-    record_launch(getattr(kernel, "__name__", None) or kernel.fn.__name__)
-    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+def _kernel_name(kernel) -> str:
+    return getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+
+# Configs the autotuner chose, per (kernel, device, tuning key): later eager launches call the JIT
+# function with that config directly, skipping the autotuner's own per-launch work.
+_chosen_configs: Dict[tuple, triton.Config] = {}
+
+
+def _launch(kernel, grid, args: tuple, constexprs: dict, tuning_key: tuple, traced: bool) -> None:
+    """Launch ``kernel`` on ``grid`` (a callable of the config's meta-parameters).
+
+    ``traced``: called from the ``torch.library`` ops below, which torch.compile traces, so the launch
+    goes through ``wrap_triton``. Eager launches call Triton directly (no torch.library dispatch);
+    after an autotuned kernel's first launch per ``tuning_key`` they reuse the chosen config and skip
+    the autotuner. The interpreter always calls the kernel itself (older torch versions reject
+    interpreted kernels in ``wrap_triton``).
+    """
+    record_launch(_kernel_name(kernel))
+    if INTERPRET:
+        kernel[grid](*args, **constexprs)
+        return
+    if traced:
+        torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
+        return
+    if not isinstance(kernel, triton.runtime.Autotuner):
+        kernel[grid](*args, **constexprs)
+        return
+    key = (kernel, args[0].device.index, tuning_key)
+    config = _chosen_configs.get(key)
+    if config is None:
+        kernel[grid](*args, **constexprs)
+        _chosen_configs[key] = kernel.best_config
+        return
+    meta = dict(constexprs, **config.kwargs)
+    kernel.fn[grid(meta)](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def rank_pad(rank: int) -> int:
@@ -399,129 +471,118 @@ def _task_layout(h: torch.Tensor, task_ids: Optional[torch.Tensor], rows: int):
     return task_ids.contiguous(), max(rows // max(task_ids.numel(), 1), 1), h.shape[0], h.stride(0)
 
 
+def _device_guard(t: torch.Tensor):
+    """Launch on ``t``'s own GPU (e.g. cuda:1 while cuda:0 is current); no guard where it already is."""
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
-                task_ids: Optional[torch.Tensor], scale: float, save_u: bool = True):
-    """y (rows, d_out) in base's dtype and u = x @ A.T (rows, r) fp32 (empty unless ``save_u``)."""
+                task_ids: Optional[torch.Tensor], scale: float, save_u: bool = True,
+                out: Optional[torch.Tensor] = None, traced: bool = False):
+    """y (rows, d_out) in base's dtype and u = x @ A.T (rows, r) fp32 (empty unless ``save_u``).
+
+    ``out=base2`` writes y over base in place (each program reads its base tile before writing it).
+    ``traced`` is for the torch.library op (see :func:`_launch`).
+    """
     rows, d_in = x2.shape
     d_out, rank = B.shape
-    y = torch.empty((rows, d_out), dtype=base2.dtype, device=x2.device)
+    y = torch.empty((rows, d_out), dtype=base2.dtype, device=x2.device) if out is None else out
     u = torch.empty((rows, rank) if save_u else (0, rank), dtype=torch.float32, device=x2.device)
     if rows == 0:
         return y, u
     tasks, rows_per_task, n_tasks, stride_ht = _task_layout(h, task_ids, rows)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
-    _launcher(_sas_forward_kernel)[grid](
-        x2, base2, A, B, h, tasks, y, u,
-        rows, d_in, d_out, rank, rows_per_task, n_tasks,
-        x2.stride(0), base2.stride(0), y.stride(0), A.stride(0), B.stride(0), stride_ht,
-        scale,
-        R_PAD=rank_pad(rank), HAS_TASKS=h.dim() == 2, SAVE_U=save_u, DOT_PRECISION=FP32_DOT_PRECISION,
-    )
+    r_pad = rank_pad(rank)
+    with _device_guard(x2):
+        _launch(_sas_forward_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
+                (x2, base2, A, B, h, tasks, y, u,
+                 rows, d_in, d_out, rank, rows_per_task, n_tasks,
+                 x2.stride(0), base2.stride(0), y.stride(0), A.stride(0), B.stride(0), stride_ht,
+                 scale),
+                dict(R_PAD=r_pad, HAS_TASKS=h.dim() == 2, SAVE_U=save_u, DOT_PRECISION=FP32_DOT_PRECISION),
+                (x2.dtype, d_in, d_out, r_pad), traced)
     return y, u
 
 
+# Per-device tile counters of the weights kernel's split reduction (_store_reduced). Zero between
+# launches (the last split of each tile resets its counter), so they are allocated once and never
+# cleared: no memset launch per backward. Launches on one device are ordered on its stream, so
+# two backward passes never use them at once.
+_split_counters: Dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    counters = _split_counters.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = _split_counters[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
+# The smallest BLOCK_D of any config: the most tiles a launch can have per column of d_in or d_out.
+MIN_BLOCK_D = min(c.kwargs["BLOCK_D"] for c in AUTOTUNE_CONFIGS)
+
+
 def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                 h: torch.Tensor, task_ids: Optional[torch.Tensor], scale: float):
-    """(dx, dA, dB, dh) for incoming gradient g (rows, d_out); dbase is g itself."""
+                 h: torch.Tensor, task_ids: Optional[torch.Tensor], scale: float,
+                 dx: Optional[torch.Tensor] = None, traced: bool = False):
+    """(dx, dA, dB, dh) for incoming gradient g (rows, d_out); dbase is g itself. Two launches.
+
+    A given ``dx`` (rows, d_in), e.g. the frozen layer's ``g @ W0``, is accumulated into in place.
+    dA, dB and dh come out in A's, B's and h's dtype. ``traced``: see :func:`_launch`.
+    """
     rows, d_in = x2.shape
     d_out, rank = B.shape
-    dx = torch.empty((rows, d_in), dtype=x2.dtype, device=x2.device)
+    accumulate_dx = dx is not None
+    if dx is None:
+        dx = torch.empty((rows, d_in), dtype=x2.dtype, device=x2.device)
     if rows == 0:
         return dx, torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(h)
     tasks, rows_per_task, n_tasks, stride_ht = _task_layout(h, task_ids, rows)
     has_tasks, r_pad, precision = h.dim() == 2, rank_pad(rank), FP32_DOT_PRECISION
-    gb = torch.empty((rows, rank), dtype=torch.float32, device=x2.device)
-
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
-    _launcher(_sas_backward_rows_kernel)[grid](
-        g2, A, B, h, tasks, gb, dx,
-        rows, d_in, d_out, rank, rows_per_task, n_tasks,
-        g2.stride(0), dx.stride(0), A.stride(0), B.stride(0), stride_ht,
-        scale,
-        R_PAD=r_pad, HAS_TASKS=has_tasks, DOT_PRECISION=precision,
-    )
-
-    splits, per_split = row_splits(rows, rank, d_in)
-    da_partials = torch.empty((splits, rank, d_in), dtype=torch.float32, device=x2.device)
-    grid = lambda meta: (triton.cdiv(d_in, meta["BLOCK_D"]), splits)  # noqa: E731
-    _launcher(_sas_backward_da_kernel)[grid](
-        x2, gb, h, tasks, da_partials,
-        rows, d_in, d_out, rank, rows_per_task, n_tasks, per_split,
-        x2.stride(0), stride_ht,
-        scale,
-        R_PAD=r_pad, HAS_TASKS=has_tasks, DOT_PRECISION=precision,
-    )
-
-    splits, per_split = row_splits(rows, rank, d_out)
-    db_partials = torch.empty((splits, d_out, rank), dtype=torch.float32, device=x2.device)
-    grid = lambda meta: (triton.cdiv(d_out, meta["BLOCK_D"]), splits)  # noqa: E731
-    _launcher(_sas_backward_db_kernel)[grid](
-        g2, u, h, tasks, db_partials,
-        rows, d_in, d_out, rank, rows_per_task, n_tasks, per_split,
-        g2.stride(0), stride_ht,
-        scale,
-        R_PAD=r_pad, HAS_TASKS=has_tasks, DOT_PRECISION=precision,
-    )
-
-    splits, per_split = row_splits(rows, rank, n_tasks)
-    dh_partials = torch.empty((splits, n_tasks, rank), dtype=torch.float32, device=x2.device)
-    _launcher(_sas_backward_dh_kernel)[(triton.cdiv(n_tasks, DH_BLOCK_T), splits)](
-        gb, u, tasks, dh_partials,
-        rows, rank, rows_per_task, n_tasks, per_split,
-        scale,
-        R_PAD=r_pad, HAS_TASKS=has_tasks, BLOCK_M=DH_BLOCK_M, BLOCK_T=DH_BLOCK_T,
-    )
-    dA = da_partials.sum(0).to(A.dtype)
-    dB = db_partials.sum(0).to(B.dtype)
-    dh = dh_partials.sum(0).reshape(h.shape).to(h.dtype)
-    return dx, dA, dB, dh
+    tuning_key = (x2.dtype, d_in, d_out, r_pad)
+    device = x2.device
+    gb = torch.empty((rows, rank), dtype=torch.float32, device=device)
+    dA, dB = torch.empty((rank, d_in), dtype=A.dtype, device=device), torch.empty((d_out, rank), dtype=B.dtype,
+                                                                                   device=device)
+    dh = torch.empty((n_tasks, rank), dtype=h.dtype, device=device)
+    splits, per_split = row_splits(rows, rank, d_in + d_out + n_tasks)
+    partials = torch.empty(0 if splits == 1 else splits * rank * (d_in + d_out + n_tasks), dtype=torch.float32,
+                           device=device)
+    task_tiles = triton.cdiv(n_tasks, TASK_BLOCK.value)
+    counters = _counters(device, triton.cdiv(d_in, MIN_BLOCK_D) + triton.cdiv(d_out, MIN_BLOCK_D) + task_tiles)
+    with _device_guard(x2):
+        _launch(_sas_backward_rows_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
+                (g2, A, B, h, tasks, gb, dx,
+                 rows, d_in, d_out, rank, rows_per_task, n_tasks,
+                 g2.stride(0), dx.stride(0), A.stride(0), B.stride(0), stride_ht,
+                 scale),
+                dict(R_PAD=r_pad, HAS_TASKS=has_tasks, ACCUMULATE_DX=accumulate_dx, DOT_PRECISION=precision),
+                tuning_key, traced)
+        _launch(_sas_backward_weights_kernel,
+                lambda meta: (triton.cdiv(d_in, meta["BLOCK_D"]) + triton.cdiv(d_out, meta["BLOCK_D"]) + task_tiles,
+                              splits),
+                (x2, g2, u, gb, h, tasks, partials, counters, dA, dB, dh,
+                 rows, d_in, d_out, rank, rows_per_task, n_tasks, per_split, splits,
+                 x2.stride(0), g2.stride(0), stride_ht,
+                 scale),
+                dict(R_PAD=r_pad, HAS_TASKS=has_tasks, ONE_SPLIT=splits == 1, DOT_PRECISION=precision),
+                tuning_key, traced)
+    return dx, dA, dB, dh.view(h.shape)
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops and autograd
+# torch.library ops: what torch.compile traces (eager callers use the host launchers directly)
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.triton_op("sas::adapter_fwd", mutates_args=())
 def adapter_fwd(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
                 task_ids: Optional[torch.Tensor], scale: float, save_u: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return sas_forward(x2, base2, A, B, h, task_ids, scale, save_u)
+    return sas_forward(x2, base2, A, B, h, task_ids, scale, save_u, traced=True)
 
 
 @torch.library.triton_op("sas::adapter_bwd", mutates_args=())
 def adapter_bwd(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 h: torch.Tensor, task_ids: Optional[torch.Tensor], scale: float
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return sas_backward(g2, x2, u, A, B, h, task_ids, scale)
-
-
-class SaSAdapterFunction(torch.autograd.Function):
-    """Autograd glue over the two ops: saves x, u, A, B, h for the backward; dbase is g."""
-
-    @staticmethod
-    def forward(ctx, x2, base2, A, B, h, task_ids, scale):
-        y, u = torch.ops.sas.adapter_fwd(x2, base2, A, B, h, task_ids, scale, True)
-        ctx.save_for_backward(x2, u, A, B, h, task_ids)
-        ctx.scale = scale
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x2, u, A, B, h, task_ids = ctx.saved_tensors
-        g2 = g if g.stride(-1) == 1 else g.contiguous()
-        dx, dA, dB, dh = torch.ops.sas.adapter_bwd(g2, x2, u, A, B, h, task_ids, ctx.scale)
-        return dx, g, dA, dB, dh, None, None
-
-
-def sas_adapter_triton(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
-                       scale: float, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """The Triton backend of :func:`sas.functional.sas_adapter` (arguments already validated)."""
-    rank = A.shape[0]
-    if rank > MAX_RANK:
-        raise ValueError(f"the triton backend supports rank 1..{MAX_RANK}; got rank {rank} "
-                         f"(use backend='reference' for larger ranks)")
-    x2, base2, A, B, h = as_rows(x), as_rows(base), A.contiguous(), B.contiguous(), h.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, base2, A, B, h)):
-        y = SaSAdapterFunction.apply(x2, base2, A, B, h, task_ids, float(scale))
-    else:  # inference: u is not needed, so it is not written
-        y, _ = torch.ops.sas.adapter_fwd(x2, base2, A, B, h, task_ids, float(scale), False)
-    return y.reshape(base.shape)
+    return sas_backward(g2, x2, u, A, B, h, task_ids, scale, traced=True)

@@ -14,10 +14,36 @@ import torch
 from torch import nn
 
 import sas
-from sas import check, functional, reference, testing
+from sas import check, functional, linear_op, reference, testing
 from sas.reference import gather_modulation
 
 ROW_BLOCK = 16  # the stand-in's "kernel" handles rows in blocks of this many
+
+
+def stand_in_update(x2, A, B, h, scale, task_ids, bug):
+    """(u, modulation, update) of the forward: ``update = s * (u * h) @ B.T`` with the chosen bug."""
+    rows = x2.shape[0]
+    modulation = gather_modulation(h, task_ids, rows)
+    u = x2 @ A.t()
+    update = (1.0 if bug == "drop scale" else scale) * (u * modulation) @ B.t()
+    if bug == "last block":  # rows past the last full block keep base only
+        update[rows - rows % ROW_BLOCK:] = 0
+    return u, modulation, update
+
+
+def stand_in_grads(g2, x2, u, A, B, h, modulation, scale, task_ids, bug):
+    """(dx, dA, dB, dh) of the adapter by DESIGN.md section 1, with the chosen bug."""
+    gB = g2 @ B
+    dB = scale * g2.t() @ (u * modulation)
+    dh_rows = (1.0 if bug == "unscaled dh" else scale) * gB * u
+    if h.dim() == 1:
+        dh = dh_rows.sum(0)
+    else:
+        ids = task_ids if task_ids.numel() == x2.shape[0] else task_ids.repeat_interleave(
+            x2.shape[0] // max(task_ids.numel(), 1))
+        dh = torch.zeros_like(h).index_add_(0, ids, dh_rows)
+    du = scale * gB * modulation
+    return du @ A, du.t() @ x2, dB, dh
 
 
 class StandInKernel(torch.autograd.Function):
@@ -26,32 +52,17 @@ class StandInKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base, A, B, h, scale, task_ids, bug):
         x2 = x.reshape(-1, x.shape[-1])
-        rows = x2.shape[0]
-        modulation = gather_modulation(h, task_ids, rows)
-        u = x2 @ A.t()
-        update = (1.0 if bug == "drop scale" else scale) * (u * modulation) @ B.t()
-        if bug == "last block":  # rows past the last full block keep base only
-            update[rows - rows % ROW_BLOCK:] = 0
+        u, modulation, update = stand_in_update(x2, A, B, h, scale, task_ids, bug)
         ctx.save_for_backward(x2, u, A, B, h, modulation)
         ctx.scale, ctx.task_ids, ctx.bug, ctx.x_shape = scale, task_ids, bug, x.shape
-        return (base.reshape(rows, base.shape[-1]) + update).reshape(base.shape)
+        return (base.reshape(x2.shape[0], base.shape[-1]) + update).reshape(base.shape)
 
     @staticmethod
     def backward(ctx, g):
         x2, u, A, B, h, modulation = ctx.saved_tensors
-        scale = ctx.scale
-        g2 = g.reshape(-1, g.shape[-1])
-        gB = g2 @ B
-        dB = scale * g2.t() @ (u * modulation)
-        dh_rows = (1.0 if ctx.bug == "unscaled dh" else scale) * gB * u
-        if h.dim() == 1:
-            dh = dh_rows.sum(0)
-        else:
-            ids = ctx.task_ids
-            ids = ids if ids.numel() == x2.shape[0] else ids.repeat_interleave(x2.shape[0] // max(ids.numel(), 1))
-            dh = torch.zeros_like(h).index_add_(0, ids, dh_rows)
-        du = scale * gB * modulation
-        return (du @ A).reshape(ctx.x_shape), g, du.t() @ x2, dB, dh, None, None, None
+        dx, dA, dB, dh = stand_in_grads(g.reshape(-1, g.shape[-1]), x2, u, A, B, h, modulation, ctx.scale,
+                                        ctx.task_ids, ctx.bug)
+        return dx.reshape(ctx.x_shape), g, dA, dB, dh, None, None, None
 
 
 def stand_in(bug=None):
@@ -60,11 +71,30 @@ def stand_in(bug=None):
     return op
 
 
+def stand_in_layer(bug=None):
+    """The same stand-in as the host functions of SaSLinear's whole-layer op (sas.linear_op)."""
+    def forward(x2, base2, A, B, h, task_ids, scale, save_u):
+        u, _, update = stand_in_update(x2, A, B, h, scale, task_ids, bug)
+        return base2 + update, u
+
+    def backward(g2, x2, u, weight, A, B, h, task_ids, scale, needs_x):
+        modulation = gather_modulation(h, task_ids, x2.shape[0])
+        dx, dA, dB, dh = stand_in_grads(g2, x2, u, A, B, h, modulation, scale, task_ids, bug)
+        return (dx + g2 @ weight if needs_x else None), dA, dB, dh
+
+    return linear_op.LayerKernels(forward, backward)
+
+
 @pytest.fixture
 def install(monkeypatch):
-    """Install an op as the ``cpp`` backend for one test (restored afterwards)."""
-    def put(op):
-        monkeypatch.setitem(functional._loaded, "cpp", op)
+    """Install the stand-in with ``bug`` as the ``cpp`` backend (op and whole-layer op) for one test, or
+    an op callable at op level only; ``missing=True`` makes the backend unavailable, as if the C++
+    extension failed to import. Restored afterwards."""
+    def put(bug=None, missing=False):
+        op = bug if callable(bug) else stand_in(bug)
+        monkeypatch.setitem(functional._loaded, "cpp", None if missing else op)
+        if not callable(bug):
+            monkeypatch.setitem(linear_op.KERNELS, "cpp", stand_in_layer(bug))
     return put
 
 
@@ -78,7 +108,7 @@ def failing_tensors(report):
 
 
 def test_healthy_stand_in_kernel_passes_and_is_seen_running(install):
-    install(stand_in())
+    install()
     report = testing.compare_op(**op_inputs(tasks=3), backends=["cpp", "reference"])
     assert report.passed, report.table()
     assert {c.tensor for c in report.checks} == {"y", "grad x", "grad base", "grad A", "grad B", "grad h"}
@@ -87,7 +117,7 @@ def test_healthy_stand_in_kernel_passes_and_is_seen_running(install):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_dropped_scale_is_caught_in_every_dtype(install, dtype):
-    install(stand_in("drop scale"))
+    install("drop scale")
     report = testing.compare_op(**op_inputs(dtype=dtype), backends=["cpp"])
     assert failing_tensors(report) == {"y"}  # the stand-in drops it in the forward only
     assert all(c.status == "FAIL" and c.ran == "cpp" for c in report.failures())
@@ -95,20 +125,20 @@ def test_dropped_scale_is_caught_in_every_dtype(install, dtype):
 
 
 def test_last_block_of_rows_is_caught_only_when_rows_are_not_a_multiple_of_the_block(install):
-    install(stand_in("last block"))
+    install("last block")
     assert testing.compare_op(**op_inputs(rows=2 * ROW_BLOCK), backends=["cpp"]).passed
     report = testing.compare_op(**op_inputs(rows=2 * ROW_BLOCK + 5), backends=["cpp"])
     assert "y" in failing_tensors(report), report.table()
 
 
 def test_backward_only_bug_is_caught_in_its_gradient(install):
-    install(stand_in("unscaled dh"))
+    install("unscaled dh")
     report = testing.compare_op(**op_inputs(), backends=["cpp"])
     assert failing_tensors(report) == {"grad h"}, report.table()
 
 
 def test_raise_on_failure_and_pytest_helper(install):
-    install(stand_in("drop scale"))
+    install("drop scale")
     with pytest.raises(testing.BackendMismatchError, match="FAIL"):
         testing.compare_op(**op_inputs(), backends=["cpp"], raise_on_failure=True)
     with pytest.raises(AssertionError, match="op float32 cpp y: max abs"):
@@ -163,7 +193,7 @@ def tiny_model():
 
 
 def test_model_check_covers_layers_and_every_trainable_gradient(install):
-    install(stand_in())
+    install()
     model = tiny_model()
     report = testing.compare_model(model, torch.randn(3, 5, 24), backends=["cpp", "reference"])
     assert report.passed, report.table()
@@ -174,7 +204,7 @@ def test_model_check_covers_layers_and_every_trainable_gradient(install):
 
 
 def test_model_check_catches_a_wrong_kernel_and_restores_the_backend(install):
-    install(stand_in("drop scale"))
+    install("drop scale")
     functional.set_backend("reference")
     try:
         report = testing.compare_model(tiny_model(), torch.randn(7, 24), backends=["cpp"])
@@ -201,13 +231,13 @@ def test_model_returning_a_tuple_is_refused_and_backend_restored():
 
 
 def test_standalone_sas_linear(install):
-    install(stand_in())
+    install()
     layer = testing.randomize_adapter(sas.SaSLinear.from_linear(nn.Linear(33, 17), rank=5, scale=0.5))
     testing.assert_matches_reference(layer, torch.randn(2, 9, 33), backends=["cpp", "reference"])
 
 
 def test_report_is_json_ready(install):
-    install(stand_in("drop scale"))
+    install("drop scale")
     report = testing.compare_op(**op_inputs(rows=0), backends=["cpp"])
     report.extend(testing.compare_op(**op_inputs(), backends=["cpp"]))
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
@@ -224,19 +254,19 @@ def test_cli_passes_on_the_healthy_build(tmp_path, capsys):
 
 @pytest.mark.parametrize("bug", ["drop scale", "last block", "unscaled dh"])
 def test_cli_fails_on_a_wrong_kernel(install, bug, capsys):
-    install(stand_in(bug))
+    install(bug)
     assert check.main(["--quick", "--backend", "cpp"]) == 1
     assert "sas.check: FAIL" in capsys.readouterr().out
 
 
 def test_cli_fails_when_nothing_could_be_checked(install, capsys):
-    install(None)  # as if the C++ extension failed to import
+    install(missing=True)  # as if the C++ extension failed to import
     assert check.main(["--quick", "--backend", "cpp"]) == 1
     assert "FAIL: nothing was checked" in capsys.readouterr().out
 
 
 def test_cli_model_check_catches_a_wrong_kernel(install, capsys):
-    install(stand_in("drop scale"))
+    install("drop scale")
     assert check.main(["--model", "test_vit", "--dtype", "fp32", "--backend", "cpp"]) == 1
     assert "layer blocks.0.attn.qkv" in capsys.readouterr().out
 

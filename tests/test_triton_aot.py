@@ -16,8 +16,7 @@ from sas_kernels import sas_adapter as kernels
 from sas_kernels.aot import SMEM_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {"_sas_forward_kernel", "_sas_backward_rows_kernel", "_sas_backward_da_kernel",
-           "_sas_backward_db_kernel", "_sas_backward_dh_kernel"}
+KERNELS = {"_sas_forward_kernel", "_sas_backward_rows_kernel", "_sas_backward_weights_kernel"}
 
 
 @pytest.fixture(scope="module")

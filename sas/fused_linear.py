@@ -28,7 +28,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from sas import functional
+from . import functional
+from .linear_op import compute_dtype
 
 DESIGNS = ("fold", "fold_split", "epilogue", "unfused")
 
@@ -171,17 +172,6 @@ class SaSLinearFunction(torch.autograd.Function):
         dA, dB, dh = _adapter_grads(g2, x2, u, gB, A, h, ctx.scale, needs_A, needs_B, needs_h)
         dx = None if dx2 is None else dx2.view(x.shape)
         return dx, None, None, dA, dB, dh, None, None
-
-
-def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype of the frozen layer's output: autocast's dtype when it is on, else the weight's."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; outside autocast they must match "
-                        f"(as for F.linear)")
-    return weight.dtype
 
 
 def sas_linear(

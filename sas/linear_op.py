@@ -1,0 +1,172 @@
+"""The adapted layer's hot path: frozen GEMM and SaS adapter as ONE autograd node.
+
+    y = x @ W0.T + b0 + s * ((x @ A.T) * h) @ B.T
+
+:func:`adapted_linear` is what :class:`sas.SaSLinear` calls in eager mode. Where the op-level path
+(``F.linear`` then :func:`sas.functional.sas_adapter`) records two autograd nodes, validates every
+call and reaches the kernels through ``torch.library`` dispatch, this one records one node
+(:class:`AdaptedLinearFunction`) whose forward and backward call the backend's host launchers
+directly:
+
+============  ==========================================  =========================================
+backend       forward                                      backward
+============  ==========================================  =========================================
+``cpp``       ``F.linear``, then ``sas._C``'s forward op   ``sas._C``'s backward op (dx, dA, dB, dh),
+              writes ``y`` (fp32 ``u`` kept for backward)  then ``dx += g @ W0`` in place (``addmm_``)
+``triton``    ``F.linear`` into a buffer, then ONE Triton  ``dx = g @ W0``, then TWO Triton launches:
+              launch adds the adapter into it in place     rows (dx += du @ A, gB) and weights
+                                                           (dA, dB, dh, written in the params' dtype)
+``reference`` ``F.linear`` + :func:`sas.reference.sas_adapter` under plain autograd (the oracle)
+============  ==========================================  =========================================
+
+The frozen ``W0``/``b0`` get no gradient: a layer whose base weight requires grad (the user unfroze
+it) takes the op-level path instead, whose autograd covers it. ``needs_input_grad`` is honoured:
+no ``dx`` GEMM when ``x`` needs none. A backward run with ``create_graph=True`` (double backward)
+recomputes the layer with the reference ops under autograd, so second-order gradients are the
+reference's exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import functional, reference
+
+
+class LayerKernels(NamedTuple):
+    """A backend's host functions for the whole-layer op.
+
+    ``forward(x2, base2, A, B, h, task_ids, scale, save_u) -> (y2, u)``: ``y2 = base2 + adapter``
+    (may be written into ``base2``), ``u`` the fp32 ``x @ A.T`` when ``save_u``.
+    ``backward(g2, x2, u, weight, A, B, h, task_ids, scale, needs_x) -> (dx2, dA, dB, dh)``:
+    ``dx2`` includes the frozen path ``g @ W0`` (None unless ``needs_x``).
+    """
+
+    forward: Callable
+    backward: Callable
+
+
+def _cpp_forward(x2, base2, A, B, h, task_ids, scale, save_u):
+    return torch.ops.sas.cpu_adapter_forward(x2, base2, A, B, h, scale, task_ids)
+
+
+def _cpp_backward(g2, x2, u, weight, A, B, h, task_ids, scale, needs_x):
+    dx2, dA, dB, dh = torch.ops.sas.cpu_adapter_backward(g2, x2, A, B, h, u, scale, task_ids)
+    return (dx2.addmm_(g2, weight) if needs_x else None), dA, dB, dh
+
+
+def _triton_forward(x2, base2, A, B, h, task_ids, scale, save_u):
+    from sas_kernels import sas_adapter
+    return sas_adapter.sas_forward(x2, base2, A, B, h, task_ids, scale, save_u, out=base2)
+
+
+def _triton_backward(g2, x2, u, weight, A, B, h, task_ids, scale, needs_x):
+    from sas_kernels import sas_adapter
+    dx2 = torch.mm(g2, weight) if needs_x else None
+    return sas_adapter.sas_backward(g2, x2, u, A, B, h, task_ids, scale, dx=dx2)
+
+
+KERNELS = {
+    "cpp": LayerKernels(_cpp_forward, _cpp_backward),
+    "triton": LayerKernels(_triton_forward, _triton_backward),
+}
+
+# The dtypes every kernel computes; float64 (and anything else) runs the reference path, which is exact.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` as (rows, last dim) with a unit-stride last dim: a view where the strides allow it."""
+    t2 = t if t.dim() == 2 else t.reshape(rows, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
+
+
+def reference_linear(x, weight, bias, A, B, h, scale, task_ids=None):
+    """The layer as plain autograd ops: ``F.linear`` then the reference adapter in the frozen output's dtype."""
+    base = F.linear(x, weight, bias)
+    return reference.sas_adapter(x.to(base.dtype), base, A, B, h, scale, task_ids)
+
+
+class AdaptedLinearFunction(torch.autograd.Function):
+    """Frozen linear + adapter in one node. Inputs arrive already in the compute dtype (the caller casts)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, h, task_ids, scale, kernels):
+        rows = math.prod(x.shape[:-1])
+        x2 = _rows(x, rows)
+        base2 = F.linear(x2, weight, bias)
+        y2, u = kernels.forward(x2, base2, A, B, h, task_ids, scale, True)
+        # x itself is saved beside its row view so a double backward can differentiate through it.
+        ctx.save_for_backward(x, x2, u, weight, bias, A, B, h, task_ids)
+        ctx.scale, ctx.kernels = scale, kernels
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, x2, u, weight, bias, A, B, h, task_ids = ctx.saved_tensors
+        needs_x, _, _, needs_A, needs_B, needs_h = ctx.needs_input_grad[:6]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference ops instead
+            return _reference_backward(ctx, g, x, weight, bias, A, B, h, task_ids)
+        g2 = _rows(g, x2.shape[0])
+        dx2, dA, dB, dh = ctx.kernels.backward(g2, x2, u, weight, A, B, h, task_ids, ctx.scale, needs_x)
+        dx = dx2.view(x.shape) if needs_x else None
+        return (dx, None, None, dA if needs_A else None, dB if needs_B else None, dh if needs_h else None,
+                None, None, None)
+
+
+def _reference_backward(ctx, g, x, weight, bias, A, B, h, task_ids):
+    """Gradients of :func:`reference_linear` with a graph of their own, for double backward."""
+    grads = reference.regrad(lambda *t: reference_linear(*t, ctx.scale, task_ids), (x, weight, bias, A, B, h),
+                             ctx.needs_input_grad[:6], g)
+    return (*grads, None, None, None)
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the frozen layer's output: autocast's dtype when it is on, else the weight's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but the frozen weight is {weight.dtype}; outside autocast they must "
+                        f"match (as for F.linear)")
+    return weight.dtype
+
+
+def adapted_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    h: torch.Tensor,
+    scale: float,
+    task_ids: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scale * ((x @ A.T) * h) @ B.T`` as one autograd node.
+
+    ``A``, ``B`` and ``h`` must already be in :func:`compute_dtype` (``SaSLinear`` takes them from the
+    shared owner's per-dtype cache); ``x``, ``weight`` and ``bias`` are cast here when autocast asks
+    for another dtype. ``weight``/``bias`` are frozen: when either requires grad the op-level path
+    runs instead, so their gradient is still exact. Not validated: ``SaSLinear`` validates each new
+    input signature once (:func:`sas.functional.validate`).
+    """
+    name = functional.resolve_backend(x.device, backend)
+    dtype = A.dtype
+    if (name == "reference" or dtype not in KERNEL_DTYPES or weight.requires_grad
+            or (bias is not None and bias.requires_grad)):
+        return reference_linear(x, weight, bias, A, B, h, scale, task_ids) if name == "reference" else \
+            functional.sas_adapter(x.to(dtype), F.linear(x, weight, bias), A, B, h, scale, task_ids, backend=name)
+    kernels = KERNELS[name]
+    with torch.autocast(x.device.type, enabled=False):  # cast once here, so the kernels see one dtype
+        x_in = x.to(dtype)
+        weight, bias = weight.to(dtype), (None if bias is None else bias.to(dtype))
+        if torch.is_grad_enabled() and (x_in.requires_grad or A.requires_grad or B.requires_grad or h.requires_grad):
+            return AdaptedLinearFunction.apply(x_in, weight, bias, A, B, h, task_ids, float(scale), kernels)
+        rows = math.prod(x.shape[:-1])
+        x2 = _rows(x_in, rows)
+        y2, _ = kernels.forward(x2, F.linear(x2, weight, bias), A, B, h, task_ids, float(scale), False)
+        return y2.view(*x.shape[:-1], weight.shape[0])
