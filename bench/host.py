@@ -221,8 +221,9 @@ def _no_grad(op, *args):
         return op(*args)
 
 
-def _layer_callables(settings: HostSettings, device, dtype, backends: List[str], skipped: List[Dict]
+def _layer_callables(settings: HostSettings, device, dtype, backends: List[str], unmeasured: List[Dict]
                      ) -> Dict[tuple, Callable]:
+    """The layer forward+backward of every provider and backend; those that cannot be built go to ``unmeasured``."""
     s = settings
     x = torch.randn(s.rows, s.d_in, device=device, dtype=dtype, requires_grad=True)
     fns = {}
@@ -230,23 +231,39 @@ def _layer_callables(settings: HostSettings, device, dtype, backends: List[str],
         try:
             model = adapted_model(provider, 1, s.d_in, s.d_out, s.rank, device, dtype)
         except ImportError as exc:  # PEFT is optional
-            skipped.append(_row(s, dtype, "layer forward+backward", provider, "torch", "host_us", "us",
-                                status="skipped", error=str(exc)))
+            unmeasured.append(_row(s, dtype, "layer forward+backward", provider, "torch", "host_us", "us",
+                                   status="skipped", error=str(exc)))
             continue
         params = [p for p in model.parameters() if p.requires_grad]
         for backend in (backends if provider in SAS_LAYER_PROVIDERS else ["torch"]):
             # Every provider runs inside the same backend-setting wrapper, so its cost (about a
             # microsecond) is in every row alike; "auto" for the providers that run no SaS op.
             setting = "auto" if backend == "torch" else backend
-            with cases.forced_backend(setting):
-                fns[(provider, backend)] = cases.with_backend(forward_backward(model, x, params), setting)
+            try:
+                with cases.forced_backend(setting):
+                    fns[(provider, backend)] = cases.with_backend(forward_backward(model, x, params), setting)
+            except Exception as exc:
+                unmeasured.append(_row(s, dtype, "layer forward+backward", provider, backend, "host_us", "us",
+                                       status="error", error=_failure(exc)))
     return fns
 
 
+def _failure(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
 def _timing_rows(settings, dtype, pass_name, fns: Dict[tuple, Callable], device) -> List[Dict]:
+    rows = []
+    for (provider, backend), fn in list(fns.items()):
+        try:  # a provider that fails is recorded in its row; the others are still timed
+            fn()
+        except Exception as exc:
+            rows.append(_row(settings, dtype, pass_name, provider, backend, "host_us", "us", status="error",
+                             error=_failure(exc)))
+            del fns[(provider, backend)]
     samples = time_interleaved({f"{p}|{b}": fn for (p, b), fn in fns.items()}, settings, device)
-    rows = [_row(settings, dtype, pass_name, p, b, "host_us", "us", samples=samples[f"{p}|{b}"])
-            for (p, b) in fns]
+    rows += [_row(settings, dtype, pass_name, p, b, "host_us", "us", samples=samples[f"{p}|{b}"])
+             for (p, b) in fns]
     if pass_name == "layer forward+backward" and ("lora", "torch") in fns:
         lora = samples["lora|torch"]
         for (provider, backend) in fns:
@@ -272,24 +289,40 @@ def count_rows(settings: HostSettings, device, dtype, backends: List[str]) -> Li
                              status="skipped", error=str(exc), layers=n))
             continue
         params = list(model.parameters())
-        step = forward_backward(model, x, [p for p in params if p.requires_grad])
         for backend in (backends if provider == "sas-inject" else ["torch"]):
-            with cases.forced_backend(None if backend == "torch" else backend):
-                step()  # first call: caches, compiled kernels, lazily built state
-                ops = counting.count_device_ops(step)
-                saved = counting.saved_bytes(lambda: model(x), exclude=params)
+            try:  # a failing backend is recorded in its row; the others are still counted
+                counted, total = _count_one(s, dtype, model, x, params, provider, backend, frozen_total, input_bytes)
+            except Exception as exc:
+                counted, total = [_row(s, dtype, COUNT_PASS, provider, backend, "extra_ops_per_layer", "ops",
+                                       status="error", error=_failure(exc), layers=n)], None
+            rows += counted
             if provider == "frozen":
-                frozen_total = ops.total
-                rows.append(_row(s, dtype, COUNT_PASS, provider, backend, "ops_per_layer", "ops",
-                                 ops.total / n, layers=n, note=_top_ops(ops)))
-            else:
-                rows.append(_row(s, dtype, COUNT_PASS, provider, backend, "extra_ops_per_layer", "ops",
-                                 (ops.total - frozen_total) / n, layers=n, note=_top_ops(ops)))
-                rows.append(_row(s, dtype, COUNT_PASS, provider, backend, "launches_per_layer", "launches",
-                                 ops.launches / n, layers=n))
-            rows.append(_row(s, dtype, COUNT_PASS, provider, backend, "saved_bytes_per_layer", "bytes", saved / n,
-                             layers=n, note=f"{saved / n / input_bytes:.2f}x a layer input"))
+                frozen_total = total
     return rows
+
+
+def _count_one(settings, dtype, model, x, params, provider, backend, frozen_total, input_bytes):
+    """The count rows of one provider and backend, and its total device ops (the frozen one is the baseline)."""
+    n = settings.layers
+    step = forward_backward(model, x, [p for p in params if p.requires_grad])
+    with cases.forced_backend(None if backend == "torch" else backend):
+        step()  # first call: caches, compiled kernels, lazily built state
+        ops = counting.count_device_ops(step)
+        saved = counting.saved_bytes(lambda: model(x), exclude=params)
+    rows = []
+    if provider == "frozen":
+        rows.append(_row(settings, dtype, COUNT_PASS, provider, backend, "ops_per_layer", "ops", ops.total / n,
+                         layers=n, note=_top_ops(ops)))
+    else:
+        if frozen_total is None:
+            raise RuntimeError("the frozen MLP could not be counted, so there is no baseline")
+        rows.append(_row(settings, dtype, COUNT_PASS, provider, backend, "extra_ops_per_layer", "ops",
+                         (ops.total - frozen_total) / n, layers=n, note=_top_ops(ops)))
+        rows.append(_row(settings, dtype, COUNT_PASS, provider, backend, "launches_per_layer", "launches",
+                         ops.launches / n, layers=n))
+    rows.append(_row(settings, dtype, COUNT_PASS, provider, backend, "saved_bytes_per_layer", "bytes", saved / n,
+                     layers=n, note=f"{saved / n / input_bytes:.2f}x a layer input"))
+    return rows, ops.total
 
 
 def _top_ops(ops: counting.DeviceOps) -> str:
@@ -307,14 +340,14 @@ def run_host(device: str, dtype: torch.dtype, size: str = "quick", settings: Opt
         torch.set_num_threads(1)
     try:
         rows = count_rows(settings, device, dtype, backends)
-        skipped: List[Dict] = []
+        unmeasured: List[Dict] = []
         for pass_name in HOST_PASSES:
             if pass_name.startswith("op"):
                 fns = _op_callables(settings, device, dtype, backends, grad=pass_name.endswith("backward"))
             else:
-                fns = _layer_callables(settings, device, dtype, backends, skipped)
+                fns = _layer_callables(settings, device, dtype, backends, unmeasured)
             rows += _timing_rows(settings, dtype, pass_name, fns, device)
-        return rows + skipped
+        return rows + unmeasured
     finally:
         torch.set_num_threads(threads)
 
