@@ -86,6 +86,10 @@ def run_case(case: Case, provider: str, device: torch.device, dtype: torch.dtype
     try:
         if timing_mode == "cuda-graph" and device.type != "cuda":
             raise NotApplicable("cuda-graph timing needs a CUDA device")
+        if timing_mode == "cuda-graph" and case.pass_name == "backward":
+            # The backward alone replays a graph recorded before capture: autograd runs each backward
+            # kernel on its forward's stream, outside the capturing one. forward+backward covers it.
+            raise NotApplicable("cuda-graph: the backward alone would run outside the capture stream")
         built = cases_module.build(case, provider, device, dtype)
         row["backend"] = built.backend
         # The first call pays for compilation (torch.compile, Triton autotuning): recorded, then excluded.
