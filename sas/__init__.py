@@ -7,6 +7,7 @@ Public API::
     sas.print_trainable_parameters(model)
     sas.merge(model); sas.unmerge(model)
     sas.save_adapter(model, "out/"); sas.load_adapter(fresh_model, "out/")
+    with sas.tasks(model, task_ids): model(x)      # SaSConfig(num_tasks=T): one task per batch element
 """
 from . import functional, reference
 from .config import VIT_TARGETS, SaSConfig
@@ -14,12 +15,13 @@ from .functional import available_backends, get_backend, resolve_backend, set_ba
 from .io import load_adapter, save_adapter
 from .layer import HyperNetwork, SaSLinear, SaSShared, adapted_layers
 from .model import count_parameters, inject, merge, print_trainable_parameters, unmerge
+from .multitask import add_task, tasks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SaSConfig", "VIT_TARGETS", "SaSLinear", "SaSShared", "HyperNetwork", "adapted_layers",
     "inject", "merge", "unmerge", "count_parameters", "print_trainable_parameters",
-    "save_adapter", "load_adapter", "functional", "reference",
+    "save_adapter", "load_adapter", "tasks", "add_task", "functional", "reference",
     "set_backend", "get_backend", "resolve_backend", "available_backends",
 ]

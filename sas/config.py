@@ -64,6 +64,12 @@ class SaSConfig:
         metadata={"help": "How an adapted layer computes: 'adapter' (the frozen nn.Linear, then the SaS op on the "
                           "Triton/C++/reference backend) or 'fused' (frozen GEMM and adapter as one op, "
                           "sas.fused_linear, design picked per shape; measured on CPU only so far)."})
+    num_tasks: int = field(
+        default=1,
+        metadata={"help": "Number of tasks served by one model. With more than one, each task t has a learned "
+                          "embedding (sas_shared.task_embeddings.<t>) and every layer's modulation is "
+                          "h_{t,l} = H(e_l + tau_t); pick tasks per forward with sas.tasks(model, task_ids). "
+                          "1 (the default) is the single-task adapter with no task embeddings."})
     base_model_name: Optional[str] = field(
         default=None, metadata={"help": "Architecture the adapter was made for; checked on load when set."})
 
@@ -83,7 +89,7 @@ class SaSConfig:
             self.targets = list(self.targets)
         else:
             raise ValueError(f"targets must be a regex str or a list of str, got {type(self.targets).__name__}")
-        for name in ("embed_dim", "hyper_hidden"):
+        for name in ("embed_dim", "hyper_hidden", "num_tasks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

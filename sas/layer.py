@@ -10,8 +10,15 @@ import torch
 from torch import nn
 
 from . import functional, fused_linear, linear_op, reference
+from . import multitask as task_context
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+# d(activation)/d(pre) applied to a gradient, from the pre-activation and the activation.
+_ACTIVATION_BACKWARD = {
+    nn.Tanh: lambda grad, pre, out: torch.ops.aten.tanh_backward(grad, out),
+    nn.ReLU: lambda grad, pre, out: torch.ops.aten.threshold_backward(grad, out, 0),
+    nn.GELU: lambda grad, pre, out: torch.ops.aten.gelu_backward(grad, pre),
+}
 
 # Output weights of H start this small so every h_l starts within about 1% of 1
 # (h = 1 + H(e)), i.e. the adapter starts as a plain shared low-rank update.
@@ -19,7 +26,12 @@ HYPER_OUTPUT_INIT_STD = 1e-2
 
 
 class HyperNetwork(nn.Module):
-    """``h = 1 + W2 act(W1 e + b1) + b2``: maps a layer embedding (k,) to its modulation (r,)."""
+    """``h = 1 + W2 act(W1 e + b1) + b2``: maps a layer embedding (k,) to its modulation (r,).
+
+    With task embeddings ``tau`` (T, k) it computes ``h_{t,l} = 1 + W2 act(W1 (e_l + tau_t) + b1) + b2``
+    for every task at once, ``(..., T, r)``: a task shifts the layer embedding, and the nonlinearity
+    makes the shift's effect layer-specific. A new task therefore costs k numbers and no new weights.
+    """
 
     def __init__(self, embed_dim: int, hidden: int, rank: int, activation: str = "tanh"):
         super().__init__()
@@ -29,21 +41,62 @@ class HyperNetwork(nn.Module):
         nn.init.normal_(self.output.weight, std=HYPER_OUTPUT_INIT_STD)
         nn.init.zeros_(self.output.bias)
 
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return 1.0 + self.output(self.activation(self.hidden(embedding)))
+    def forward(self, embedding: torch.Tensor, task_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if task_embeddings is None:
+            return self.forward_saving(embedding)[0]
+        # W1 (e + tau) + b1 = (W1 e + b1) + W1 tau: W1 runs on the L + T embeddings, not on L * T sums.
+        # The task-side products are elementwise-multiply-and-sum rather than GEMMs because a GEMM's
+        # rounding of one row depends on how many rows it has (MKL's remainder rows: F.linear over
+        # T task rows gave different bits for T < 12), and a task's h must not change when tasks are
+        # added (sas.add_task promises bit-identical outputs for the existing ones).
+        weight1, weight2 = self.hidden.weight, self.output.weight
+        task_part = (task_embeddings.unsqueeze(-2) * weight1).sum(-1)  # (T, hidden)
+        hidden = self.activation(self.hidden(embedding).unsqueeze(-2) + task_part)  # (..., T, hidden)
+        return 1.0 + ((hidden.unsqueeze(-2) * weight2).sum(-1) + self.output.bias)  # (..., T, r)
+
+    def forward_saving(self, embedding: torch.Tensor):
+        """``(h, pre, hidden)`` for single-task embeddings (L, k): h and what :meth:`backward` needs."""
+        pre = self.hidden(embedding)
+        hidden = self.activation(pre)
+        return 1.0 + self.output(hidden), pre, hidden
+
+    def backward(self, grad_h: torch.Tensor, embedding: torch.Tensor, pre: torch.Tensor, hidden: torch.Tensor,
+                 needs) -> list:
+        """Gradients of (embedding, W1, b1, W2, b2) for ``grad_h`` (L, r), written out by hand: seven small
+        ops per model backward instead of recomputing the MLP and running autograd over it (about twice
+        the ops plus a nested engine call, which dominated a one-layer model's host time)."""
+        needs_e, needs_w1, needs_b1, needs_w2, needs_b2 = needs
+        grads = [None] * 5
+        if needs_w2:
+            grads[3] = grad_h.t().mm(hidden)
+        if needs_b2:
+            grads[4] = grad_h.sum(0)
+        if needs_e or needs_w1 or needs_b1:
+            grad_hidden = grad_h.mm(self.output.weight)
+            grad_pre = _ACTIVATION_BACKWARD[type(self.activation)](grad_hidden, pre, hidden)
+            if needs_w1:
+                grads[1] = grad_pre.t().mm(embedding)
+            if needs_b1:
+                grads[2] = grad_pre.sum(0)
+            if needs_e:
+                grads[0] = grad_pre.mm(self.hidden.weight)
+        return grads
 
 
 class SaSShared(nn.Module):
     """Owns every SaS tensor of a model once: the shared A/B per sharing group,
-    one embedding per adapted layer, and the hypernetwork.
+    one embedding per adapted layer, the hypernetwork, and with ``num_tasks > 1`` one embedding per task.
 
     ``down[key]`` is A ``(r, d_in)`` (Kaiming-uniform), ``up[key]`` is B
     ``(d_out, r)`` (zeros, so the adapted model equals the base model at init).
+    ``task_embeddings[t]`` is task t's ``(k,)`` embedding, one Parameter per task so that each task can
+    be frozen (and left out of an optimizer) on its own; they start at zero, so every task starts as the
+    single-task adapter. With ``num_tasks == 1`` there are none and h is ``(r,)`` per layer.
     Layers hold a plain reference to this module and look their tensors up by key.
     """
 
     def __init__(self, rank: int, embed_dim: int, hyper_hidden: int, hyper_activation: str,
-                 down_shapes: Dict[str, int], up_shapes: Dict[str, int], num_layers: int):
+                 down_shapes: Dict[str, int], up_shapes: Dict[str, int], num_layers: int, num_tasks: int = 1):
         super().__init__()
         self.rank = rank
         self.down = nn.ParameterDict()
@@ -54,6 +107,8 @@ class SaSShared(nn.Module):
         self.up = nn.ParameterDict({key: nn.Parameter(torch.zeros(d_out, rank)) for key, d_out in up_shapes.items()})
         self.embeddings = nn.Parameter(torch.randn(num_layers, embed_dim))
         self.hyper = HyperNetwork(embed_dim, hyper_hidden, rank, hyper_activation)
+        self.task_embeddings = nn.ParameterList(
+            [nn.Parameter(torch.zeros(embed_dim)) for _ in range(num_tasks)] if num_tasks > 1 else [])
 
         # Per-dtype cache of h (and of A/B cast to another dtype): see layer_tensors.
         self._cache: Dict[tuple, _CacheEntry] = {}
@@ -72,18 +127,29 @@ class SaSShared(nn.Module):
         """
         return inputs
 
+    @property
+    def num_tasks(self) -> int:
+        return max(len(self.task_embeddings), 1)
+
+    def _tasks(self) -> Optional[torch.Tensor]:
+        """Every task embedding as one (T, k) tensor, or ``None`` for a single-task adapter."""
+        return torch.stack(tuple(self.task_embeddings)) if len(self.task_embeddings) else None
+
     def modulation(self, layer_index: int) -> torch.Tensor:
-        """``h_l`` (r,) of one layer."""
-        return self.hyper(self.embeddings[layer_index])
+        """``h_l`` (r,) of one layer; ``(num_tasks, r)`` with several tasks."""
+        return self.hyper(self.embeddings[layer_index], self._tasks())
 
     def modulations(self) -> torch.Tensor:
-        """``h`` of every layer at once, (num_layers, r), under plain autograd."""
-        return self.hyper(self.embeddings)
+        """``h`` of every layer at once under plain autograd: (num_layers, r), or (num_layers, num_tasks, r)
+        with several tasks (all of them, not only those in the batch: it is the same few launches, and a
+        task's h then never depends on which other tasks share its batch)."""
+        return self.hyper(self.embeddings, self._tasks())
 
     def modulation_sources(self) -> Tuple[torch.Tensor, ...]:
         """Every tensor :meth:`modulations` reads: the cache is valid while none of them changed."""
         hyper = self.hyper
-        return (self.embeddings, hyper.hidden.weight, hyper.hidden.bias, hyper.output.weight, hyper.output.bias)
+        return (self.embeddings, hyper.hidden.weight, hyper.hidden.bias, hyper.output.weight, hyper.output.bias,
+                *self.task_embeddings)
 
     # Running the hypernetwork and casting A/B once per layer would cost, on ViT-B, 48 tiny MLPs plus
     # about 150 casts per forward, each a separate kernel launch in forward and backward. Instead h of
@@ -117,14 +183,16 @@ class SaSShared(nn.Module):
         return entry
 
     def _modulation_table(self, sources, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            return self.modulations().to(dtype).unbind(0)
+        if len(sources) == 5:  # single task: the hypernetwork's hand-written backward
+            return _HyperTable.apply(self.hyper, dtype, *sources).unbind(0)
         owner = weakref.ref(self)  # the cached graph must not keep the owner alive
 
         def compute():
             return owner().modulations().to(dtype)
 
-        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-            return _ModulationTable.apply(compute, *sources).unbind(0)
-        return compute().unbind(0)
+        return _ModulationTable.apply(compute, *sources).unbind(0)
 
 
 class _CacheEntry:
@@ -141,6 +209,32 @@ class _CacheEntry:
         if hit is None or hit[0] != t._version or hit[1] is not t:
             hit = self._casts[id(t)] = (t._version, t, t.to(self.dtype))
         return hit[2]
+
+
+class _HyperTable(torch.autograd.Function):
+    """h of every layer of a single-task adapter, (L, r), with the hypernetwork's hand-written backward.
+
+    Like :class:`_ModulationTable`, it keeps what its backward needs on ``ctx`` (never through
+    ``save_for_backward``; see there why) and differentiates the reference computation under
+    autograd when a double backward asks for a graph.
+    """
+
+    @staticmethod
+    def forward(ctx, hyper, dtype, embeddings, *weights):
+        h, pre, hidden = hyper.forward_saving(embeddings)
+        ctx.hyper, ctx.embeddings, ctx.pre, ctx.hidden, ctx.weights = hyper, embeddings, pre, hidden, weights
+        ctx.input_dtype = h.dtype
+        return h.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        needs = ctx.needs_input_grad[2:]
+        grad = grad.to(ctx.input_dtype)
+        if torch.is_grad_enabled():
+            grads = reference.regrad(lambda e, *_: ctx.hyper(e), (ctx.embeddings, *ctx.weights), needs, grad)
+        else:
+            grads = ctx.hyper.backward(grad, ctx.embeddings, ctx.pre, ctx.hidden, needs)
+        return (None, None, *grads)
 
 
 class _ModulationTable(torch.autograd.Function):
@@ -199,6 +293,7 @@ class SaSLinear(nn.Module):
         self.register_buffer("sas_merged", torch.zeros((), dtype=torch.bool, device=base_layer.weight.device))
         self._merged = False
         self._merge_record: Optional[tuple] = None  # (weight, its version after merge, its copy before merge)
+        self._merged_task: Optional[int] = None
         self.register_load_state_dict_pre_hook(_merged_flag_follows_weight)
         self.register_load_state_dict_post_hook(_sync_merged_flag)
 
@@ -234,24 +329,29 @@ class SaSLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        task = task_context.layer_tasks(self.shared, x)  # None, one task (int) or one id per batch element
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        if self.layer_op == "fused":
+        # The fused designs fold a single h into the weight; a batch of per-element tasks takes the adapter path.
+        if self.layer_op == "fused" and not isinstance(task, torch.Tensor):
             A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key,
                                                 linear_op.compute_dtype(x, weight))
+            h, _ = _task_modulation(h, task)
             return fused_linear.sas_linear(x, weight, bias, A, B, h, self.scale)
         if torch.compiler.is_compiling():
             # The compiler traces the op-level path: its torch.library ops are what it knows how to trace.
             base = self.base_layer(x)
             A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, base.dtype)
-            return functional.sas_adapter(x.to(base.dtype), base, A, B, h, self.scale)
+            h, task_ids = _task_modulation(h, task)
+            return functional.sas_adapter(x.to(base.dtype), base, A, B, h, self.scale, task_ids)
         dtype = linear_op.compute_dtype(x, weight)
         A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, dtype)
-        signature = (x.dtype, x.device, x.dim(), x.shape[-1], dtype)
+        h, task_ids = _task_modulation(h, task)
+        signature = (x.dtype, x.device, x.dim(), x.shape[-1], dtype, h.shape, task_ids is None)
         if signature != self._validated:  # full checks once per input signature, then none
             functional.validate(x.to(dtype), weight.new_empty(()).to(dtype).expand(*x.shape[:-1], self.out_features),
-                                A, B, h, self.scale)
+                                A, B, h, self.scale, task_ids)
             self._validated = signature
-        return linear_op.adapted_linear(x, weight, bias, A, B, h, self.scale)
+        return linear_op.adapted_linear(x, weight, bias, A, B, h, self.scale, task_ids)
 
     @property
     def merged(self) -> bool:
@@ -263,14 +363,22 @@ class SaSLinear(nn.Module):
         self.sas_merged.fill_(merged)
 
     @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """``s * B @ diag(h_l) @ A`` in float32, the update folded in by :meth:`merge`."""
+    def delta_weight(self, task: Optional[int] = None) -> torch.Tensor:
+        """``s * B @ diag(h_l) @ A`` in float32, the update folded in by :meth:`merge`; ``h_{t,l}`` of
+        ``task`` when the adapter has several tasks (there it is required)."""
         A, B = self.A.float(), self.B.float()
-        return self.scale * (B * self.modulation().float()) @ A
+        h, _ = _task_modulation(self.modulation(), task_context.check_task(self.shared, task))
+        return self.scale * (B * h.float()) @ A
+
+    @property
+    def merged_task(self) -> Optional[int]:
+        """The task whose update :meth:`merge` folded in (``None`` when unmerged or single-task)."""
+        return self._merged_task
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into ``base_layer.weight``; refuses a non-finite update.
+    def merge(self, task: Optional[int] = None) -> None:
+        """Fold the update (of ``task``, required with several tasks) into ``base_layer.weight``;
+        refuses a non-finite update.
 
         Keeps a copy of the weight as it was (one more weight of memory while merged), so that
         :meth:`unmerge` restores it bit for bit even if the adapter changes while merged.
@@ -278,13 +386,14 @@ class SaSLinear(nn.Module):
         if self.merged:
             warnings.warn("SaSLinear is already merged; merge() did nothing", UserWarning, stacklevel=2)
             return
-        delta = self.delta_weight()
+        delta = self.delta_weight(task)
         if not torch.isfinite(delta).all():
             raise ValueError("refusing to merge: the SaS update contains NaN or Inf")
         weight = self.base_layer.weight
         before = weight.detach().clone()
         weight.copy_((weight.float() + delta).to(weight.dtype))
         self._merge_record = (weight, weight._version, before)
+        self._merged_task = task if self.shared.num_tasks > 1 else None
         self._set_merged(True)
 
     def unmerge_refusal(self) -> Optional[str]:
@@ -295,7 +404,7 @@ class SaSLinear(nn.Module):
         if weight is not self.base_layer.weight or version != weight._version:
             return ("its weight before merge is not known: the merged weight was loaded (e.g. from a merged "
                     "model's state_dict) or written since merge; load the base weights and the adapter instead")
-        if not torch.isfinite(self.delta_weight()).all():
+        if not torch.isfinite(self.delta_weight(self._merged_task)).all():
             return "the SaS update contains NaN or Inf"
         return None
 
@@ -316,6 +425,7 @@ class SaSLinear(nn.Module):
         weight, _, before = self._merge_record
         weight.copy_(before)
         self._merge_record = None
+        self._merged_task = None
         self._set_merged(False)
 
     def extra_repr(self) -> str:
@@ -323,6 +433,13 @@ class SaSLinear(nn.Module):
                 f"layer={self.layer_index}, down={self.down_key!r}, up={self.up_key!r}, scale={self.scale}, "
                 f"op={self.layer_op}, "
                 f"merged={self.merged}")
+
+
+def _task_modulation(h: torch.Tensor, task) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(h, task_ids)`` for the op: a single task's row of a per-task ``h`` (T, r), or ``h`` with the ids."""
+    if isinstance(task, int):
+        return h[task], None
+    return h, task
 
 
 def _merged_flag_follows_weight(layer: SaSLinear, state_dict, prefix, *_unused) -> None:

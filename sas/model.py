@@ -7,13 +7,14 @@ import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .config import SaSConfig
 from .layer import SaSLinear, SaSShared, adapted_layers, find_shared
+from .multitask import check_task
 
 SHARED_ATTRIBUTE = "sas_shared"
 
@@ -171,6 +172,7 @@ def build_shared(plans: List[LayerPlan], config: SaSConfig, device, dtype) -> Sa
             down_shapes={p.down_key: p.in_features for p in plans},
             up_shapes={p.up_key: p.out_features for p in plans},
             num_layers=len(plans),
+            num_tasks=config.num_tasks,
         )
     return shared.to(dtype=dtype)
 
@@ -238,8 +240,12 @@ def _refuse_tied_weights(model: nn.Module, layers: List[SaSLinear]) -> None:
                              f"model unmerged")
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
     """Fold every layer's ``s * B diag(h_l) A`` into its frozen weight (zero-overhead inference).
+
+    With ``num_tasks > 1`` name the task: ``h_{task,l}`` is folded in and the merged model serves that
+    task only (``task=None`` is refused; a ``sas.tasks`` context asking for another task is refused
+    while merged). :func:`unmerge` gives back the multi-task model.
 
     All updates are computed and checked before any weight changes, so a non-finite update or a tied
     weight (see below) leaves the model untouched. Merging twice warns and does nothing.
@@ -255,6 +261,7 @@ def merge(model: nn.Module) -> nn.Module:
       unmerged (its pre-merge weights are not in the state), it serves merged inference.
     """
     layers = _require_adapted(model)
+    task = check_task(layers[0].shared, task)
     pending = [layer for layer in layers if not layer.merged]
     if not pending:
         warnings.warn("model is already merged; merge() did nothing", UserWarning, stacklevel=2)
@@ -262,11 +269,11 @@ def merge(model: nn.Module) -> nn.Module:
     _refuse_tied_weights(model, pending)
     with torch.no_grad():
         for layer in pending:
-            if not torch.isfinite(layer.delta_weight()).all():
+            if not torch.isfinite(layer.delta_weight(task)).all():
                 raise ValueError(f"refusing to merge: the SaS update of layer {layer.layer_index} "
                                  f"({layer.down_key}/{layer.up_key}) contains NaN or Inf")
     for layer in pending:
-        layer.merge()
+        layer.merge(task)
     return model
 
 

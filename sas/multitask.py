@@ -1,0 +1,180 @@
+"""Many tasks on one adapted model: ``sas.tasks`` selects them per forward, ``sas.add_task`` appends one.
+
+With ``SaSConfig(num_tasks=T)`` every layer's modulation is ``h_{t,l} = H(e_l + tau_t)``
+(:class:`sas.HyperNetwork`), computed for all T tasks once per forward and handed to each layer as
+``(T, r)``; the op picks each batch element's row by its task id, so one batch may mix tasks.
+
+The setting lives per model and per thread: each thread has its own (a new thread starts with none),
+so threads may serve different tasks from one model at the same time. Contexts nest: the innermost
+one is in force, and leaving it restores the one around it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import weakref
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+_state = threading.local()
+# How many contexts are open in all threads: while none is, a layer's forward skips the thread-local
+# lookup altogether (the single-task hot path pays one global read).
+_open_contexts = 0
+_open_lock = threading.Lock()
+
+
+def _settings() -> "weakref.WeakKeyDictionary":
+    """This thread's ``{shared owner: task setting}``; weak, so a context never keeps a model alive."""
+    settings = getattr(_state, "settings", None)
+    if settings is None:
+        settings = _state.settings = weakref.WeakKeyDictionary()
+    return settings
+
+
+def _owner(model: nn.Module):
+    """The :class:`sas.SaSShared` of an injected model or of a standalone :class:`sas.SaSLinear`."""
+    from .layer import SaSLinear, find_shared  # sas.layer imports this module
+
+    shared = find_shared(model)
+    if shared is None and isinstance(model, SaSLinear):
+        shared = model.shared
+    if shared is None:
+        raise ValueError(f"{type(model).__name__} has no SaS adapter; call sas.inject first")
+    return shared
+
+
+def _range_error(values, num_tasks: int) -> ValueError:
+    if num_tasks == 1:
+        return ValueError(f"task ids {values} on a model with num_tasks=1: its only task is 0 "
+                          f"(inject with SaSConfig(num_tasks=...) or call sas.add_task for more)")
+    return ValueError(f"task ids {values} are out of range: this model has num_tasks={num_tasks} (ids 0..{num_tasks - 1})")
+
+
+def check_task(shared, task: Optional[int]) -> Optional[int]:
+    """One task id for ``shared``'s adapter, checked: ``None`` (single task), else an int in range.
+
+    ``None`` is refused with several tasks, since there is no one update to speak of.
+    """
+    num_tasks = shared.num_tasks
+    if task is None:
+        if num_tasks > 1:
+            raise ValueError(f"this adapter has num_tasks={num_tasks}: name the task (task=t, t in 0..{num_tasks - 1})")
+        return None
+    if isinstance(task, bool) or not isinstance(task, int):
+        raise TypeError(f"task must be an int, got {type(task).__name__} {task!r}")
+    if not 0 <= task < num_tasks:
+        raise _range_error([task], num_tasks)
+    return task if num_tasks > 1 else None
+
+
+def _checked_ids(shared, task_ids) -> Union[int, torch.Tensor]:
+    """``task_ids`` as the setting to store: an int, or a 1-D int64 tensor on the adapter's device."""
+    if isinstance(task_ids, int) and not isinstance(task_ids, bool):
+        if not 0 <= task_ids < shared.num_tasks:
+            raise _range_error([task_ids], shared.num_tasks)
+        return task_ids
+    if not isinstance(task_ids, torch.Tensor) or task_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"task_ids must be an int or an int64/int32 tensor of shape (batch,), got {task_ids!r:.80}")
+    if task_ids.dim() != 1:
+        raise ValueError(f"task_ids must be 1-D, one id per leading-batch element; got shape {tuple(task_ids.shape)}")
+    # One host sync per context (not per layer): out-of-range ids must fail here, naming the values,
+    # rather than read another row on the device.
+    bad = task_ids[(task_ids < 0) | (task_ids >= shared.num_tasks)]
+    if bad.numel():
+        raise _range_error(sorted(set(bad.tolist()))[:8], shared.num_tasks)
+    return task_ids.to(device=shared.embeddings.device, dtype=torch.int64)
+
+
+def _refuse_other_tasks_when_merged(model: nn.Module, setting) -> None:
+    from .layer import adapted_layers
+
+    merged = {layer.merged_task for layer in adapted_layers(model) if layer.merged_task is not None}
+    if not merged:
+        return
+    wanted = {setting} if isinstance(setting, int) else set(setting.unique().tolist())
+    if wanted - merged:
+        raise ValueError(f"the model is merged for task {sorted(merged)[0]}, so every input gets that task's "
+                         f"outputs; tasks {sorted(wanted - merged)} need sas.unmerge(model) first")
+
+
+@contextlib.contextmanager
+def tasks(model: nn.Module, task_ids: Union[int, torch.Tensor]) -> Iterator[None]:
+    """Run every forward of ``model`` inside the block for ``task_ids``.
+
+    ``task_ids`` is an int (the whole batch) or a tensor of shape ``(batch,)``: one id per
+    leading-batch element of each adapted layer's input, so a batch may mix tasks. Ids are checked
+    on entry (``ValueError`` naming the values out of range, or ids other than 0 on a single-task
+    model); a length that does not match the batch is refused by the first layer that sees it.
+    The previous setting is restored on exit, also when the block raises. Contexts nest (the
+    innermost wins) and are per thread: other threads keep their own setting.
+    """
+    global _open_contexts
+    shared = _owner(model)
+    setting = _checked_ids(shared, task_ids)
+    _refuse_other_tasks_when_merged(model, setting)
+    settings = _settings()
+    previous = settings.get(shared)
+    settings[shared] = setting
+    with _open_lock:
+        _open_contexts += 1
+    try:
+        yield
+    finally:
+        with _open_lock:
+            _open_contexts -= 1
+        if previous is None:
+            settings.pop(shared, None)
+        else:
+            settings[shared] = previous
+
+
+def layer_tasks(shared, x: torch.Tensor) -> Union[None, int, torch.Tensor]:
+    """What an adapted layer with input ``x`` runs: ``None`` (single task), one task id, or one id per
+    leading-batch element; refuses ids whose count does not match ``x``'s batch."""
+    setting = _settings().get(shared) if _open_contexts else None
+    if isinstance(setting, torch.Tensor):
+        batch = x.shape[0] if x.dim() >= 2 else 1
+        if setting.shape[0] != batch:
+            raise ValueError(f"task_ids holds {setting.shape[0]} ids but an adapted layer got a batch of {batch} "
+                             f"(input shape {tuple(x.shape)}): pass one id per leading-batch element")
+    if shared.num_tasks == 1:
+        return None
+    if setting is None:
+        raise ValueError(f"this model has num_tasks={shared.num_tasks}: run it inside "
+                         f"`with sas.tasks(model, task_ids):` to say which task each input belongs to")
+    return setting
+
+
+def add_task(model: nn.Module, freeze: bool = True) -> int:
+    """Append a task to ``model``'s adapter and return its id.
+
+    The new task's embedding starts as the mean of the existing ones (the zero vector on a single-task
+    model, whose task 0 then gets the zero embedding too), so it starts as the "average task".
+    With ``freeze`` (the default) every other parameter of the model stops requiring grad and loses its
+    ``.grad``: the shared A/B, the layer embeddings, the hypernetwork, the other tasks' embeddings and
+    the ``trainable_modules``. An optimizer over ``[p for p in model.parameters() if p.requires_grad]``
+    then trains the new task alone (unfreeze a head of its own yourself), and since each task embedding
+    is a Parameter of its own, weight decay or momentum cannot reach the others: their outputs stay
+    bit-identical. From a single-task model (1 -> 2 tasks) task 0's outputs change by rounding only: it
+    moves from the single-task hypernetwork path to the per-task one.
+    """
+    shared = _owner(model)
+    with torch.no_grad():
+        existing = tuple(shared.task_embeddings)
+        if not existing:
+            shared.task_embeddings.append(nn.Parameter(torch.zeros_like(shared.embeddings[0])))
+            existing = tuple(shared.task_embeddings)
+        new = nn.Parameter(torch.stack(existing).mean(0))
+    shared.task_embeddings.append(new)
+    config = getattr(shared, "config", None)
+    if config is not None:  # an injected model saves its config: record the count (a copy, not the user's object)
+        shared.config = dataclasses.replace(config, num_tasks=shared.num_tasks)
+    if freeze:
+        for parameter in model.parameters():
+            if parameter is not new:
+                parameter.requires_grad_(False)
+                parameter.grad = None
+    return shared.num_tasks - 1
