@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import sys
 from typing import Callable, Iterable, NamedTuple
 
 import torch
@@ -64,16 +66,29 @@ def is_free_op(func) -> bool:
     return bool(getattr(func, "is_view", False)) or func._schema.name in FREE_OPS
 
 
+def _in_triton_interpreter() -> bool:
+    """Whether the current op was issued by Triton's CPU interpreter (``TRITON_INTERPRET=1``), which copies
+    every tensor argument to and from numpy around a launch: emulation work a GPU launch does not do."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(os.path.join("triton", "runtime", "interpreter.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _OpCounter(TorchDispatchMode):
     def __init__(self, launches):
         super().__init__()
         self.launches = launches  # the active LaunchCounter: read around each op
         self.names = collections.Counter()
+        self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         before = self.launches.count
         out = func(*args, **(kwargs or {}))
-        if self.launches.count == before and not is_free_op(func):
+        if (self.launches.count == before and not is_free_op(func)
+                and not (self.interpreted and _in_triton_interpreter())):
             self.names[func._schema.name] += 1
         return out
 
@@ -83,7 +98,8 @@ def count_device_ops(fn: Callable[[], object]) -> DeviceOps:
 
     Every op reaching the dispatcher counts once (views, metadata ops and bare allocations excluded:
     see :func:`is_free_op`), and so does every Triton launch recorded by ``sas_kernels``; a custom op
-    that launched Triton kernels is represented by those launches alone. Ops run by autograd's
+    that launched Triton kernels is represented by those launches alone, and the Triton interpreter's
+    own copies around a launch are not counted. Ops run by autograd's
     backward are seen when the backward runs inside ``fn`` on the calling thread (always on CPU).
     """
     with _launch_counter()() as launches:

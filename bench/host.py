@@ -360,7 +360,7 @@ def host_notes(device: str) -> List[str]:
                      "providers only within one run")
         if os.environ.get("TRITON_INTERPRET") == "1":
             notes.append("TRITON_INTERPRET=1: the triton rows' host times are the interpreter's (slow, not "
-                         "representative); their counts are exact")
+                         "representative); their counts are exact (the interpreter's own copies excluded)")
     notes.append("counts: one forward+backward of an N-layer MLP; ops exclude views, metadata ops and bare "
                  "allocations; ops inside a custom op's implementation are not seen (the op counts once, or as "
                  "its Triton launches)")
