@@ -9,6 +9,8 @@ times compare directly. Providers:
 * ``reference-compiled`` - ``torch.compile`` of the reference path (compile time reported apart)
 * ``peft-lora``, ``peft-vera`` - Hugging Face PEFT at the same rank on the same layers (optional)
 * ``frozen``             - the layer or model with no adapter: the floor
+* ``sas-tasks64``        - layer level: ``SaSLinear`` with 64 tasks mixed in one batch (row i runs task
+  i mod 64, ``sas.tasks``); its "sas x" column is the multi-task cost ratio against one task (issue 12)
 * ``sas-compiled``, ``peft-lora-compiled``, ``frozen-compiled`` - model training step under
   ``torch.compile`` (opt-in: only when named in ``--providers``)
 """
@@ -28,12 +30,15 @@ from . import bytes_model
 
 OP_PROVIDERS = ("sas", "reference", "reference-compiled")
 # sas-fused: SaSLinear with layer_op="fused" (frozen GEMM and adapter as one op, sas.fused_linear).
-LAYER_PROVIDERS = ("sas", "sas-fused", "reference", "reference-compiled", "peft-lora", "peft-vera", "frozen")
+LAYER_PROVIDERS = ("sas", "sas-fused", "sas-tasks64", "reference", "reference-compiled", "peft-lora", "peft-vera",
+                   "frozen")
+# sas-tasks64: this many tasks in every batch (the issue's multi-task case).
+BENCH_TASKS = 64
 # Model level, opt-in (run only when named in --providers): the whole training step of the model
 # under torch.compile for SaS, PEFT LoRA and the frozen floor, the issue's compiled comparison.
 OPT_IN_PROVIDERS = ("sas-compiled", "peft-lora-compiled", "frozen-compiled")
-MODEL_PROVIDERS = LAYER_PROVIDERS + OPT_IN_PROVIDERS
-ALL_PROVIDERS = MODEL_PROVIDERS
+MODEL_PROVIDERS = tuple(p for p in LAYER_PROVIDERS if p != "sas-tasks64") + OPT_IN_PROVIDERS
+ALL_PROVIDERS = LAYER_PROVIDERS + OPT_IN_PROVIDERS
 PASSES = ("forward", "backward", "forward+backward")
 MODEL_MODES = ("train", "infer", "infer-merged")
 
@@ -189,7 +194,13 @@ def pass_callable(forward: Callable[[], torch.Tensor], grad_inputs: List[torch.T
     if pass_name == "forward+backward":
         del y  # only its shape was needed: free the stored graph
         return lambda: torch.autograd.grad(forward(), grad_inputs, g)
-    return lambda: torch.autograd.grad(y, grad_inputs, g, retain_graph=True)
+
+    def backward():
+        return torch.autograd.grad(y, grad_inputs, g, retain_graph=True)
+    # The graph may reach the module only through a weak reference (SaSShared's table of h recomputes
+    # from its owner in backward), so the timed call keeps the forward, and with it the module, alive.
+    backward.keeps_alive = forward
+    return backward
 
 
 _compiled_reference = None
@@ -236,7 +247,7 @@ def build(case: Case, provider: str, device: torch.device, dtype: torch.dtype) -
 
 
 def _backend_name(provider: str, device) -> str:
-    if provider == "sas":
+    if provider in ("sas", "sas-tasks64"):
         return functional.resolve_backend(device)
     if provider == "sas-fused":
         return "fused_linear"
@@ -287,6 +298,8 @@ def _build_layer(case: Case, provider: str, device, dtype) -> Built:
         if provider == "reference-compiled":
             allow_backward_replay()
         call_layer = with_backend(torch.compile(layer) if provider == "reference-compiled" else layer, backend)
+        if provider == "sas-tasks64":
+            call_layer = _with_mixed_tasks(layer, case.rows, device)
     randomize_trainable(layer)
     x = torch.randn(case.rows, case.d_in, device=device, dtype=dtype, requires_grad=True)
     call = pass_callable(lambda: call_layer(x), [x] + trainable(layer), case.pass_name)
@@ -295,6 +308,18 @@ def _build_layer(case: Case, provider: str, device, dtype) -> Built:
     bwd = (bytes_model.linear_backward_bytes(e, case.rows, case.d_in, case.d_out) if provider == "frozen"
            else bytes_model.layer_backward_bytes(e, case.rows, case.d_in, case.d_out, case.rank))
     return Built(call, _backend_name(provider, device), bytes_model.pass_bytes(fwd, bwd, case.pass_name), case.rows)
+
+
+def _with_mixed_tasks(layer: sas.SaSLinear, rows: int, device) -> Callable:
+    """``layer`` grown to :data:`BENCH_TASKS` tasks, called with row i on task i mod BENCH_TASKS."""
+    while layer.shared.num_tasks < BENCH_TASKS:
+        sas.add_task(layer, freeze=False)
+    task_ids = torch.arange(rows, device=device) % BENCH_TASKS
+
+    def call(x):
+        with sas.tasks(layer, task_ids):
+            return layer(x)
+    return call
 
 
 def _build_model(case: Case, provider: str, device, dtype) -> Built:
