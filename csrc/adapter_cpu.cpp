@@ -12,6 +12,7 @@
 // backward's weight gradients are summed per chunk of rows into private partials
 // and the partials added in chunk order, with a chunk split that does not depend
 // on the thread count, so every thread count gives bitwise the same result.
+#include "adapter_cpu.h"
 #include "simd.h"
 
 #include <ATen/Parallel.h>
@@ -373,6 +374,8 @@ PreparedWeights prepare_weights(const at::Tensor& A, const at::Tensor& B, const 
   return p;
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x_in, const at::Tensor& base_in,
                                                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& h,
                                                    double scale, const std::optional<at::Tensor>& task_ids) {
@@ -436,8 +439,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
   at::Tensor grad_h = sum_partials(partial_h).view(h.sizes()).to(dtype);
   return {grad_x, grad_A, grad_B, grad_h};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(sas, CPU, m) {
   m.impl("cpu_adapter_forward", &adapter_forward);

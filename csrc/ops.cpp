@@ -20,6 +20,26 @@ TORCH_LIBRARY(sas, m) {
   m.def(
       "cpu_adapter_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor h, Tensor u, float scale,"
       " Tensor? task_ids) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_h)");
+  // The whole adapted layer, x (..., d_in) -> x @ weight.T + bias + scale * ((x @ A.T) * h) @ B.T, with its
+  // autograd in C++ (layer_cpu.cpp); weight and bias are frozen (no gradient).
+  m.def(
+      "cpu_adapted_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor h, float scale,"
+      " Tensor? task_ids) -> Tensor");
+  // Its forward below autograd: y and the float32 u = x @ A.T the backward needs (the backward is
+  // cpu_adapter_backward plus dx += grad_y @ weight).
+  m.def(
+      "cpu_adapted_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor h, float scale,"
+      " Tensor? task_ids) -> (Tensor y, Tensor u)");
+  // h = 1 + w2 act(w1 e + b1) + b2 for every row of embeddings; activation 0 tanh, 1 relu, 2 gelu.
+  m.def("cpu_hypernetwork(Tensor embeddings, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int activation) -> Tensor");
+  // Its forward and backward below autograd: the forward also returns the pre-activation and the
+  // activation; the backward returns the gradients of embeddings, w1, b1, w2, b2 (all five).
+  m.def(
+      "cpu_hypernetwork_forward(Tensor embeddings, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int activation)"
+      " -> (Tensor h, Tensor pre, Tensor hidden)");
+  m.def(
+      "cpu_hypernetwork_backward(Tensor grad_h, Tensor embeddings, Tensor w1, Tensor w2, Tensor pre, Tensor hidden,"
+      " int activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import sas._C` runs the registrations above; the module itself only reports which

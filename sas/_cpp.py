@@ -1,11 +1,13 @@
 """The C++ CPU backend: autograd and fake implementations around the ``sas._C`` ops.
 
-``sas._C`` (built from ``csrc/`` by ``setup.py``) registers two CPU ops,
+``sas._C`` (built from ``csrc/`` by ``setup.py``) registers the CPU ops
 ``torch.ops.sas.cpu_adapter_forward`` (returns ``y`` and the float32 ``u = x @ A.T``
-the backward needs) and ``torch.ops.sas.cpu_adapter_backward``. This module adds
-their fake (meta) implementations, so ``torch.compile`` and ``opcheck`` can trace
-them, and the autograd formula, and exports :func:`sas_adapter_cpp`, the function
-:mod:`sas.functional` calls for backend ``"cpp"``.
+the backward needs) and ``torch.ops.sas.cpu_adapter_backward``, whose autograd formula
+is added here, and ``cpu_adapted_linear`` (the whole adapted layer, :mod:`sas.linear_op`) and
+``cpu_hypernetwork`` (h of every layer, ``SaSShared``), whose autograd lives in C++
+(``csrc/layer_cpu.cpp``). This module adds the fake (meta) implementations of all of them, so
+``torch.compile`` and ``opcheck`` can trace them, and exports :func:`sas_adapter_cpp`, the
+function :mod:`sas.functional` calls for backend ``"cpp"``.
 
 Importing it raises ``ImportError`` with the reason when ``sas._C`` was not built
 or was built against another torch; :mod:`sas.functional` then warns once and
@@ -45,6 +47,34 @@ def _forward_fake(x, base, A, B, h, scale, task_ids):
 def _backward_fake(grad_y, x, A, B, h, u, scale, task_ids):
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(A),
             B.new_empty(B.shape), torch.empty_like(h))
+
+
+@torch.library.register_fake("sas::cpu_adapted_linear")
+def _layer_fake(x, weight, bias, A, B, h, scale, task_ids):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("sas::cpu_adapted_linear_forward")
+def _layer_forward_fake(x, weight, bias, A, B, h, scale, task_ids):
+    rows = math.prod(x.shape[:-1])
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((rows, A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("sas::cpu_hypernetwork")
+def _hypernetwork_fake(embeddings, w1, b1, w2, b2, activation):
+    return embeddings.new_empty((*embeddings.shape[:-1], w2.shape[0]))
+
+
+@torch.library.register_fake("sas::cpu_hypernetwork_forward")
+def _hypernetwork_forward_fake(embeddings, w1, b1, w2, b2, activation):
+    hidden = embeddings.new_empty((*embeddings.shape[:-1], w1.shape[0]))
+    return embeddings.new_empty((*embeddings.shape[:-1], w2.shape[0])), hidden, torch.empty_like(hidden)
+
+
+@torch.library.register_fake("sas::cpu_hypernetwork_backward")
+def _hypernetwork_backward_fake(grad_h, embeddings, w1, w2, pre, hidden, activation):
+    return (torch.empty_like(embeddings), torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2),
+            w2.new_empty(w2.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):

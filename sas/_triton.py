@@ -50,15 +50,18 @@ class SaSAdapterFunction(torch.autograd.Function):
         return dx, g, dA, dB, dh, None, None
 
 
+def check_rank(rank: int) -> None:
+    if rank > kernels.MAX_RANK:
+        raise ValueError(f"the triton backend supports rank 1..{kernels.MAX_RANK}; got rank {rank} "
+                         f"(use backend='reference' for larger ranks)")
+
+
 def sas_adapter_triton(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
                        scale: float, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
     """The Triton backend of :func:`sas.functional.sas_adapter` (arguments already validated)."""
     if x.dtype not in KERNEL_DTYPES:
         return reference.sas_adapter(x, base, A, B, h, scale, task_ids)
-    rank = A.shape[0]
-    if rank > kernels.MAX_RANK:
-        raise ValueError(f"the triton backend supports rank 1..{kernels.MAX_RANK}; got rank {rank} "
-                         f"(use backend='reference' for larger ranks)")
+    check_rank(A.shape[0])
     as_rows = sas_kernels.as_rows
     x2, base2, A, B, h = as_rows(x), as_rows(base), A.contiguous(), B.contiguous(), h.contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, base2, A, B, h)):

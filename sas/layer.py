@@ -3,22 +3,28 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import functional, fused_linear, linear_op, reference
 from . import multitask as task_context
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
-# d(activation)/d(pre) applied to a gradient, from the pre-activation and the activation.
-_ACTIVATION_BACKWARD = {
-    nn.Tanh: lambda grad, pre, out: torch.ops.aten.tanh_backward(grad, out),
-    nn.ReLU: lambda grad, pre, out: torch.ops.aten.threshold_backward(grad, out, 0),
-    nn.GELU: lambda grad, pre, out: torch.ops.aten.gelu_backward(grad, pre),
+# Per activation module type: the function itself (called directly on the hot path: a module call
+# costs several microseconds of Python), and d(activation)/d(pre) applied to a gradient, given the
+# pre-activation and the activation.
+_ACTIVATION_FUNCTIONS = {
+    nn.Tanh: (torch.tanh, lambda grad, pre, out: torch.ops.aten.tanh_backward(grad, out)),
+    nn.ReLU: (torch.relu, lambda grad, pre, out: torch.ops.aten.threshold_backward(grad, out, 0)),
+    nn.GELU: (F.gelu, lambda grad, pre, out: torch.ops.aten.gelu_backward(grad, pre)),
 }
+
+# The activation codes of the C++ op torch.ops.sas.cpu_hypernetwork (csrc/layer_cpu.cpp), which runs the
+# single-task hypernetwork with its autograd in C++ when the C++ backend serves the device.
+_CPP_ACTIVATION_CODES = {nn.Tanh: 0, nn.ReLU: 1, nn.GELU: 2}
 
 # Output weights of H start this small so every h_l starts within about 1% of 1
 # (h = 1 + H(e)), i.e. the adapter starts as a plain shared low-rank update.
@@ -56,9 +62,11 @@ class HyperNetwork(nn.Module):
 
     def forward_saving(self, embedding: torch.Tensor):
         """``(h, pre, hidden)`` for single-task embeddings (L, k): h and what :meth:`backward` needs."""
-        pre = self.hidden(embedding)
-        hidden = self.activation(pre)
-        return 1.0 + self.output(hidden), pre, hidden
+        modules = self._modules
+        hidden_layer, output_layer = modules["hidden"]._parameters, modules["output"]._parameters
+        pre = F.linear(embedding, hidden_layer["weight"], hidden_layer["bias"])
+        hidden = _ACTIVATION_FUNCTIONS[type(modules["activation"])][0](pre)
+        return 1.0 + F.linear(hidden, output_layer["weight"], output_layer["bias"]), pre, hidden
 
     def backward(self, grad_h: torch.Tensor, embedding: torch.Tensor, pre: torch.Tensor, hidden: torch.Tensor,
                  needs) -> list:
@@ -73,7 +81,7 @@ class HyperNetwork(nn.Module):
             grads[4] = grad_h.sum(0)
         if needs_e or needs_w1 or needs_b1:
             grad_hidden = grad_h.mm(self.output.weight)
-            grad_pre = _ACTIVATION_BACKWARD[type(self.activation)](grad_hidden, pre, hidden)
+            grad_pre = _ACTIVATION_FUNCTIONS[type(self.activation)][1](grad_hidden, pre, hidden)
             if needs_w1:
                 grads[1] = grad_pre.t().mm(embedding)
             if needs_b1:
@@ -147,9 +155,13 @@ class SaSShared(nn.Module):
 
     def modulation_sources(self) -> Tuple[torch.Tensor, ...]:
         """Every tensor :meth:`modulations` reads: the cache is valid while none of them changed."""
-        hyper = self.hyper
-        return (self.embeddings, hyper.hidden.weight, hyper.hidden.bias, hyper.output.weight, hyper.output.bias,
-                *self.task_embeddings)
+        # Read through the modules' dicts: this runs on every layer call, and nn.Module.__getattr__ for
+        # each of these tensors cost more than everything else the cache lookup does.
+        hyper = self._modules["hyper"]._modules
+        hidden, output = hyper["hidden"]._parameters, hyper["output"]._parameters
+        sources = (self._parameters["embeddings"], hidden["weight"], hidden["bias"], output["weight"], output["bias"])
+        tasks = self._modules["task_embeddings"]._parameters
+        return sources + tuple(tasks.values()) if tasks else sources
 
     # Running the hypernetwork and casting A/B once per layer would cost, on ViT-B, 48 tiny MLPs plus
     # about 150 casts per forward, each a separate kernel launch in forward and backward. Instead h of
@@ -185,14 +197,13 @@ class SaSShared(nn.Module):
     def _modulation_table(self, sources, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
             return self.modulations().to(dtype).unbind(0)
-        if len(sources) == 5:  # single task: the hypernetwork's hand-written backward
-            return _HyperTable.apply(self.hyper, dtype, *sources).unbind(0)
-        owner = weakref.ref(self)  # the cached graph must not keep the owner alive
-
-        def compute():
-            return owner().modulations().to(dtype)
-
-        return _ModulationTable.apply(compute, *sources).unbind(0)
+        activation = type(self.hyper.activation)
+        if (len(sources) == 5 and activation in _CPP_ACTIVATION_CODES
+                and functional.resolve_backend(sources[0].device) == "cpp"):
+            # Single task on the C++ backend: forward and backward are one C++ op each, with no Python.
+            table = torch.ops.sas.cpu_hypernetwork(*sources, _CPP_ACTIVATION_CODES[activation])
+            return table.to(dtype).unbind(0)
+        return _ModulationTable.apply(self.hyper, dtype, *sources).unbind(0)
 
 
 class _CacheEntry:
@@ -211,54 +222,41 @@ class _CacheEntry:
         return hit[2]
 
 
-class _HyperTable(torch.autograd.Function):
-    """h of every layer of a single-task adapter, (L, r), with the hypernetwork's hand-written backward.
+class _ModulationTable(torch.autograd.Function):
+    """h of every layer (and task) as one autograd node: ``hyper(embeddings, stacked task embeddings)``.
 
-    Like :class:`_ModulationTable`, it keeps what its backward needs on ``ctx`` (never through
-    ``save_for_backward``; see there why) and differentiates the reference computation under
-    autograd when a double backward asks for a graph.
+    The node keeps what its backward needs on ``ctx`` (the hypernetwork module, its source tensors,
+    the activations), never through ``save_for_backward``: checkpointing packs saved tensors of a
+    segment and compares them with its recomputation, and a table computed in one pass but cached for
+    the next must not take part in that. Having no saved tensors also lets two backward passes
+    (reentrant checkpointing's inner one, then the outer one) run through the same node. A single-task
+    table uses the hypernetwork's hand-written backward; a multi-task one, or a double backward
+    (``create_graph``), recomputes the table under autograd and differentiates it.
     """
 
     @staticmethod
-    def forward(ctx, hyper, dtype, embeddings, *weights):
-        h, pre, hidden = hyper.forward_saving(embeddings)
-        ctx.hyper, ctx.embeddings, ctx.pre, ctx.hidden, ctx.weights = hyper, embeddings, pre, hidden, weights
-        ctx.input_dtype = h.dtype
+    def forward(ctx, hyper, dtype, embeddings, *weights_and_tasks):
+        tasks = weights_and_tasks[4:]  # after W1, b1, W2, b2 (SaSShared.modulation_sources)
+        if tasks:
+            h, ctx.activations = hyper(embeddings, torch.stack(tasks)), None
+        else:
+            h, *ctx.activations = hyper.forward_saving(embeddings)
+        ctx.hyper, ctx.sources, ctx.input_dtype = hyper, (embeddings, *weights_and_tasks), h.dtype
         return h.to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
         needs = ctx.needs_input_grad[2:]
         grad = grad.to(ctx.input_dtype)
-        if torch.is_grad_enabled():
-            grads = reference.regrad(lambda e, *_: ctx.hyper(e), (ctx.embeddings, *ctx.weights), needs, grad)
+        if ctx.activations is not None and not torch.is_grad_enabled():
+            grads = ctx.hyper.backward(grad, ctx.sources[0], *ctx.activations, needs)
         else:
-            grads = ctx.hyper.backward(grad, ctx.embeddings, ctx.pre, ctx.hidden, needs)
+            def table(embeddings, *weights_and_tasks):
+                tasks = weights_and_tasks[4:]
+                return ctx.hyper(embeddings, torch.stack(tasks) if tasks else None)
+
+            grads = reference.regrad(table, ctx.sources, needs, grad, create_graph=torch.is_grad_enabled())
         return (None, None, *grads)
-
-
-class _ModulationTable(torch.autograd.Function):
-    """``compute()`` (h of every layer) as one autograd node whose backward recomputes it under autograd.
-
-    The node keeps only references to its source tensors (parameters) on ``ctx``, never through
-    ``save_for_backward``: checkpointing packs saved tensors of a segment and compares them with its
-    recomputation, and a table computed in one pass but cached for the next must not take part in
-    that. Having no saved tensors also lets two backward passes (reentrant checkpointing's inner one,
-    then the outer one) run through the same node. Backward recomputes the tiny MLP (a few ops, once
-    per model backward) and differentiates it, with ``create_graph`` when the caller asked for it,
-    so double backward is exact too.
-    """
-
-    @staticmethod
-    def forward(ctx, compute, *sources):
-        ctx.compute, ctx.sources = compute, sources
-        return compute()
-
-    @staticmethod
-    def backward(ctx, grad):
-        grads = reference.regrad(lambda *_: ctx.compute(), ctx.sources, ctx.needs_input_grad[1:], grad,
-                                 create_graph=torch.is_grad_enabled())
-        return (None, *grads)
 
 
 class SaSLinear(nn.Module):
@@ -330,7 +328,8 @@ class SaSLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         task = task_context.layer_tasks(self.shared, x)  # None, one task (int) or one id per batch element
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        base_parameters = self._modules["base_layer"]._parameters  # not __getattr__: see modulation_sources
+        weight, bias = base_parameters["weight"], base_parameters["bias"]
         # The fused designs fold a single h into the weight; a batch of per-element tasks takes the adapter path.
         if self.layer_op == "fused" and not isinstance(task, torch.Tensor):
             A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key,

@@ -4,16 +4,17 @@
 
 :func:`adapted_linear` is what :class:`sas.SaSLinear` calls in eager mode. Where the op-level path
 (``F.linear`` then :func:`sas.functional.sas_adapter`) records two autograd nodes, validates every
-call and reaches the kernels through ``torch.library`` dispatch, this one records one node
-(:class:`AdaptedLinearFunction`) whose forward and backward call the backend's host launchers
-directly:
+call and reaches the kernels through ``torch.library`` dispatch, this one records one node per layer,
+whose forward and backward call the backend's kernels directly (:data:`LAYER_OPS`):
 
 ============  ==========================================  =========================================
 backend       forward                                      backward
 ============  ==========================================  =========================================
-``cpp``       ``F.linear``, then ``sas._C``'s forward op   ``sas._C``'s backward op (dx, dA, dB, dh),
+``cpp``       ``torch.ops.sas.cpu_adapted_linear``, autograd in C++ (``csrc/layer_cpu.cpp``):
+              ``F.linear``, then the C++ adapter kernel    the C++ backward kernel (dx, dA, dB, dh),
               writes ``y`` (fp32 ``u`` kept for backward)  then ``dx += g @ W0`` in place (``addmm_``)
-``triton``    ``F.linear`` into a buffer, then ONE Triton  ``dx = g @ W0``, then TWO Triton launches:
+``triton``    :class:`AdaptedLinearFunction`:
+              ``F.linear`` into a buffer, then ONE Triton  ``dx = g @ W0``, then TWO Triton launches:
               launch adds the adapter into it in place     rows (dx += du @ A, gB) and weights
                                                            (dA, dB, dh, written in the params' dtype)
 ``reference`` ``F.linear`` + :func:`sas.reference.sas_adapter` under plain autograd (the oracle)
@@ -22,57 +23,17 @@ backend       forward                                      backward
 The frozen ``W0``/``b0`` get no gradient: a layer whose base weight requires grad (the user unfroze
 it) takes the op-level path instead, whose autograd covers it. ``needs_input_grad`` is honoured:
 no ``dx`` GEMM when ``x`` needs none. A backward run with ``create_graph=True`` (double backward)
-recomputes the layer with the reference ops under autograd, so second-order gradients are the
-reference's exactly.
+recomputes the layer with differentiable ops, so second-order gradients are the reference's.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import functional, reference
-
-
-class LayerKernels(NamedTuple):
-    """A backend's host functions for the whole-layer op.
-
-    ``forward(x2, base2, A, B, h, task_ids, scale, save_u) -> (y2, u)``: ``y2 = base2 + adapter``
-    (may be written into ``base2``), ``u`` the fp32 ``x @ A.T`` when ``save_u``.
-    ``backward(g2, x2, u, weight, A, B, h, task_ids, scale, needs_x) -> (dx2, dA, dB, dh)``:
-    ``dx2`` includes the frozen path ``g @ W0`` (None unless ``needs_x``).
-    """
-
-    forward: Callable
-    backward: Callable
-
-
-def _cpp_forward(x2, base2, A, B, h, task_ids, scale, save_u):
-    return torch.ops.sas.cpu_adapter_forward(x2, base2, A, B, h, scale, task_ids)
-
-
-def _cpp_backward(g2, x2, u, weight, A, B, h, task_ids, scale, needs_x):
-    dx2, dA, dB, dh = torch.ops.sas.cpu_adapter_backward(g2, x2, A, B, h, u, scale, task_ids)
-    return (dx2.addmm_(g2, weight) if needs_x else None), dA, dB, dh
-
-
-def _triton_forward(x2, base2, A, B, h, task_ids, scale, save_u):
-    from sas_kernels import sas_adapter
-    return sas_adapter.sas_forward(x2, base2, A, B, h, task_ids, scale, save_u, out=base2)
-
-
-def _triton_backward(g2, x2, u, weight, A, B, h, task_ids, scale, needs_x):
-    from sas_kernels import sas_adapter
-    dx2 = torch.mm(g2, weight) if needs_x else None
-    return sas_adapter.sas_backward(g2, x2, u, A, B, h, task_ids, scale, dx=dx2)
-
-
-KERNELS = {
-    "cpp": LayerKernels(_cpp_forward, _cpp_backward),
-    "triton": LayerKernels(_triton_forward, _triton_backward),
-}
 
 # The dtypes every kernel computes; float64 (and anything else) runs the reference path, which is exact.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -90,38 +51,46 @@ def reference_linear(x, weight, bias, A, B, h, scale, task_ids=None):
     return reference.sas_adapter(x.to(base.dtype), base, A, B, h, scale, task_ids)
 
 
+def _triton_forward(x2, base2, A, B, h, task_ids, scale, save_u):
+    """y over base2 in place (one launch) and the fp32 u = x @ A.T when ``save_u``."""
+    from sas_kernels import sas_adapter
+    return sas_adapter.sas_forward(x2, base2, A, B, h, task_ids, scale, save_u, out=base2)
+
+
 class AdaptedLinearFunction(torch.autograd.Function):
-    """Frozen linear + adapter in one node. Inputs arrive already in the compute dtype (the caller casts)."""
+    """The Triton backend's whole-layer node (the C++ backend's twin is ``csrc/layer_cpu.cpp``).
+    Inputs arrive already in the compute dtype (the caller casts)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, h, task_ids, scale, kernels):
+    def forward(ctx, x, weight, bias, A, B, h, task_ids, scale):
         rows = math.prod(x.shape[:-1])
         x2 = _rows(x, rows)
-        base2 = F.linear(x2, weight, bias)
-        y2, u = kernels.forward(x2, base2, A, B, h, task_ids, scale, True)
+        y2, u = _triton_forward(x2, F.linear(x2, weight, bias), A, B, h, task_ids, scale, True)
         # x itself is saved beside its row view so a double backward can differentiate through it.
         ctx.save_for_backward(x, x2, u, weight, bias, A, B, h, task_ids)
-        ctx.scale, ctx.kernels = scale, kernels
+        ctx.scale = scale
         return y2.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, g):
+        from sas_kernels import sas_adapter
         x, x2, u, weight, bias, A, B, h, task_ids = ctx.saved_tensors
         needs_x, _, _, needs_A, needs_B, needs_h = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference ops instead
             return _reference_backward(ctx, g, x, weight, bias, A, B, h, task_ids)
         g2 = _rows(g, x2.shape[0])
-        dx2, dA, dB, dh = ctx.kernels.backward(g2, x2, u, weight, A, B, h, task_ids, ctx.scale, needs_x)
+        dx2 = torch.mm(g2, weight) if needs_x else None
+        dx2, dA, dB, dh = sas_adapter.sas_backward(g2, x2, u, A, B, h, task_ids, ctx.scale, dx=dx2)
         dx = dx2.view(x.shape) if needs_x else None
         return (dx, None, None, dA if needs_A else None, dB if needs_B else None, dh if needs_h else None,
-                None, None, None)
+                None, None)
 
 
 def _reference_backward(ctx, g, x, weight, bias, A, B, h, task_ids):
     """Gradients of :func:`reference_linear` with a graph of their own, for double backward."""
     grads = reference.regrad(lambda *t: reference_linear(*t, ctx.scale, task_ids), (x, weight, bias, A, B, h),
                              ctx.needs_input_grad[:6], g)
-    return (*grads, None, None, None)
+    return (*grads, None, None)
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -156,17 +125,31 @@ def adapted_linear(
     """
     name = functional.resolve_backend(x.device, backend)
     dtype = A.dtype
-    if (name == "reference" or dtype not in KERNEL_DTYPES or weight.requires_grad
-            or (bias is not None and bias.requires_grad)):
-        return reference_linear(x, weight, bias, A, B, h, scale, task_ids) if name == "reference" else \
-            functional.sas_adapter(x.to(dtype), F.linear(x, weight, bias), A, B, h, scale, task_ids, backend=name)
-    kernels = KERNELS[name]
+    if name == "reference":
+        return reference_linear(x, weight, bias, A, B, h, scale, task_ids)
+    if dtype not in KERNEL_DTYPES or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return functional.sas_adapter(x.to(dtype), F.linear(x, weight, bias), A, B, h, scale, task_ids, backend=name)
+    layer = LAYER_OPS[name]
+    if not torch.is_autocast_enabled(x.device.type):  # everything is in dtype already (compute_dtype)
+        return layer(x, weight, bias, A, B, h, float(scale), task_ids)
     with torch.autocast(x.device.type, enabled=False):  # cast once here, so the kernels see one dtype
-        x_in = x.to(dtype)
-        weight, bias = weight.to(dtype), (None if bias is None else bias.to(dtype))
-        if torch.is_grad_enabled() and (x_in.requires_grad or A.requires_grad or B.requires_grad or h.requires_grad):
-            return AdaptedLinearFunction.apply(x_in, weight, bias, A, B, h, task_ids, float(scale), kernels)
-        rows = math.prod(x.shape[:-1])
-        x2 = _rows(x_in, rows)
-        y2, _ = kernels.forward(x2, F.linear(x2, weight, bias), A, B, h, task_ids, float(scale), False)
-        return y2.view(*x.shape[:-1], weight.shape[0])
+        return layer(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), A, B, h,
+                     float(scale), task_ids)
+
+
+def _cpp_layer(x, weight, bias, A, B, h, scale, task_ids):
+    return torch.ops.sas.cpu_adapted_linear(x, weight, bias, A, B, h, scale, task_ids)
+
+
+def _triton_layer(x, weight, bias, A, B, h, scale, task_ids):
+    from ._triton import check_rank
+    check_rank(A.shape[0])
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or h.requires_grad):
+        return AdaptedLinearFunction.apply(x, weight, bias, A, B, h, task_ids, scale)
+    x2 = _rows(x, math.prod(x.shape[:-1]))
+    y2, _ = _triton_forward(x2, F.linear(x2, weight, bias), A, B, h, task_ids, scale, False)
+    return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+#: The whole-layer op of each kernel backend: ``(x, weight, bias, A, B, h, scale, task_ids) -> y``.
+LAYER_OPS = {"cpp": _cpp_layer, "triton": _triton_layer}

@@ -25,7 +25,7 @@ bound is slightly tighter than the model's pure low-precision error.
 
 Which implementation really ran is observed, not assumed: while a backend is checked its op is
 wrapped, and each call's autograd graph (the part the op itself built) is inspected; a layer's
-whole-layer op (:mod:`sas.linear_op`) counts as the backend's when its kernel launcher is reached. A custom autograd
+whole-layer op (:mod:`sas.linear_op`) counts as the backend's when that backend's layer op is reached. A custom autograd
 node (an ``autograd.Function``, a ``torch.library`` op with registered autograd, a C++ node) shows a
 kernel ran; a graph equal to the reference op's shows a silent fallback, which is reported as
 ``fallback`` and never counted as a pass.
@@ -291,7 +291,7 @@ def observe_backend(name: str, current_layer: Optional[List[Optional[str]]] = No
         yield calls
         return
     op = functional._load(name)
-    layer_kernels = linear_op.KERNELS[name]
+    layer_op = linear_op.LAYER_OPS[name]
 
     def observed(x, base, A, B, h, scale, task_ids):
         y = op(x, base, A, B, h, scale, task_ids)
@@ -299,18 +299,18 @@ def observe_backend(name: str, current_layer: Optional[List[Optional[str]]] = No
         calls.append(_Call(layer, classify_call(y, x, base, A, B, h, scale, task_ids)))
         return y
 
-    def observed_layer_forward(*args):
-        # SaSLinear's whole-layer op (sas.linear_op) reached this backend's kernel launcher.
+    def observed_layer(*args):
+        # SaSLinear's whole-layer op (sas.linear_op) reached this backend's kernels.
         calls.append(_Call(current_layer[0] if current_layer else None, "kernel"))
-        return layer_kernels.forward(*args)
+        return layer_op(*args)
 
     functional._loaded[name] = observed
-    linear_op.KERNELS[name] = layer_kernels._replace(forward=observed_layer_forward)
+    linear_op.LAYER_OPS[name] = observed_layer
     try:
         yield calls
     finally:
         functional._loaded[name] = op
-        linear_op.KERNELS[name] = layer_kernels
+        linear_op.LAYER_OPS[name] = layer_op
 
 
 def describe_ran(backend: str, calls: Sequence[_Call]) -> Tuple[str, bool]:

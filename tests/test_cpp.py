@@ -165,6 +165,22 @@ def test_opcheck(tasks):
                           (grad_y, *detached, u, SCALE, task_ids))
 
 
+@needs_cpp
+@pytest.mark.parametrize("tasks", [0, 3])
+def test_opcheck_whole_layer_and_hypernetwork(tasks):
+    inputs = case("opcheck", (3, 4), 20, 28, 5, tasks=tasks, ids_per_batch=bool(tasks)).make_inputs(
+        torch.float32, "cpu")
+    weight, bias = torch.randn(28, 20), torch.randn(28)
+    x, A, B, h = (inputs[name].requires_grad_() for name in ("x", "A", "B", "h"))
+    torch.library.opcheck(torch.ops.sas.cpu_adapted_linear.default,
+                          (x, weight, bias, A, B, h, SCALE, inputs["task_ids"]))
+    torch.library.opcheck(torch.ops.sas.cpu_adapted_linear.default, (x, weight, None, A, B, h, SCALE,
+                                                                     inputs["task_ids"]))
+    hyper = [torch.randn(shape, requires_grad=True) for shape in ((6, 8), (32, 8), (32,), (5, 32), (5,))]
+    for activation in (0, 1, 2):
+        torch.library.opcheck(torch.ops.sas.cpu_hypernetwork.default, (*hyper, activation))
+
+
 def test_extension_is_built_when_required():
     if os.environ.get("SAS_REQUIRE_CPP") != "1":
         pytest.skip("set SAS_REQUIRE_CPP=1 (as `make test` does after building) to require sas._C")

@@ -244,22 +244,30 @@ def test_bf16_model_runs_adapter_in_bf16():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
-def test_hypernetwork_runs_once_per_model_forward_and_matches_per_layer_path():
-    model = sas.inject(_test_vit(), SaSConfig(rank=4))
-    _randomise_adapter(model)
-    calls = []
-    model.sas_shared.hyper.register_forward_hook(lambda *_: calls.append(1))
-    x = _images(model)
-    model(x).sum().backward()
-    # Once in the forward for all 16 layers, once more in the backward (the table's node recomputes it).
-    assert len(calls) == 2
-    model(x)
-    assert len(calls) == 3  # a new forward computes h afresh
-    shared = model.sas_shared
-    for layer in sas.adapted_layers(model):
-        _, _, cached = shared.layer_tensors(layer.layer_index, layer.down_key, layer.up_key, torch.float32)
-        # H over all embeddings at once is a GEMM, per layer a GEMV: same math, fp32 rounding apart.
-        torch.testing.assert_close(cached, layer.modulation(), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_hypernetwork_runs_once_per_model_forward_and_matches_per_layer_path(monkeypatch, backend):
+    if backend not in sas.available_backends("cpu"):
+        pytest.skip(f"{backend} backend not built")
+    sas.set_backend(backend)
+    try:
+        model = sas.inject(_test_vit(), SaSConfig(rank=4))
+        _randomise_adapter(model)
+        shared = model.sas_shared
+        tables = []
+        compute = type(shared)._modulation_table
+        monkeypatch.setattr(type(shared), "_modulation_table",
+                            lambda self, *args: tables.append(1) or compute(self, *args))
+        x = _images(model)
+        model(x).sum().backward()
+        assert len(tables) == 1  # once for all 16 layers
+        model(x)
+        assert len(tables) == 2  # a new forward computes h afresh
+        for layer in sas.adapted_layers(model):
+            _, _, cached = shared.layer_tensors(layer.layer_index, layer.down_key, layer.up_key, torch.float32)
+            # H over all embeddings at once is a GEMM, per layer a GEMV: same math, fp32 rounding apart.
+            torch.testing.assert_close(cached, layer.modulation(), rtol=1e-5, atol=1e-6)
+    finally:
+        sas.set_backend(None)
 
 
 def test_cached_modulations_follow_optimizer_steps():

@@ -72,17 +72,10 @@ def stand_in(bug=None):
 
 
 def stand_in_layer(bug=None):
-    """The same stand-in as the host functions of SaSLinear's whole-layer op (sas.linear_op)."""
-    def forward(x2, base2, A, B, h, task_ids, scale, save_u):
-        u, _, update = stand_in_update(x2, A, B, h, scale, task_ids, bug)
-        return base2 + update, u
-
-    def backward(g2, x2, u, weight, A, B, h, task_ids, scale, needs_x):
-        modulation = gather_modulation(h, task_ids, x2.shape[0])
-        dx, dA, dB, dh = stand_in_grads(g2, x2, u, A, B, h, modulation, scale, task_ids, bug)
-        return (dx + g2 @ weight if needs_x else None), dA, dB, dh
-
-    return linear_op.LayerKernels(forward, backward)
+    """The same stand-in as the whole-layer op SaSLinear calls (sas.linear_op.LAYER_OPS)."""
+    def layer(x, weight, bias, A, B, h, scale, task_ids):
+        return StandInKernel.apply(x, torch.nn.functional.linear(x, weight, bias), A, B, h, scale, task_ids, bug)
+    return layer
 
 
 @pytest.fixture
@@ -94,7 +87,7 @@ def install(monkeypatch):
         op = bug if callable(bug) else stand_in(bug)
         monkeypatch.setitem(functional._loaded, "cpp", None if missing else op)
         if not callable(bug):
-            monkeypatch.setitem(linear_op.KERNELS, "cpp", stand_in_layer(bug))
+            monkeypatch.setitem(linear_op.LAYER_OPS, "cpp", stand_in_layer(bug))
     return put
 
 
