@@ -347,6 +347,9 @@ class SaSLinear(nn.Module):
         h, task_ids = _task_modulation(h, task)
         signature = (x.dtype, x.device, x.dim(), x.shape[-1], dtype, h.shape, task_ids is None)
         if signature != self._validated:  # full checks once per input signature, then none
+            if x.dim() < 1 or x.shape[-1] != self.in_features:
+                raise ValueError(f"SaSLinear takes x of shape (..., in_features={self.in_features}), "
+                                 f"got {tuple(x.shape)}")
             functional.validate(x.to(dtype), weight.new_empty(()).to(dtype).expand(*x.shape[:-1], self.out_features),
                                 A, B, h, self.scale, task_ids)
             self._validated = signature
