@@ -274,6 +274,34 @@ def _timing_rows(settings, dtype, pass_name, fns: Dict[tuple, Callable], device)
     return rows
 
 
+def mlp_timing_rows(settings: HostSettings, device, dtype, backends: List[str]) -> List[Dict]:
+    """Host us per adapted layer in a forward+backward of the N-layer MLP the counts use, for SaS on each
+    backend, the hand LoRA and the frozen MLP, and SaS's per-round ratio to the hand LoRA.
+
+    A one-layer model pays SaS's per-model work (the hypernetwork: one node and its parameters'
+    gradients) on its one layer; in a model it is shared by every layer, and this is the per-layer cost."""
+    s, n = settings, settings.layers
+    x = torch.randn(s.rows, s.d_in, device=device, dtype=dtype, requires_grad=True)
+    fns = {}
+    for provider in ("sas-inject", "lora", "frozen"):
+        model = adapted_model(provider, n, s.d_in, s.d_out, s.rank, device, dtype)
+        step = forward_backward(model, x, [p for p in model.parameters() if p.requires_grad])
+        for backend in (backends if provider == "sas-inject" else ["torch"]):
+            setting = "auto" if backend == "torch" else backend
+            fns[f"{provider}|{backend}"] = cases.with_backend(step, setting)
+    samples = {name: [t / n for t in times] for name, times in time_interleaved(fns, s, device).items()}
+    rows = []
+    for name, per_layer in samples.items():
+        provider, backend = name.split("|")
+        rows.append(_row(s, dtype, COUNT_PASS, provider, backend, "host_us_per_layer", "us", samples=per_layer,
+                         layers=n))
+        if provider != "lora":
+            ratios = [a / b for a, b in zip(per_layer, samples["lora|torch"])]
+            rows.append(_row(s, dtype, COUNT_PASS, provider, backend, "ratio_vs_lora_per_layer", "x",
+                             samples=ratios, layers=n, note="median of per-round ratios to lora, same run"))
+    return rows
+
+
 def count_rows(settings: HostSettings, device, dtype, backends: List[str]) -> List[Dict]:
     """Device ops, Triton launches and saved bytes per adapted layer, from one MLP forward+backward."""
     s, n = settings, settings.layers
@@ -339,7 +367,7 @@ def run_host(device: str, dtype: torch.dtype, size: str = "quick", settings: Opt
     if device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        rows = count_rows(settings, device, dtype, backends)
+        rows = count_rows(settings, device, dtype, backends) + mlp_timing_rows(settings, device, dtype, backends)
         unmeasured: List[Dict] = []
         for pass_name in HOST_PASSES:
             if pass_name.startswith("op"):
