@@ -166,11 +166,18 @@ def validate(x, base, A, B, h, scale, task_ids=None) -> None:
     if task_ids.dim() != 1 or task_ids.shape[0] not in (rows, leading):
         raise ValueError(f"task_ids must be 1-D with one id per row ({rows}) or per leading-batch element "
                          f"({leading}): task_ids is {_describe(task_ids)}, x is {_describe(x)}")
-    # Bounds are checked where it costs no device sync; CUDA kernels bound-check on the device.
-    if task_ids.device.type == "cpu" and task_ids.numel() and (
-            int(task_ids.min()) < 0 or int(task_ids.max()) >= h.shape[0]):
-        raise ValueError(f"task_ids must lie in [0, {h.shape[0]}) for h of shape {tuple(h.shape)}; "
-                         f"got values in [{int(task_ids.min())}, {int(task_ids.max())}]")
+    if not task_ids.numel():
+        return
+    if task_ids.device.type == "cpu":
+        if int(task_ids.min()) < 0 or int(task_ids.max()) >= h.shape[0]:
+            raise ValueError(f"task_ids must lie in [0, {h.shape[0]}) for h of shape {tuple(h.shape)}; "
+                             f"got values in [{int(task_ids.min())}, {int(task_ids.max())}]")
+    else:
+        # Reading the ids back would sync the host with the device on every call: the check runs on the
+        # device instead and fails the stream (a RuntimeError at the next synchronization), so a wrong id
+        # never silently picks a modulation. The kernels also give such rows NaN, not 0.
+        in_range = ((task_ids >= 0) & (task_ids < h.shape[0])).all()
+        torch._assert_async(in_range, f"sas: task_ids out of range [0, {h.shape[0]}) for h of shape {tuple(h.shape)}")
 
 
 def sas_adapter(

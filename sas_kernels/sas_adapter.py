@@ -151,9 +151,11 @@ def _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_
         task = tl.load(task_ptr + offs_m // rows_per_task, mask=row_mask, other=0).to(tl.int64)
         valid = row_mask & (task >= 0) & (task < n_tasks)
         tl.device_assert(valid | ~row_mask, "sas: task_ids out of range")
-        # Out-of-range ids read nothing (modulation 0) rather than out-of-bounds memory.
+        # Out-of-range ids read no memory, and their rows get a NaN modulation: a wrong id must be
+        # visible in y and the gradients, never a silent zero (the host-side checks raise first).
         hm = tl.load(h_ptr + task[:, None] * stride_ht + offs_r[None, :],
                      mask=valid[:, None] & rank_mask[None, :], other=0.0)
+        hm = tl.where(valid[:, None] | ~row_mask[:, None], hm, float("nan"))
     else:  # (1, R_PAD), broadcast by the caller
         hm = tl.load(h_ptr + offs_r[None, :], mask=rank_mask[None, :], other=0.0)
     return hm.to(tl.float32)  # one return: Triton unifies the types of every return statement

@@ -7,6 +7,7 @@ from kernel_cases import KERNEL_GRID, MULTI_TASK_GRID, assert_matches_reference,
 from torch import nn
 
 import sas
+import sas.testing
 from sas import functional, reference
 from sas.testing import OpCase, run_op
 
@@ -133,3 +134,32 @@ def test_gradients_bitwise_identical_across_runs(dtype):
 
 def test_auto_backend_picks_triton_on_cuda():
     assert functional.resolve_backend(torch.device("cuda")) == "triton"
+
+
+def test_out_of_range_task_ids_on_cuda_fail_without_a_host_sync():
+    # A device-side assert poisons the CUDA context, so it runs in a child process.
+    import subprocess
+    import sys
+    code = ("import torch, sas\n"
+            "x, base = torch.randn(4, 8, device='cuda'), torch.randn(4, 6, device='cuda')\n"
+            "A, B, h = torch.randn(2, 8, device='cuda'), torch.randn(6, 2, device='cuda'), torch.randn(3, 2, device='cuda')\n"
+            "ids = torch.tensor([0, 1, 5, 2], device='cuda')\n"
+            "y = sas.functional.sas_adapter(x, base, A, B, h, 1.0, ids)\n"
+            "torch.cuda.synchronize()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "task_ids out of range" in result.stderr + result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_layer_on_the_second_gpu_launches_there():
+    layer = sas.SaSLinear.from_linear(nn.Linear(32, 24), rank=4).to("cuda:1")
+    sas.testing.randomize_adapter(layer)
+    x = torch.randn(5, 32, device="cuda:1")
+    with torch.cuda.device(0):
+        got = layer(x)
+    sas.set_backend("reference")
+    try:
+        expected = layer(x)
+    finally:
+        sas.set_backend(None)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -85,3 +85,12 @@ def test_rank_above_256_is_refused():
     x, base = torch.randn(2, 4), torch.randn(2, 4)
     with pytest.raises(ValueError, match="rank 1..256"):
         triton_op(x, base, torch.randn(257, 4), torch.randn(4, 257), torch.randn(257), 1.0, None)
+
+
+def test_out_of_range_task_ids_give_nan_rows_never_zero():
+    # The host checks raise before a kernel sees such ids (CPU: ValueError; CUDA: a device-side assert);
+    # called directly, the kernel still must not pick a modulation silently.
+    inputs = OpCase("bad ids", (4,), 8, 6, rank=2, tasks=3).make_inputs(torch.float32, "cpu")
+    ids = torch.tensor([0, 1, 5, -1])
+    y, _ = kernels.sas_forward(inputs["x"], inputs["base"], inputs["A"], inputs["B"], inputs["h"], ids, 1.0, False)
+    assert torch.isfinite(y[:2]).all() and torch.isnan(y[2:]).all()
