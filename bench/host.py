@@ -289,13 +289,21 @@ def mlp_timing_rows(settings: HostSettings, device, dtype, backends: List[str]) 
         for backend in (backends if provider == "sas-inject" else ["torch"]):
             setting = "auto" if backend == "torch" else backend
             fns[f"{provider}|{backend}"] = cases.with_backend(step, setting)
-    samples = {name: [t / n for t in times] for name, times in time_interleaved(fns, s, device).items()}
     rows = []
+    for name, fn in list(fns.items()):
+        try:  # a backend that fails is recorded in its row; the others are still timed
+            fn()
+        except Exception as exc:
+            provider, backend = name.split("|")
+            rows.append(_row(s, dtype, COUNT_PASS, provider, backend, "host_us_per_layer", "us", status="error",
+                             error=_failure(exc), layers=n))
+            del fns[name]
+    samples = {name: [t / n for t in times] for name, times in time_interleaved(fns, s, device).items()}
     for name, per_layer in samples.items():
         provider, backend = name.split("|")
         rows.append(_row(s, dtype, COUNT_PASS, provider, backend, "host_us_per_layer", "us", samples=per_layer,
                          layers=n))
-        if provider != "lora":
+        if provider != "lora" and "lora|torch" in samples:
             ratios = [a / b for a, b in zip(per_layer, samples["lora|torch"])]
             rows.append(_row(s, dtype, COUNT_PASS, provider, backend, "ratio_vs_lora_per_layer", "x",
                              samples=ratios, layers=n, note="median of per-round ratios to lora, same run"))

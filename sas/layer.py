@@ -178,8 +178,8 @@ class SaSShared(nn.Module):
             return (self.down[down_key].to(dtype), self.up[up_key].to(dtype), self.modulation(layer_index).to(dtype))
         entry = self._entry(dtype, layer_index)
         A, B = self.down[down_key], self.up[up_key]
-        if A.dtype != dtype:
-            A, B = entry.cast(A), entry.cast(B)
+        if A.dtype != dtype or entry.sink_gradients:
+            A, B = entry.shared(A), entry.shared(B)
         return A, B, entry.modulations[layer_index]
 
     def _entry(self, dtype: torch.dtype, layer_index: int) -> "_CacheEntry":
@@ -190,7 +190,9 @@ class SaSShared(nn.Module):
         # A layer asking twice means a new forward began (or a checkpointed segment is recomputed):
         # recomputing then also catches writes that bypass version counters (``.data``, gradcheck).
         if entry is None or entry.stamp != stamp or layer_index in entry.served:
-            self._cache[key] = entry = _CacheEntry(stamp, self._modulation_table(sources, dtype), dtype)
+            # Only the Triton layer backward adds shared gradients in place (linear_op.GradientSink).
+            sink = key[2] and functional.resolve_backend(key[1]) == "triton"
+            self._cache[key] = entry = _CacheEntry(stamp, self._modulation_table(sources, dtype), dtype, sink)
         entry.served.add(layer_index)
         return entry
 
@@ -207,18 +209,24 @@ class SaSShared(nn.Module):
 
 
 class _CacheEntry:
-    """h of every layer in one dtype, and A/B cast to it, valid while ``stamp`` matches."""
+    """One forward's h of every layer in one dtype, and its A/B: cast to that dtype, and with
+    ``sink_gradients`` attached to a :class:`sas.linear_op.GradientSink` each. Valid while ``stamp`` matches."""
 
-    def __init__(self, stamp: tuple, modulations: Tuple[torch.Tensor, ...], dtype: torch.dtype):
+    def __init__(self, stamp: tuple, modulations: Tuple[torch.Tensor, ...], dtype: torch.dtype,
+                 sink_gradients: bool):
         self.stamp, self.modulations, self.dtype = stamp, modulations, dtype
+        self.sink_gradients = sink_gradients
         self.served: set = set()  # layers that took their h from this entry
-        self._casts: Dict[int, Tuple[int, torch.Tensor, torch.Tensor]] = {}  # id -> (version, source, cast)
+        self._shared: Dict[int, Tuple[int, torch.Tensor, torch.Tensor]] = {}  # id -> (version, source, result)
 
-    def cast(self, t: torch.Tensor) -> torch.Tensor:
-        """``t.to(dtype)``, reused while ``t`` is unchanged (same object, same version)."""
-        hit = self._casts.get(id(t))
+    def shared(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the layers of this forward use it, made once while ``t`` is unchanged (same object and version)."""
+        hit = self._shared.get(id(t))
         if hit is None or hit[0] != t._version or hit[1] is not t:
-            hit = self._casts[id(t)] = (t._version, t, t.to(self.dtype))
+            result = t.to(self.dtype)
+            if self.sink_gradients and result.requires_grad:
+                result = linear_op.GradientSink.attach(result)
+            hit = self._shared[id(t)] = (t._version, t, result)
         return hit[2]
 
 

@@ -57,6 +57,57 @@ def _triton_forward(x2, base2, A, B, h, task_ids, scale, save_u):
     return sas_adapter.sas_forward(x2, base2, A, B, h, task_ids, scale, save_u, out=base2)
 
 
+class GradientSink:
+    """This forward's gradient of one tensor shared by several layers (A or B of a sharing group).
+
+    Autograd would sum the layers' gradients of a shared tensor with one add kernel per extra layer.
+    Instead :meth:`attach` hands the layers an alias of the tensor whose node, :class:`_SinkNode`,
+    runs after all of them (autograd orders it after its consumers); the Triton layer backward adds
+    its gradient into :attr:`total` inside the weights kernel and returns none, and the sink node
+    passes the total on. A consumer that returns a gradient the usual way (a double backward, another
+    op) still counts: the node adds it. A total is kept per backward pass (autograd's graph task), so a
+    pass that ran the layers without reaching the sink node (``autograd.grad`` for the input only, with
+    ``retain_graph``) leaves nothing behind for the next one.
+    """
+
+    def __init__(self) -> None:
+        self.total: Optional[torch.Tensor] = None
+        self._task = -1
+
+    def current(self) -> Optional[torch.Tensor]:
+        """The total of this backward pass so far (None when no layer has added to it yet)."""
+        task = torch._C._current_graph_task_id()
+        if task != self._task:
+            self.total, self._task = None, task
+        return self.total
+
+    @staticmethod
+    def attach(t: torch.Tensor) -> torch.Tensor:
+        sink = GradientSink()
+        alias = _SinkNode.apply(t, sink)
+        alias.sas_gradient_sink = sink
+        return alias
+
+
+class _SinkNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, sink):
+        ctx.sink = sink
+        ctx.set_materialize_grads(False)  # the layers return no gradient: no zeros to make
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total, ctx.sink.total = ctx.sink.current(), None
+        if grad is None or total is None:
+            return (total if grad is None else grad), None
+        return grad + total, None
+
+
+def _sink_of(t: torch.Tensor) -> Optional[GradientSink]:
+    return getattr(t, "sas_gradient_sink", None)
+
+
 class AdaptedLinearFunction(torch.autograd.Function):
     """The Triton backend's whole-layer node (the C++ backend's twin is ``csrc/layer_cpu.cpp``).
     Inputs arrive already in the compute dtype (the caller casts)."""
@@ -68,7 +119,7 @@ class AdaptedLinearFunction(torch.autograd.Function):
         y2, u = _triton_forward(x2, F.linear(x2, weight, bias), A, B, h, task_ids, scale, True)
         # x itself is saved beside its row view so a double backward can differentiate through it.
         ctx.save_for_backward(x, x2, u, weight, bias, A, B, h, task_ids)
-        ctx.scale = scale
+        ctx.scale, ctx.sinks = scale, (_sink_of(A), _sink_of(B))
         return y2.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -80,7 +131,13 @@ class AdaptedLinearFunction(torch.autograd.Function):
             return _reference_backward(ctx, g, x, weight, bias, A, B, h, task_ids)
         g2 = _rows(g, x2.shape[0])
         dx2 = torch.mm(g2, weight) if needs_x else None
-        dx2, dA, dB, dh = sas_adapter.sas_backward(g2, x2, u, A, B, h, task_ids, ctx.scale, dx=dx2)
+        sink_A, sink_B = ctx.sinks
+        dx2, dA, dB, dh = sas_adapter.sas_backward(g2, x2, u, A, B, h, task_ids, ctx.scale, dx=dx2,
+                                                   dA=sink_A and sink_A.current(), dB=sink_B and sink_B.current())
+        if sink_A is not None:
+            sink_A.total, dA = dA, None
+        if sink_B is not None:
+            sink_B.total, dB = dB, None
         dx = dx2.view(x.shape) if needs_x else None
         return (dx, None, None, dA if needs_A else None, dB if needs_B else None, dh if needs_h else None,
                 None, None)

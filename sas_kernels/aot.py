@@ -25,7 +25,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 AUTOTUNED_KERNELS = ("_sas_forward_kernel", "_sas_backward_rows_kernel", "_sas_backward_weights_kernel")
 # Boolean constexprs some kernels take besides HAS_TASKS, set to their most demanding branch (every
 # optional load and store on; the weights kernel's multi-split reduction with its atomics).
-FEATURE_FLAGS = {"SAVE_U": True, "ACCUMULATE_DX": True, "ONE_SPLIT": False}
+FEATURE_FLAGS = {"SAVE_U": True, "ACCUMULATE_DX": True, "ONE_SPLIT": False, "ACCUMULATE_DA": True,
+                 "ACCUMULATE_DB": True}
 # Side tensors the host launchers always allocate in fp32 or int64, whatever the input dtype.
 FP32_POINTERS = {"u_ptr", "gb_ptr", "partial_ptr"}
 INT32_POINTERS = {"counter_ptr"}

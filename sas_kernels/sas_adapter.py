@@ -259,16 +259,19 @@ def _sas_backward_rows_kernel(
 
 @triton.jit
 def _store_reduced(acc, out_ptr, partial_ptr, counter_ptr, counter_index, offsets, mask, split, n_splits,
-                   split_stride, ONE_SPLIT: tl.constexpr):
+                   split_stride, ONE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Write one tile of a weight gradient summed over every row split, in a fixed order.
 
     With one split the tile is the whole sum: it is stored once, in the gradient's dtype. Otherwise
     each split stores its fp32 partial, counts itself in at the tile's counter, and the split that
     arrives last sums all partials in split order (0, 1, ...) and stores the result, so the sum does
     not depend on which split finished when: bitwise-identical gradients without a second launch.
-    The last split also resets the counter to 0 for the next launch.
+    The last split also resets the counter to 0 for the next launch. With ACCUMULATE the sum is added
+    to what ``out`` holds (layers sharing A/B add their gradients in place, with no add kernel).
     """
     if ONE_SPLIT:
+        if ACCUMULATE:
+            acc += tl.load(out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(partial_ptr + split.to(tl.int64) * split_stride + offsets, acc, mask=mask)
@@ -282,6 +285,8 @@ def _store_reduced(acc, out_ptr, partial_ptr, counter_ptr, counter_index, offset
                 # .cg: read through L2, where the other programs' partials are, never a stale L1 line.
                 total += tl.load(partial_ptr + other * split_stride + offsets, mask=mask, other=0.0,
                                  cache_modifier=".cg")
+            if ACCUMULATE:
+                total += tl.load(out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(counter_ptr + counter_index, 0, sem="relaxed")
 
@@ -290,7 +295,7 @@ def _store_reduced(acc, out_ptr, partial_ptr, counter_ptr, counter_index, offset
 def _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, da_ptr, tile, split, block,
              row_start, row_end, d_in, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_xm, stride_ht,
              scale, R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+             ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Columns ``block`` of dA = (s * gB * h).T @ x over the rows of one split."""
     offs_r = tl.arange(0, R_PAD)
     rank_mask = offs_r < rank
@@ -309,14 +314,14 @@ def _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, da_ptr, t
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(tl.trans(du), x, input_precision=DOT_PRECISION)
     _store_reduced(acc, da_ptr, partial_ptr, counter_ptr, tile, offs_r[:, None] * d_in + offs_k[None, :],
-                   rank_mask[:, None] & k_mask[None, :], split, n_splits, split_stride, ONE_SPLIT)
+                   rank_mask[:, None] & k_mask[None, :], split, n_splits, split_stride, ONE_SPLIT, ACCUMULATE)
 
 
 @triton.jit
 def _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, db_ptr, tile, split, block,
              row_start, row_end, d_out, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_gm, stride_ht,
              scale, R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+             ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows ``block`` of dB = g.T @ (s * u * h) over the rows of one split."""
     offs_r = tl.arange(0, R_PAD)
     rank_mask = offs_r < rank
@@ -335,7 +340,7 @@ def _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, db_ptr, ti
                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(tl.trans(g), v, input_precision=DOT_PRECISION)
     _store_reduced(acc, db_ptr, partial_ptr, counter_ptr, tile, offs_n[:, None] * rank + offs_r[None, :],
-                   n_mask[:, None] & rank_mask[None, :], split, n_splits, split_stride, ONE_SPLIT)
+                   n_mask[:, None] & rank_mask[None, :], split, n_splits, split_stride, ONE_SPLIT, ACCUMULATE)
 
 
 @triton.jit
@@ -361,7 +366,8 @@ def _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr, counter_ptr, dh_ptr, tile, sp
         else:
             acc += tl.sum(gb * u, axis=0)[None, :]
     _store_reduced(acc * scale, dh_ptr, partial_ptr, counter_ptr, tile, offs_t[:, None] * rank + offs_r[None, :],
-                   (offs_t < n_tasks)[:, None] & rank_mask[None, :], split, n_splits, split_stride, ONE_SPLIT)
+                   (offs_t < n_tasks)[:, None] & rank_mask[None, :], split, n_splits, split_stride, ONE_SPLIT,
+                   False)
 
 
 @_autotune
@@ -375,8 +381,8 @@ def _sas_backward_weights_kernel(
     stride_xm, stride_gm, stride_ht,
     scale,
     # meta
-    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr, ACCUMULATE_DA: tl.constexpr,
+    ACCUMULATE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The weight gradients, one program per (tile, row split), tiles in grid order: the d_in column
     blocks of dA, the d_out row blocks of dB, then the task blocks of dh. One launch instead of one
@@ -392,11 +398,12 @@ def _sas_backward_weights_kernel(
     if tile < in_blocks:
         _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, da_ptr, tile, split, tile,
                  row_start, row_end, d_in, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_xm,
-                 stride_ht, scale, R_PAD, HAS_TASKS, ONE_SPLIT, DOT_PRECISION, BLOCK_M, BLOCK_D)
+                 stride_ht, scale, R_PAD, HAS_TASKS, ONE_SPLIT, ACCUMULATE_DA, DOT_PRECISION, BLOCK_M, BLOCK_D)
     elif tile < in_blocks + out_blocks:
         _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr + rank * d_in, counter_ptr, db_ptr, tile, split,
                  tile - in_blocks, row_start, row_end, d_out, rank, rows_per_task, n_tasks, n_splits, split_stride,
-                 stride_gm, stride_ht, scale, R_PAD, HAS_TASKS, ONE_SPLIT, DOT_PRECISION, BLOCK_M, BLOCK_D)
+                 stride_gm, stride_ht, scale, R_PAD, HAS_TASKS, ONE_SPLIT, ACCUMULATE_DB, DOT_PRECISION, BLOCK_M,
+                 BLOCK_D)
     else:
         _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr + rank * (d_in + d_out), counter_ptr, dh_ptr, tile, split,
                  tile - in_blocks - out_blocks, row_start, row_end, rank, rows_per_task, n_tasks, n_splits,
@@ -527,11 +534,13 @@ MIN_BLOCK_D = min(c.kwargs["BLOCK_D"] for c in AUTOTUNE_CONFIGS)
 
 def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  h: torch.Tensor, task_ids: Optional[torch.Tensor], scale: float,
-                 dx: Optional[torch.Tensor] = None, traced: bool = False):
+                 dx: Optional[torch.Tensor] = None, traced: bool = False,
+                 dA: Optional[torch.Tensor] = None, dB: Optional[torch.Tensor] = None):
     """(dx, dA, dB, dh) for incoming gradient g (rows, d_out); dbase is g itself. Two launches.
 
-    A given ``dx`` (rows, d_in), e.g. the frozen layer's ``g @ W0``, is accumulated into in place.
-    dA, dB and dh come out in A's, B's and h's dtype. ``traced``: see :func:`_launch`.
+    A given ``dx`` (rows, d_in), e.g. the frozen layer's ``g @ W0``, is accumulated into in place, and so
+    are a given ``dA`` (rank, d_in) and ``dB`` (d_out, rank), contiguous: gradients of A/B shared by
+    several layers. dA, dB and dh come out in A's, B's and h's dtype. ``traced``: see :func:`_launch`.
     """
     rows, d_in = x2.shape
     d_out, rank = B.shape
@@ -539,14 +548,18 @@ def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.T
     if dx is None:
         dx = torch.empty((rows, d_in), dtype=x2.dtype, device=x2.device)
     if rows == 0:
-        return dx, torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(h)
+        return (dx, torch.zeros_like(A) if dA is None else dA, torch.zeros_like(B) if dB is None else dB,
+                torch.zeros_like(h))
     tasks, rows_per_task, n_tasks, stride_ht = _task_layout(h, task_ids, rows)
     has_tasks, r_pad, precision = h.dim() == 2, rank_pad(rank), FP32_DOT_PRECISION
     tuning_key = (x2.dtype, d_in, d_out, r_pad)
     device = x2.device
     gb = torch.empty((rows, rank), dtype=torch.float32, device=device)
-    dA, dB = torch.empty((rank, d_in), dtype=A.dtype, device=device), torch.empty((d_out, rank), dtype=B.dtype,
-                                                                                   device=device)
+    accumulate_da, accumulate_db = dA is not None, dB is not None
+    if dA is None:
+        dA = torch.empty((rank, d_in), dtype=A.dtype, device=device)
+    if dB is None:
+        dB = torch.empty((d_out, rank), dtype=B.dtype, device=device)
     dh = torch.empty((n_tasks, rank), dtype=h.dtype, device=device)
     splits, per_split = row_splits(rows, rank, d_in + d_out + n_tasks)
     partials = torch.empty(0 if splits == 1 else splits * rank * (d_in + d_out + n_tasks), dtype=torch.float32,
@@ -568,7 +581,8 @@ def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.T
                  rows, d_in, d_out, rank, rows_per_task, n_tasks, per_split, splits,
                  x2.stride(0), g2.stride(0), stride_ht,
                  scale),
-                dict(R_PAD=r_pad, HAS_TASKS=has_tasks, ONE_SPLIT=splits == 1, DOT_PRECISION=precision),
+                dict(R_PAD=r_pad, HAS_TASKS=has_tasks, ONE_SPLIT=splits == 1, ACCUMULATE_DA=accumulate_da,
+                     ACCUMULATE_DB=accumulate_db, DOT_PRECISION=precision),
                 tuning_key, traced)
     return dx, dA, dB, dh.view(h.shape)
 
