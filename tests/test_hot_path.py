@@ -64,6 +64,10 @@ def test_one_autograd_node_per_adapted_layer(backend):
 
 def _step(model, x):
     def run():
+        # Gradients start unset each step, as after optimizer.zero_grad(): accumulating into an existing
+        # .grad would add one op per parameter, which is the optimizer loop's cost, not the layer's.
+        model.zero_grad()
+        x.grad = None
         model(x).sum().backward()
     return run
 
@@ -87,6 +91,7 @@ def test_device_ops_and_launches_per_layer(backend):
         # One forward launch and two backward launches per layer, nothing else from Triton.
         assert adapted.launches == 3 * LAYERS, names
         assert names["triton:_sas_forward_kernel"] == LAYERS
+        assert extra_per_layer <= 5, names  # the target for the Triton backend, launches included
 
 
 def test_no_input_gradient_means_no_dx_work(backend):
