@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -303,7 +303,7 @@ def train(model: nn.Module, method: str, lr: float, seed: int, settings: Setting
 
 
 def run_method(method: str, settings: Settings, splits: Dict[str, Split], num_classes: int, world: World,
-               progress=None, adapter_dir: Optional[Path] = None) -> Tuple[Dict, List[Run]]:
+               progress=None) -> Tuple[Dict, List[Run]]:
     """Sweep the rates of ``method`` on validation (first seed), then run every seed at the best one."""
     first, *others = settings.seeds
     best = best_model = None
@@ -321,7 +321,7 @@ def run_method(method: str, settings: Settings, splits: Dict[str, Split], num_cl
     adapter_bytes = None
     if world.main:
         with tempfile.TemporaryDirectory() as tmp:
-            adapter_bytes = save_adapter(best_model, method, Path(adapter_dir or tmp) / method)
+            adapter_bytes = save_adapter(best_model, method, Path(tmp) / method)
     del best_model
     for seed in others:
         torch.manual_seed(seed)

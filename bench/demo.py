@@ -25,7 +25,7 @@ import sas
 from bench import accuracy, text_task
 
 # The rate bench.accuracy picked for SaS on validation (bench/results/*_accuracy.json, best_lr).
-LEARNING_RATE = 3e-3
+LEARNING_RATE = 1e-2
 
 
 @torch.no_grad()
