@@ -448,8 +448,8 @@ def _launch(kernel, grid, args: tuple, constexprs: dict, tuning_key: tuple, trac
         kernel[grid](*args, **constexprs)
         _chosen_configs[key] = kernel.best_config
         return
-    meta = dict(constexprs, **config.kwargs)
-    kernel.fn[grid(meta)](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    # Exactly what the autotuner passes for its chosen config (meta-parameters, warps, stages, ...).
+    kernel.fn[grid(dict(constexprs, **config.kwargs))](*args, **constexprs, **config.all_kwargs())
 
 
 def rank_pad(rank: int) -> int:
