@@ -33,9 +33,6 @@ if _C.torch_version != _RUNNING_TORCH:
     raise ImportError(f"sas._C was built against torch {_C.torch_version} but torch {_RUNNING_TORCH} is running; "
                       f"rebuild it with `pip install --no-build-isolation -e .`")
 
-# The kernels compute in float32; float64 calls go to the exact reference instead.
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 @torch.library.register_fake("sas::cpu_adapter_forward")
 def _forward_fake(x, base, A, B, h, scale, task_ids):
@@ -116,7 +113,7 @@ def sas_adapter_cpp(
     dims are flattened to rows (a view when the strides allow it); ``task_ids``
     with one id per leading-batch element are expanded by the kernel itself.
     """
-    if x.dtype not in KERNEL_DTYPES:
+    if x.dtype not in reference.KERNEL_DTYPES:
         return reference.sas_adapter(x, base, A, B, h, scale, task_ids)
     d_in, d_out = x.shape[-1], base.shape[-1]
     rows = math.prod(x.shape[:-1])

@@ -17,8 +17,6 @@ from sas_kernels import sas_adapter as kernels
 
 from . import reference
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def _forward(x2, base2, A, B, h, task_ids, scale, save_u):
     if torch.compiler.is_compiling():
@@ -59,7 +57,7 @@ def check_rank(rank: int) -> None:
 def sas_adapter_triton(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
                        scale: float, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
     """The Triton backend of :func:`sas.functional.sas_adapter` (arguments already validated)."""
-    if x.dtype not in KERNEL_DTYPES:
+    if x.dtype not in reference.KERNEL_DTYPES:
         return reference.sas_adapter(x, base, A, B, h, scale, task_ids)
     check_rank(A.shape[0])
     as_rows = sas_kernels.as_rows

@@ -35,9 +35,6 @@ import torch.nn.functional as F
 
 from . import functional, reference
 
-# The dtypes every kernel computes; float64 (and anything else) runs the reference path, which is exact.
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``t`` as (rows, last dim) with a unit-stride last dim: a view where the strides allow it."""
@@ -184,7 +181,7 @@ def adapted_linear(
     dtype = A.dtype
     if name == "reference":
         return reference_linear(x, weight, bias, A, B, h, scale, task_ids)
-    if dtype not in KERNEL_DTYPES or weight.requires_grad or (bias is not None and bias.requires_grad):
+    if dtype not in reference.KERNEL_DTYPES or weight.requires_grad or (bias is not None and bias.requires_grad):
         return functional.sas_adapter(x.to(dtype), F.linear(x, weight, bias), A, B, h, scale, task_ids, backend=name)
     layer = LAYER_OPS[name]
     if not torch.is_autocast_enabled(x.device.type):  # everything is in dtype already (compute_dtype)

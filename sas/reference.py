@@ -10,6 +10,10 @@ from typing import Optional
 
 import torch
 
+#: The dtypes the kernel backends (C++, Triton) compute; every other dtype (float64) runs this reference,
+#: which is exact for it.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def gather_modulation(h: torch.Tensor, task_ids: Optional[torch.Tensor], rows: int) -> torch.Tensor:
     """Return the per-row modulation: ``h`` itself for ``(r,)``, ``h[task_ids]`` for ``(T, r)``.
