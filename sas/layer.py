@@ -1,6 +1,7 @@
 """SaS modules: the shared-parameter owner, the hypernetwork and the ``SaSLinear`` wrapper."""
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -31,12 +32,73 @@ _CPP_ACTIVATION_CODES = {nn.Tanh: 0, nn.ReLU: 1, nn.GELU: 2}
 HYPER_OUTPUT_INIT_STD = 1e-2
 
 
+def hypernetwork_table(activation: type, embedding: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor,
+                       weight2: torch.Tensor, bias2: torch.Tensor,
+                       task_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``1 + W2 act(W1 e + b1) + b2`` (``(..., r)``), or with ``task_embeddings`` (T, k) ``(..., T, r)``, from
+    the tensors given (never a module's own: ``torch.func.functional_call`` and parametrisations
+    substitute them). ``activation`` is the activation's module type (a key of the activation table)."""
+    if task_embeddings is None:
+        return _hypernetwork_saving(activation, embedding, weight1, bias1, weight2, bias2)[0]
+    # W1 (e + tau) + b1 = (W1 e + b1) + W1 tau: W1 runs on the L + T embeddings, not on L * T sums.
+    # The task-side products are elementwise-multiply-and-sum rather than GEMMs because a GEMM's
+    # rounding of one row depends on how many rows it has (MKL's remainder rows: F.linear over
+    # T task rows gave different bits for T < 12), and a task's h must not change when tasks are
+    # added (sas.add_task promises bit-identical outputs for the existing ones).
+    task_part = (task_embeddings.unsqueeze(-2) * weight1).sum(-1)  # (T, hidden)
+    act = _ACTIVATION_FUNCTIONS[activation][0]
+    hidden = act(F.linear(embedding, weight1, bias1).unsqueeze(-2) + task_part)  # (..., T, hidden)
+    return 1.0 + ((hidden.unsqueeze(-2) * weight2).sum(-1) + bias2)  # (..., T, r)
+
+
+def _hypernetwork_saving(activation: type, embedding, weight1, bias1, weight2, bias2):
+    """``(h, pre, hidden)`` for single-task embeddings (L, k): h and what :func:`_hypernetwork_backward` needs."""
+    pre = F.linear(embedding, weight1, bias1)
+    hidden = _ACTIVATION_FUNCTIONS[activation][0](pre)
+    return 1.0 + F.linear(hidden, weight2, bias2), pre, hidden
+
+
+def _hypernetwork_backward(activation: type, grad_h, embedding, weight1, weight2, pre, hidden, needs) -> list:
+    """Gradients of (embedding, W1, b1, W2, b2) for ``grad_h`` (L, r), written out by hand: seven small
+    ops per model backward instead of recomputing the MLP and running autograd over it (about twice
+    the ops plus a nested engine call, which dominated a one-layer model's host time). Reads the
+    embedding, W1 and W2 as the forward saw them, and the forward's ``pre``/``hidden``."""
+    needs_e, needs_w1, needs_b1, needs_w2, needs_b2 = needs
+    grads = [None] * 5
+    if needs_w2:
+        grads[3] = grad_h.t().mm(hidden)
+    if needs_b2:
+        grads[4] = grad_h.sum(0)
+    if needs_e or needs_w1 or needs_b1:
+        grad_hidden = grad_h.mm(weight2)
+        grad_pre = _ACTIVATION_FUNCTIONS[activation][1](grad_hidden, pre, hidden)
+        if needs_w1:
+            grads[1] = grad_pre.t().mm(embedding)
+        if needs_b1:
+            grads[2] = grad_pre.sum(0)
+        if needs_e:
+            grads[0] = grad_pre.mm(weight1)
+    return grads
+
+
+def _without_autocast(device: torch.device):
+    """A context in which autocast is off on ``device``: the hypernetwork always computes in its
+    parameters' dtype. It is a few hundred multiply-adds per layer, so low precision buys nothing, and
+    under autocast its F.linear calls would otherwise save half-precision activations that its
+    backward (run outside autocast) multiplies with the float32 weights."""
+    device_type = device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class HyperNetwork(nn.Module):
     """``h = 1 + W2 act(W1 e + b1) + b2``: maps a layer embedding (k,) to its modulation (r,).
 
     With task embeddings ``tau`` (T, k) it computes ``h_{t,l} = 1 + W2 act(W1 (e_l + tau_t) + b1) + b2``
     for every task at once, ``(..., T, r)``: a task shifts the layer embedding, and the nonlinearity
     makes the shift's effect layer-specific. A new task therefore costs k numbers and no new weights.
+    h is computed in the parameters' dtype also under autocast.
     """
 
     def __init__(self, embed_dim: int, hidden: int, rank: int, activation: str = "tanh"):
@@ -48,47 +110,12 @@ class HyperNetwork(nn.Module):
         nn.init.zeros_(self.output.bias)
 
     def forward(self, embedding: torch.Tensor, task_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if task_embeddings is None:
-            return self.forward_saving(embedding)[0]
-        # W1 (e + tau) + b1 = (W1 e + b1) + W1 tau: W1 runs on the L + T embeddings, not on L * T sums.
-        # The task-side products are elementwise-multiply-and-sum rather than GEMMs because a GEMM's
-        # rounding of one row depends on how many rows it has (MKL's remainder rows: F.linear over
-        # T task rows gave different bits for T < 12), and a task's h must not change when tasks are
-        # added (sas.add_task promises bit-identical outputs for the existing ones).
-        weight1, weight2 = self.hidden.weight, self.output.weight
-        task_part = (task_embeddings.unsqueeze(-2) * weight1).sum(-1)  # (T, hidden)
-        hidden = self.activation(self.hidden(embedding).unsqueeze(-2) + task_part)  # (..., T, hidden)
-        return 1.0 + ((hidden.unsqueeze(-2) * weight2).sum(-1) + self.output.bias)  # (..., T, r)
-
-    def forward_saving(self, embedding: torch.Tensor):
-        """``(h, pre, hidden)`` for single-task embeddings (L, k): h and what :meth:`backward` needs."""
         modules = self._modules
         hidden_layer, output_layer = modules["hidden"]._parameters, modules["output"]._parameters
-        pre = F.linear(embedding, hidden_layer["weight"], hidden_layer["bias"])
-        hidden = _ACTIVATION_FUNCTIONS[type(modules["activation"])][0](pre)
-        return 1.0 + F.linear(hidden, output_layer["weight"], output_layer["bias"]), pre, hidden
-
-    def backward(self, grad_h: torch.Tensor, embedding: torch.Tensor, pre: torch.Tensor, hidden: torch.Tensor,
-                 needs) -> list:
-        """Gradients of (embedding, W1, b1, W2, b2) for ``grad_h`` (L, r), written out by hand: seven small
-        ops per model backward instead of recomputing the MLP and running autograd over it (about twice
-        the ops plus a nested engine call, which dominated a one-layer model's host time)."""
-        needs_e, needs_w1, needs_b1, needs_w2, needs_b2 = needs
-        grads = [None] * 5
-        if needs_w2:
-            grads[3] = grad_h.t().mm(hidden)
-        if needs_b2:
-            grads[4] = grad_h.sum(0)
-        if needs_e or needs_w1 or needs_b1:
-            grad_hidden = grad_h.mm(self.output.weight)
-            grad_pre = _ACTIVATION_FUNCTIONS[type(self.activation)][1](grad_hidden, pre, hidden)
-            if needs_w1:
-                grads[1] = grad_pre.t().mm(embedding)
-            if needs_b1:
-                grads[2] = grad_pre.sum(0)
-            if needs_e:
-                grads[0] = grad_pre.mm(self.hidden.weight)
-        return grads
+        with _without_autocast(embedding.device):
+            return hypernetwork_table(type(modules["activation"]), embedding, hidden_layer["weight"],
+                                      hidden_layer["bias"], output_layer["weight"], output_layer["bias"],
+                                      task_embeddings)
 
 
 class SaSShared(nn.Module):
@@ -172,6 +199,10 @@ class SaSShared(nn.Module):
     # gradient checkpointing stays exact: entries are kept apart by grad mode, so a segment's no-grad
     # first pass never hands a detached h to layers that need gradients, and the node saves no tensors
     # through save_for_backward, so a non-reentrant recomputation sees the forward's saved tensors.
+    # A write that bypasses version counters (through ``.data``, or to an inference tensor, which has
+    # none) is seen from the next forward that runs a layer again; a forward over layers not run since
+    # such a write would still get the h from before it (seeing it would mean reading the tensors'
+    # values on every layer call: a device op and a host sync each).
     def layer_tensors(self, layer_index: int, down_key: str, up_key: str, dtype: torch.dtype):
         """``(A, B, h_l)`` of one layer in ``dtype``."""
         if torch.compiler.is_compiling():  # traced once; the compiler deduplicates and fuses
@@ -184,7 +215,7 @@ class SaSShared(nn.Module):
 
     def _entry(self, dtype: torch.dtype, layer_index: int) -> "_CacheEntry":
         sources = self.modulation_sources()
-        stamp = tuple((id(t), t._version) for t in sources)
+        stamp = _stamp(sources)
         key = (dtype, sources[0].device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         entry = self._cache.get(key)
         # A layer asking twice means a new forward began (or a checkpointed segment is recomputed):
@@ -192,79 +223,136 @@ class SaSShared(nn.Module):
         if entry is None or entry.stamp != stamp or layer_index in entry.served:
             # Only the Triton layer backward adds shared gradients in place (linear_op.GradientSink).
             sink = key[2] and functional.resolve_backend(key[1]) == "triton"
-            self._cache[key] = entry = _CacheEntry(stamp, self._modulation_table(sources, dtype), dtype, sink)
+            table = self._modulation_table(sources, stamp, dtype)
+            self._cache[key] = entry = _CacheEntry(sources, stamp, table, dtype, sink)
         entry.served.add(layer_index)
         return entry
 
-    def _modulation_table(self, sources, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+    def _modulation_table(self, sources, stamp: tuple, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
             return self.modulations().to(dtype).unbind(0)
+        versions = tuple(version for _, version in stamp)
+        if None in versions:  # what PyTorch says when an inference tensor would be saved for backward
+            raise RuntimeError("Inference tensors cannot be saved for backward: the SaS adapter's tensors were "
+                               "created under torch.inference_mode(); run the model under torch.inference_mode() "
+                               "or torch.no_grad(), or create it outside inference mode to train it")
         activation = type(self.hyper.activation)
         if (len(sources) == 5 and activation in _CPP_ACTIVATION_CODES
                 and functional.resolve_backend(sources[0].device) == "cpp"):
             # Single task on the C++ backend: forward and backward are one C++ op each, with no Python.
+            # The op turns autocast off itself and checks the versions of what its backward reads.
             table = torch.ops.sas.cpu_hypernetwork(*sources, _CPP_ACTIVATION_CODES[activation])
             return table.to(dtype).unbind(0)
-        return _ModulationTable.apply(self.hyper, dtype, *sources).unbind(0)
+        return _ModulationTable.apply(activation, dtype, versions, *sources).unbind(0)
+
+
+def _stamp(tensors) -> tuple:
+    """``(id, version)`` of each tensor; the version is ``None`` for an inference tensor (made under
+    ``torch.inference_mode()``), which has no version counter."""
+    try:
+        return tuple((id(t), t._version) for t in tensors)
+    except RuntimeError:  # an inference tensor among them: rare, so the common case pays no test
+        return tuple((id(t), None if t.is_inference() else t._version) for t in tensors)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter, ``None`` for an inference tensor (it has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class _CacheEntry:
     """One forward's h of every layer in one dtype, and its A/B: cast to that dtype, and with
-    ``sink_gradients`` attached to a :class:`sas.linear_op.GradientSink` each. Valid while ``stamp`` matches."""
+    ``sink_gradients`` attached to a :class:`sas.linear_op.GradientSink` each. Valid while ``stamp`` matches.
+    Holds the ``sources`` the stamp describes, so no other tensor can take one of their ids while it lives."""
 
-    def __init__(self, stamp: tuple, modulations: Tuple[torch.Tensor, ...], dtype: torch.dtype,
+    def __init__(self, sources: tuple, stamp: tuple, modulations: Tuple[torch.Tensor, ...], dtype: torch.dtype,
                  sink_gradients: bool):
-        self.stamp, self.modulations, self.dtype = stamp, modulations, dtype
+        self.sources, self.stamp, self.modulations, self.dtype = sources, stamp, modulations, dtype
         self.sink_gradients = sink_gradients
         self.served: set = set()  # layers that took their h from this entry
         self._shared: Dict[int, Tuple[int, torch.Tensor, torch.Tensor]] = {}  # id -> (version, source, result)
 
     def shared(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the layers of this forward use it, made once while ``t`` is unchanged (same object and version)."""
+        version = _version(t)
         hit = self._shared.get(id(t))
-        if hit is None or hit[0] != t._version or hit[1] is not t:
+        if hit is None or hit[0] != version or hit[1] is not t:
             result = t.to(self.dtype)
             if self.sink_gradients and result.requires_grad:
                 result = linear_op.GradientSink.attach(result)
-            hit = self._shared[id(t)] = (t._version, t, result)
+            hit = self._shared[id(t)] = (version, t, result)
         return hit[2]
 
 
-class _ModulationTable(torch.autograd.Function):
-    """h of every layer (and task) as one autograd node: ``hyper(embeddings, stacked task embeddings)``.
+# What the modulation table reads, in SaSShared.modulation_sources' order (task embeddings follow), for messages.
+_SOURCE_NAMES = ("embeddings", "hyper.hidden.weight", "hyper.hidden.bias", "hyper.output.weight", "hyper.output.bias")
+# The sources the hand-written single-task backward reads: the embeddings, W1 and W2 (b1 and b2 only
+# shaped pre and hidden, which the forward saved).
+_HAND_WRITTEN_BACKWARD_READS = (0, 1, 3)
 
-    The node keeps what its backward needs on ``ctx`` (the hypernetwork module, its source tensors,
-    the activations), never through ``save_for_backward``: checkpointing packs saved tensors of a
-    segment and compares them with its recomputation, and a table computed in one pass but cached for
-    the next must not take part in that. Having no saved tensors also lets two backward passes
-    (reentrant checkpointing's inner one, then the outer one) run through the same node. A single-task
-    table uses the hypernetwork's hand-written backward; a multi-task one, or a double backward
+
+def _check_unchanged(sources, versions, indices) -> None:
+    """Raise as autograd does for a saved tensor written in place between the forward and the backward."""
+    for i in indices:
+        t = sources[i]
+        if t._version != versions[i]:
+            name = _SOURCE_NAMES[i] if i < len(_SOURCE_NAMES) else f"task_embeddings.{i - len(_SOURCE_NAMES)}"
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"the SaS adapter's {name} {tuple(t.shape)} is at version {t._version}; expected version "
+                f"{versions[i]} instead. Write it after the backward (e.g. optimizer.step() after loss.backward()), "
+                f"or run the forward again after writing it")
+
+
+class _ModulationTable(torch.autograd.Function):
+    """h of every layer (and task) as one autograd node: :func:`hypernetwork_table` of the source tensors
+    (``SaSShared.modulation_sources``), computed in their dtype with autocast off.
+
+    The node keeps what its backward needs on ``ctx`` (the source tensors, the activations), never
+    through ``save_for_backward``: checkpointing packs saved tensors of a segment and compares them
+    with its recomputation, and a table computed in one pass but cached for the next must not take
+    part in that. Having no saved tensors also lets two backward passes (reentrant checkpointing's
+    inner one, then the outer one) run through the same node. Since autograd's version check does not
+    cover ``ctx``, the backward checks the sources' versions itself (once per model backward). A
+    single-task table uses the hand-written backward; a multi-task one, or a double backward
     (``create_graph``), recomputes the table under autograd and differentiates it.
     """
 
     @staticmethod
-    def forward(ctx, hyper, dtype, embeddings, *weights_and_tasks):
-        tasks = weights_and_tasks[4:]  # after W1, b1, W2, b2 (SaSShared.modulation_sources)
-        if tasks:
-            h, ctx.activations = hyper(embeddings, torch.stack(tasks)), None
-        else:
-            h, *ctx.activations = hyper.forward_saving(embeddings)
-        ctx.hyper, ctx.sources, ctx.input_dtype = hyper, (embeddings, *weights_and_tasks), h.dtype
+    def forward(ctx, activation, dtype, versions, embeddings, *weights_and_tasks):
+        weight1, bias1, weight2, bias2, *tasks = weights_and_tasks
+        with _without_autocast(embeddings.device):
+            if tasks:
+                h = hypernetwork_table(activation, embeddings, weight1, bias1, weight2, bias2, torch.stack(tasks))
+                ctx.activations = None
+            else:
+                h, *ctx.activations = _hypernetwork_saving(activation, embeddings, weight1, bias1, weight2, bias2)
+        ctx.activation, ctx.sources, ctx.versions, ctx.input_dtype = activation, (embeddings, *weights_and_tasks), \
+            versions, h.dtype
         return h.to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[3:]
         grad = grad.to(ctx.input_dtype)
+        sources, activation = ctx.sources, ctx.activation
         if ctx.activations is not None and not torch.is_grad_enabled():
-            grads = ctx.hyper.backward(grad, ctx.sources[0], *ctx.activations, needs)
+            _check_unchanged(sources, ctx.versions, _HAND_WRITTEN_BACKWARD_READS)
+            grads = _hypernetwork_backward(activation, grad, sources[0], sources[1], sources[3], *ctx.activations,
+                                           needs)
         else:
-            def table(embeddings, *weights_and_tasks):
-                tasks = weights_and_tasks[4:]
-                return ctx.hyper(embeddings, torch.stack(tasks) if tasks else None)
+            _check_unchanged(sources, ctx.versions, range(len(sources)))
 
-            grads = reference.regrad(table, ctx.sources, needs, grad, create_graph=torch.is_grad_enabled())
-        return (None, None, *grads)
+            def table(embeddings, weight1, bias1, weight2, bias2, *tasks):
+                return hypernetwork_table(activation, embeddings, weight1, bias1, weight2, bias2,
+                                          torch.stack(tasks) if tasks else None)
+
+            with _without_autocast(grad.device):
+                grads = reference.regrad(table, sources, needs, grad, create_graph=torch.is_grad_enabled())
+        return (None, None, None, *grads)
 
 
 class SaSLinear(nn.Module):
@@ -298,7 +386,7 @@ class SaSLinear(nn.Module):
         # forward() reads the Python mirror, never the device tensor (no host sync per call).
         self.register_buffer("sas_merged", torch.zeros((), dtype=torch.bool, device=base_layer.weight.device))
         self._merged = False
-        self._merge_record: Optional[tuple] = None  # (weight, its version after merge, its copy before merge)
+        self._merge_record: Optional[tuple] = None  # (weight, its _write_stamp after merge, its copy before merge)
         self._merged_task: Optional[int] = None
         self.register_load_state_dict_pre_hook(_merged_flag_follows_weight)
         self.register_load_state_dict_post_hook(_sync_merged_flag)
@@ -370,7 +458,8 @@ class SaSLinear(nn.Module):
 
     def _set_merged(self, merged: bool) -> None:
         self._merged = merged
-        self.sas_merged.fill_(merged)
+        with _writable(self.sas_merged):
+            self.sas_merged.fill_(merged)
 
     @torch.no_grad()
     def delta_weight(self, task: Optional[int] = None) -> torch.Tensor:
@@ -386,9 +475,28 @@ class SaSLinear(nn.Module):
         return self._merged_task
 
     @torch.no_grad()
+    def _fold(self, task: Optional[int]) -> Tuple[Optional[torch.Tensor], Optional[str]]:
+        """``(the merged weight, None)``, or ``(None, why merging would refuse)``."""
+        delta = self.delta_weight(task)
+        if not torch.isfinite(delta).all():
+            return None, "the SaS update contains NaN or Inf"
+        weight = self.base_layer.weight
+        folded = (weight.float() + delta).to(weight.dtype)
+        if (torch.isfinite(weight) & ~torch.isfinite(folded)).any():
+            largest = torch.finfo(weight.dtype).max
+            return None, (f"the merged weight overflows {weight.dtype} (an entry of W0 + update is beyond "
+                          f"{largest:g}); keep the model unmerged or merge it in a wider dtype (e.g. model.float())")
+        return folded, None
+
+    def merge_refusal(self, task: Optional[int] = None) -> Optional[str]:
+        """Why :meth:`merge` of ``task`` would refuse (``None`` when it would not)."""
+        return self._fold(task)[1]
+
+    @torch.no_grad()
     def merge(self, task: Optional[int] = None) -> None:
         """Fold the update (of ``task``, required with several tasks) into ``base_layer.weight``;
-        refuses a non-finite update.
+        refuses (``ValueError``, weight untouched) a non-finite update or a merged weight that
+        overflows the weight's dtype.
 
         Keeps a copy of the weight as it was (one more weight of memory while merged), so that
         :meth:`unmerge` restores it bit for bit even if the adapter changes while merged.
@@ -396,22 +504,23 @@ class SaSLinear(nn.Module):
         if self.merged:
             warnings.warn("SaSLinear is already merged; merge() did nothing", UserWarning, stacklevel=2)
             return
-        delta = self.delta_weight(task)
-        if not torch.isfinite(delta).all():
-            raise ValueError("refusing to merge: the SaS update contains NaN or Inf")
+        folded, reason = self._fold(task)
+        if reason is not None:
+            raise ValueError(f"refusing to merge: {reason}")
         weight = self.base_layer.weight
         before = weight.detach().clone()
-        weight.copy_((weight.float() + delta).to(weight.dtype))
-        self._merge_record = (weight, weight._version, before)
+        with _writable(weight):
+            weight.copy_(folded)
+        self._merge_record = (weight, _write_stamp(weight), before)
         self._merged_task = task if self.shared.num_tasks > 1 else None
         self._set_merged(True)
 
     def unmerge_refusal(self) -> Optional[str]:
         """Why :meth:`unmerge` would refuse (``None`` when it would not)."""
-        weight, version, _ = self._merge_record or (None, None, None)
-        # Any write since merge (load_state_dict, an optimizer step, copy_) bumps the version counter, and
+        weight, stamp, _ = self._merge_record or (None, None, None)
+        # Any write since merge (load_state_dict, an optimizer step, copy_) changes the stamp, and
         # restoring the copy would undo it; .to(dtype/device) keeps the Parameter and its version.
-        if weight is not self.base_layer.weight or version != weight._version:
+        if weight is not self.base_layer.weight or stamp != _write_stamp(weight):
             return ("its weight before merge is not known: the merged weight was loaded (e.g. from a merged "
                     "model's state_dict) or written since merge; load the base weights and the adapter instead")
         if not torch.isfinite(self.delta_weight(self._merged_task)).all():
@@ -433,16 +542,65 @@ class SaSLinear(nn.Module):
         if reason is not None:
             raise ValueError(f"refusing to unmerge: {reason}")
         weight, _, before = self._merge_record
-        weight.copy_(before)
+        with _writable(weight):
+            weight.copy_(before)
         self._merge_record = None
         self._merged_task = None
         self._set_merged(False)
+
+    def __getstate__(self):
+        # copy.deepcopy and pickle give the copy a new weight tensor with a version counter of its own:
+        # the record keeps only whether the weight was still as merge left it, and the copy re-stamps it.
+        state = super().__getstate__()
+        if self._merge_record is not None:
+            weight, _, before = self._merge_record
+            state["_merge_record"] = (weight, self.unmerge_refusal() is None, before)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self._merge_record is not None:
+            weight, unchanged, before = self._merge_record
+            self._merge_record = (weight, _write_stamp(weight) if unchanged else None, before)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.A.shape[0]}, "
                 f"layer={self.layer_index}, down={self.down_key!r}, up={self.up_key!r}, scale={self.scale}, "
                 f"op={self.layer_op}, "
                 f"merged={self.merged}")
+
+
+def _writable(tensor: torch.Tensor):
+    """A context in which ``tensor`` may be written in place: an inference tensor (made under
+    ``torch.inference_mode()``) only accepts in-place writes inside inference mode."""
+    return torch.inference_mode() if tensor.is_inference() else contextlib.nullcontext()
+
+
+# Integer dtypes of each floating-point width, to read a weight's bits.
+_BITS_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Elements per step of the fingerprint, to bound its int64 temporaries (about 32 MiB each).
+_FINGERPRINT_CHUNK = 1 << 22
+# An odd 64-bit mixing constant (the golden ratio's, 0x9E3779B97F4A7C15, less its top bit so it fits int64).
+_FINGERPRINT_MIX = 0x1E3779B97F4A7C15
+
+
+def _bits_fingerprint(tensor: torch.Tensor) -> int:
+    """A 64-bit fingerprint of ``tensor``'s bits: ``sum(bits_i * m_i) mod 2**64`` with a distinct odd
+    multiplier per position, so any change of one element, and all but a 2**-64 share of other changes,
+    give another value."""
+    bits = tensor.detach().reshape(-1).view(_BITS_DTYPES[tensor.element_size()])
+    total = 0
+    for start in range(0, bits.numel(), _FINGERPRINT_CHUNK):
+        chunk = bits[start:start + _FINGERPRINT_CHUNK].long()
+        positions = torch.arange(start, start + chunk.numel(), device=chunk.device)
+        total += int(((positions * _FINGERPRINT_MIX) | 1).mul_(chunk).sum())  # int64 products wrap mod 2**64
+    return total % (1 << 64)
+
+
+def _write_stamp(weight: torch.Tensor) -> tuple:
+    """What changes when ``weight`` is written: its version counter, or for an inference tensor (which
+    has none) a fingerprint of its bits."""
+    return ("bits", _bits_fingerprint(weight)) if weight.is_inference() else ("version", weight._version)
 
 
 def _task_modulation(h: torch.Tensor, task) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -1,6 +1,7 @@
 """Whole-model operations: inject SaS into any ``nn.Module``, merge/unmerge, count parameters."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -13,8 +14,8 @@ import torch
 from torch import nn
 
 from .config import SaSConfig
-from .layer import SaSLinear, SaSShared, adapted_layers, find_shared
-from .multitask import check_task
+from .layer import HyperNetwork, SaSLinear, SaSShared, adapted_layers, find_shared
+from .multitask import check_task, refuse_open_contexts_for_other_tasks
 
 SHARED_ATTRIBUTE = "sas_shared"
 
@@ -37,27 +38,60 @@ class LayerPlan:
 READS_CHILD_WEIGHT = {nn.MultiheadAttention: ("out_proj",), nn.TransformerEncoderLayer: ("linear1", "linear2")}
 
 # Python's re backtracks, so a pattern such as "(.*.*.*.*)*Z" (e.g. from an untrusted adapter_config.json)
-# can run for ever. Regex targets are therefore matched in a child interpreter that is killed after this
-# many seconds; module names are few and short, so a sane pattern takes milliseconds (the child's start,
-# about 50 ms, dominates) and any pattern gives an answer or an error in bounded time.
+# can run for ever, and compiling can be as slow: each case-insensitive "[\u0100-\U0010ffff]" costs about
+# 7-12 ms (10 kB of them took 24 s here), and an 11 MiB pattern of other kinds 24-31 s. Regex targets are therefore
+# compiled and matched in a child interpreter that is killed after this many seconds; module names are few
+# and short, so a sane pattern takes milliseconds (the child's start, about 50 ms, dominates) and any
+# pattern gives an answer or an error in bounded time.
 REGEX_TIME_LIMIT_S = 5.0
-_FULLMATCH_SCRIPT = ("import json, re, sys; request = json.load(sys.stdin); "
-                     "json.dump([re.fullmatch(request['pattern'], n) is not None for n in request['names']], sys.stdout)")
+_FULLMATCH_SCRIPT = """
+import json, re, sys
+request = json.load(sys.stdin)
+try:
+    compiled = re.compile(request["pattern"])
+except (re.error, RecursionError, OverflowError, MemoryError) as exc:  # deep nesting overflows the parser
+    json.dump({"error": str(exc) or type(exc).__name__}, sys.stdout)
+else:
+    json.dump({"matches": [compiled.fullmatch(n) is not None for n in request["names"]]}, sys.stdout)
+"""
+# Patterns shown in errors are cut to this many characters: an untrusted config may hold megabytes.
+_SHOWN_PATTERN_CHARS = 200
+
+
+def _shown(pattern: str) -> str:
+    if len(pattern) <= _SHOWN_PATTERN_CHARS:
+        return repr(pattern)
+    return f"{pattern[:_SHOWN_PATTERN_CHARS]!r}... ({len(pattern):,} characters)"
 
 
 def regex_fullmatches(pattern: str, names: List[str]) -> List[bool]:
-    """``[re.fullmatch(pattern, n) is not None for n in names]`` within :data:`REGEX_TIME_LIMIT_S`."""
+    """``[re.fullmatch(pattern, n) is not None for n in names]``, compiled and matched within
+    :data:`REGEX_TIME_LIMIT_S`; an invalid or too slow pattern raises ``ValueError``."""
     request = json.dumps({"pattern": pattern, "names": names})
     try:
         done = subprocess.run([sys.executable, "-I", "-S", "-c", _FULLMATCH_SCRIPT], input=request,
                               capture_output=True, text=True, timeout=REGEX_TIME_LIMIT_S)
     except subprocess.TimeoutExpired:
-        raise ValueError(f"targets regex {pattern!r} did not finish matching {len(names)} module names within "
-                         f"{REGEX_TIME_LIMIT_S:g} s (catastrophic backtracking); use a simpler regex or a list "
+        work = f"matching {len(names)} module names" if names else "compiling"
+        raise ValueError(f"targets regex {_shown(pattern)} did not finish {work} within {REGEX_TIME_LIMIT_S:g} s "
+                         f"(catastrophic backtracking or a pattern too large); use a simpler regex or a list "
                          f"of names") from None
     if done.returncode != 0:
-        raise RuntimeError(f"matching targets regex {pattern!r} failed in {sys.executable}: {done.stderr.strip()}")
-    return json.loads(done.stdout)
+        raise RuntimeError(f"matching targets regex {_shown(pattern)} failed in {sys.executable}: "
+                           f"{done.stderr.strip()[-2000:]}")
+    answer = json.loads(done.stdout)
+    if "error" in answer:
+        raise ValueError(f"targets is not a valid regex ({answer['error']}): {_shown(pattern)}")
+    return answer["matches"]
+
+
+@functools.lru_cache(maxsize=64)
+def check_regex(pattern: str) -> None:
+    """Raise ``ValueError`` unless ``pattern`` compiles within :data:`REGEX_TIME_LIMIT_S`.
+
+    Cached for patterns that passed, so building many configs with one pattern starts one child.
+    """
+    regex_fullmatches(pattern, [])
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -117,14 +151,29 @@ def _refuse_weight_readers(model: nn.Module, chosen) -> None:
                                      f"be bypassed or the forward would fail; leave it out of targets")
 
 
+def _refuse_adapted(model: nn.Module) -> None:
+    """Raise if ``model`` already holds SaS modules anywhere below it.
+
+    Adapting again would wrap the adapted layers' ``base_layer`` and the hypernetwork's own Linears
+    (a regex such as ``".*"`` matches them), and an adapter cannot be extended by a second one.
+    """
+    found = [f"{type(module).__name__} at {name or '(the model itself)'!r}"
+             for name, module in model.named_modules() if isinstance(module, (SaSLinear, SaSShared, HyperNetwork))]
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ValueError(f"model already has SaS injected ({shown}); inject adapts a base model once and cannot add "
+                         f"layers to an existing adapter: inject into the base model, before any part of it is "
+                         f"adapted, with targets naming every layer to adapt")
+
+
 def plan_injection(model: nn.Module, config: SaSConfig) -> List[LayerPlan]:
     """Which Linear layers ``config`` adapts in ``model`` and their shared keys; changes nothing.
 
     A Linear instance reachable under several names is adapted once, under all of them (one layer,
-    one embedding), if any of its names is targeted.
+    one embedding), if any of its names is targeted. A model that already holds SaS modules (its
+    own adapter or an adapted submodule) is refused.
     """
-    if find_shared(model) is not None:
-        raise ValueError("model already has SaS injected; inject into a fresh base model")
+    _refuse_adapted(model)
     matched = _chosen(_linears(model), config)
     _refuse_weight_readers(model, matched)
     chosen = [(name, module) for module, _, name in matched]
@@ -245,10 +294,12 @@ def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
 
     With ``num_tasks > 1`` name the task: ``h_{task,l}`` is folded in and the merged model serves that
     task only (``task=None`` is refused; a ``sas.tasks`` context asking for another task is refused
-    while merged). :func:`unmerge` gives back the multi-task model.
+    while merged, and merging is refused while a context for another task is open in any thread).
+    :func:`unmerge` gives back the multi-task model.
 
-    All updates are computed and checked before any weight changes, so a non-finite update or a tied
-    weight (see below) leaves the model untouched. Merging twice warns and does nothing.
+    All updates are computed and checked before any weight changes, so a non-finite update, a merged
+    weight that overflows its dtype or a tied weight (see below) leaves the model untouched. Merging
+    twice warns and does nothing; merging another task than the one merged is refused.
 
     - Each layer keeps a copy of its weight as it was, so :func:`unmerge` restores the frozen weights
       bit for bit, also after the adapter changed while merged. The copies cost one more copy of
@@ -261,17 +312,23 @@ def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
       unmerged (its pre-merge weights are not in the state), it serves merged inference.
     """
     layers = _require_adapted(model)
-    task = check_task(layers[0].shared, task)
+    shared = layers[0].shared
+    task = check_task(shared, task)
+    merged_for = {layer.merged_task for layer in layers if layer.merged}
+    if merged_for - {task}:
+        raise ValueError(f"refusing to merge task {task}: the model is merged for task {sorted(merged_for)[0]}; "
+                         f"call sas.unmerge(model) first")
     pending = [layer for layer in layers if not layer.merged]
     if not pending:
         warnings.warn("model is already merged; merge() did nothing", UserWarning, stacklevel=2)
         return model
+    refuse_open_contexts_for_other_tasks(shared, task)
     _refuse_tied_weights(model, pending)
-    with torch.no_grad():
-        for layer in pending:
-            if not torch.isfinite(layer.delta_weight(task)).all():
-                raise ValueError(f"refusing to merge: the SaS update of layer {layer.layer_index} "
-                                 f"({layer.down_key}/{layer.up_key}) contains NaN or Inf")
+    for layer in pending:
+        reason = layer.merge_refusal(task)
+        if reason is not None:
+            raise ValueError(f"refusing to merge: layer {layer.layer_index} ({layer.down_key}/{layer.up_key}): "
+                             f"{reason}")
     for layer in pending:
         layer.merge(task)
     return model

@@ -24,6 +24,10 @@ _state = threading.local()
 # lookup altogether (the single-task hot path pays one global read).
 _open_contexts = 0
 _open_lock = threading.Lock()
+# Every open context's setting in all threads, per shared owner ({owner: {token: setting}}): merge reads
+# it, since folding one task into the weights while a context elsewhere expects another would serve the
+# wrong task silently. Weak, so a context never keeps a model alive.
+_open_settings: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _settings() -> "weakref.WeakKeyDictionary":
@@ -78,6 +82,9 @@ def _checked_ids(shared, task_ids) -> Union[int, torch.Tensor]:
         return task_ids
     if not isinstance(task_ids, torch.Tensor) or task_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"task_ids must be an int or an int64/int32 tensor of shape (batch,), got {task_ids!r:.80}")
+    if task_ids.device.type == "meta":
+        raise ValueError("task_ids is on the meta device, which holds no values to check or select by; "
+                         "pass the ids as a tensor on the model's device (or the CPU)")
     if task_ids.dim() != 1:
         raise ValueError(f"task_ids must be 1-D, one id per leading-batch element; got shape {tuple(task_ids.shape)}")
     # One host sync per context (not per layer): out-of-range ids must fail here, naming the values,
@@ -88,13 +95,31 @@ def _checked_ids(shared, task_ids) -> Union[int, torch.Tensor]:
     return task_ids.to(device=shared.embeddings.device, dtype=torch.int64)
 
 
+def _wanted_tasks(setting) -> set:
+    return {setting} if isinstance(setting, int) else set(setting.unique().tolist())
+
+
+def refuse_open_contexts_for_other_tasks(shared, task: Optional[int]) -> None:
+    """Raise if a :func:`tasks` context of ``shared``'s model, in any thread, is open for a task other
+    than ``task`` (the one about to be merged): its forwards would silently get ``task``'s outputs."""
+    if shared.num_tasks == 1:
+        return
+    with _open_lock:
+        settings = list(_open_settings.get(shared, {}).values())
+    others = sorted(set().union(*map(_wanted_tasks, settings)) - {task})
+    if others:
+        raise ValueError(f"refusing to merge task {task}: a sas.tasks context (in this or another thread) is open "
+                         f"for tasks {others}, whose forwards would get task {task}'s outputs; merge outside it "
+                         f"(or inside `with sas.tasks(model, {task}):`)")
+
+
 def _refuse_other_tasks_when_merged(model: nn.Module, setting) -> None:
     from .layer import adapted_layers
 
     merged = {layer.merged_task for layer in adapted_layers(model) if layer.merged_task is not None}
     if not merged:
         return
-    wanted = {setting} if isinstance(setting, int) else set(setting.unique().tolist())
+    wanted = _wanted_tasks(setting)
     if wanted - merged:
         raise ValueError(f"the model is merged for task {sorted(merged)[0]}, so every input gets that task's "
                          f"outputs; tasks {sorted(wanted - merged)} need sas.unmerge(model) first")
@@ -118,13 +143,16 @@ def tasks(model: nn.Module, task_ids: Union[int, torch.Tensor]) -> Iterator[None
     settings = _settings()
     previous = settings.get(shared)
     settings[shared] = setting
+    token = object()
     with _open_lock:
         _open_contexts += 1
+        _open_settings.setdefault(shared, {})[token] = setting
     try:
         yield
     finally:
         with _open_lock:
             _open_contexts -= 1
+            del _open_settings[shared][token]
         if previous is None:
             settings.pop(shared, None)
         else:
@@ -159,9 +187,18 @@ def add_task(model: nn.Module, freeze: bool = True) -> int:
     then trains the new task alone (unfreeze a head of its own yourself), and since each task embedding
     is a Parameter of its own, weight decay or momentum cannot reach the others: their outputs stay
     bit-identical. From a single-task model (1 -> 2 tasks) task 0's outputs change by rounding only: it
-    moves from the single-task hypernetwork path to the per-task one.
+    moves from the single-task hypernetwork path to the per-task one. A merged model is refused
+    (``ValueError``): unmerge it first.
     """
+    from .layer import adapted_layers
+
     shared = _owner(model)
+    merged = [layer for layer in adapted_layers(model) if layer.merged]
+    if merged:
+        folded = "the single task's" if merged[0].merged_task is None else f"task {merged[0].merged_task}'s"
+        raise ValueError(f"refusing to add a task to a merged model: its weights hold {folded} update, which the "
+                         f"new task would be served and unmerge could no longer take out; call sas.unmerge(model) "
+                         f"first (and merge again afterwards)")
     with torch.no_grad():
         existing = tuple(shared.task_embeddings)
         if not existing:
