@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Union
@@ -13,6 +12,14 @@ VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 SHARING_CHOICES = ("role", "shape", "layer")
 ACTIVATION_CHOICES = ("tanh", "relu", "gelu")
 LAYER_OP_CHOICES = ("adapter", "fused")
+
+# Upper bounds of the integer fields. A width of 2**16 is over twice the widest nn.Linear of current
+# large models (28,672 in Llama-3-70B). Each task is one Parameter (about 30 us to build, so 2**16 tasks
+# take about 2 s): far more tasks than one model serves, and a config asking for 10**9 is refused at
+# once instead of building for hours.
+MAX_WIDTH = 2**16
+MAX_NUM_TASKS = 2**16
+INT_FIELD_MAXIMA = {"rank": MAX_WIDTH, "embed_dim": MAX_WIDTH, "hyper_hidden": MAX_WIDTH, "num_tasks": MAX_NUM_TASKS}
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -25,7 +32,7 @@ def parse_json(text: Union[str, bytes], source) -> object:
     """``json.loads(text)``; malformed or absurdly nested text raises ``ValueError`` naming ``source``."""
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # malformed text, bad UTF-8, an int over Python's 4,300-digit limit
         raise ValueError(f"{source} is not valid JSON: {exc}") from None
     except RecursionError:  # json's decoder recurses once per nesting level
         raise ValueError(f"{source} is nested too deeply to be a SaS adapter config") from None
@@ -74,25 +81,24 @@ class SaSConfig:
         default=None, metadata={"help": "Architecture the adapter was made for; checked on load when set."})
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        # Sizes first: they decide how much gets built, and a config may come from an untrusted file.
+        for name, most in INT_FIELD_MAXIMA.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if value > most:
+                raise ValueError(f"{name} must be at most {most:,}, got {value!r}")
         if isinstance(self.targets, str):
             if not self.targets:
                 raise ValueError("targets must not be an empty string")
-            try:
-                re.compile(self.targets)
-            except (re.error, RecursionError, OverflowError) as exc:  # deep nesting overflows the parser
-                raise ValueError(f"targets is not a valid regex ({exc}): {self.targets!r}") from None
+            from .model import check_regex  # sas.model imports this module; compiling runs under its time limit
+            check_regex(self.targets)
         elif isinstance(self.targets, (list, tuple)):
             if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
                 raise ValueError(f"targets must be a regex str or a non-empty list of non-empty str, got {self.targets!r}")
             self.targets = list(self.targets)
         else:
             raise ValueError(f"targets must be a regex str or a list of str, got {type(self.targets).__name__}")
-        for name in ("embed_dim", "hyper_hidden", "num_tasks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         _check_choice("hyper_activation", self.hyper_activation, ACTIVATION_CHOICES)
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale != self.scale:
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")

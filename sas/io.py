@@ -1,17 +1,25 @@
-"""Save and load an adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Save and load an adapter: ``adapter_model.safetensors``, plus ``adapter_config.json`` for readers.
 
-Only adapter tensors are written (the shared owner's tensors under their one
-canonical key ``sas_shared.*``, plus any ``trainable_modules``). Loading checks
-every file and tensor before it touches the model, so a bad file leaves the
-model exactly as it was.
+Only adapter tensors are written (the shared owner's tensors under their one canonical key
+``sas_shared.*``, plus any ``trainable_modules``). The weights file describes itself: its safetensors
+metadata holds the adapter's description (config, layer names, save id), so replacing that one file
+commits a save, and at every instant the folder holds the previous adapter or the new one, whole.
+``adapter_config.json`` holds the same description for people and tools; the loader reads it only
+beside a weights file without one (saved by an earlier version). Loading checks every field and
+tensor before it touches the model, so a bad file leaves the model exactly as it was.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import socket
+import stat
+import time
 import uuid
 from pathlib import Path
-from typing import Dict, Optional, Set, Union
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,8 +33,22 @@ from .model import SHARED_ATTRIBUTE, _matches, build_shared, inject, plan_inject
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
-# The config file is untrusted input; a real one is a few kB even with thousands of layers listed.
+#: The safetensors metadata entry of the weights file that holds the description (the JSON of CONFIG_NAME).
+DESCRIPTION_KEY = "sas_adapter"
+# The description is untrusted input; a real one is a few kB even with thousands of layers listed.
 MAX_CONFIG_BYTES = 16 * 2**20
+
+# A save stages each file in the target folder (a rename is atomic only within one filesystem) as
+# ".<name>.<host>.<pid>.<save id>.tmp", so a later save can tell the leftovers of a writer that died
+# (kill -9, power loss) from the files of one still writing. Temporaries of earlier versions,
+# ".<name>.<save id>.tmp", name no writer.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMPORARY = re.compile(rf"\.({re.escape(WEIGHTS_NAME)}|{re.escape(CONFIG_NAME)})"
+                        rf"\.(?:(?P<host>[0-9a-f]{{8}})\.(?P<pid>\d{{1,10}})\.)?[0-9a-f]{{32}}\.tmp")
+#: A temporary untouched for this long is removed even when its writer cannot be shown dead (a writer on
+#: another machine sharing the folder, a pid reused since). A live save writes its file, then renames it
+#: within seconds; an hour leaves room for a slow disk without letting dead saves' files pile up for long.
+STALE_TEMPORARY_AGE_S = 3600.0
 
 
 def architecture_of(model: nn.Module) -> str:
@@ -43,6 +65,26 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     prefixes = [SHARED_ATTRIBUTE + "."] + [
         n + "." for n, _ in model.named_modules() if n and any(_matches(n, p) for p in shared.config.trainable_modules)]
     return {k: v for k, v in model.state_dict().items() if any(k.startswith(p) for p in prefixes)}
+
+
+def non_finite_tensor(tensors: Dict[str, torch.Tensor]) -> Optional[Tuple[str, str]]:
+    """``(key, what)`` of the first tensor an adapter must not hold, else ``None``.
+
+    SaS tensors (A, B, embeddings, hypernetwork) are never legitimately NaN or Inf: such values come
+    from a diverged run. A ``trainable_modules`` tensor may hold +-Inf (an attention mask buffer, an
+    observer's running minimum) but not NaN.
+    """
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        values = tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) \
+            else tensor.float()  # float8 types lack isfinite
+        if key.startswith(SHARED_ATTRIBUTE + "."):
+            if not torch.isfinite(values).all():
+                return key, "NaN or Inf"
+        elif torch.isnan(values).any():
+            return key, "NaN"
+    return None
 
 
 def _fsync(path: Path) -> None:
@@ -67,14 +109,54 @@ def _fsync_folder(directory: Path) -> None:
         os.close(fd)
 
 
+def _writer_alive(pid: int) -> bool:
+    """False only when no process ``pid`` runs on this machine."""
+    if os.name != "posix":
+        return True  # os.kill would end the process there, not probe it: age alone decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number too large to be a pid
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Union[str, Path]) -> None:
+    """Delete the temporaries that crashed saves left in ``directory``; every save starts with this.
+
+    Stale: written on this machine by a process that no longer runs, or untouched for
+    :data:`STALE_TEMPORARY_AGE_S`. Files of a save still running (in this or another process) stay.
+    """
+    now = time.time()
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            match = _TEMPORARY.fullmatch(entry.name)
+            if match is None:
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                writer_dead = (match["host"] == _HOST and match["pid"] is not None
+                               and not _writer_alive(int(match["pid"])))
+                if writer_dead or now - info.st_mtime > STALE_TEMPORARY_AGE_S:
+                    os.unlink(entry.path)
+            except OSError:  # gone already (its save finished, another cleaner), or not ours to remove
+                continue
+
+
 def save_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
     """Write the adapter of ``model`` to ``directory`` (created if needed); returns the directory.
 
-    Atomic per file: both files are written in full to temporary names in ``directory`` and flushed
-    to disk before either replaces its predecessor, so a save that fails (disk full, a tensor the
-    format refuses) leaves the previous adapter there unchanged and loadable. The config is renamed
-    into place last and both files carry the same ``save_id``: if the process dies between the two
-    renames, :func:`load_adapter` refuses the mismatched pair instead of mixing two saves.
+    Crash-safe and safe against concurrent saves: the weights file, which carries the adapter's
+    description in its metadata, is written in full under a temporary name in ``directory`` and
+    flushed to disk, then renamed over its predecessor in one ``os.replace``, the commit point. At
+    every instant, also when the process is killed or another process saves to the same folder, the
+    folder loads as the previous adapter or as one new adapter, whole. ``adapter_config.json`` is
+    written the same way after the commit. Temporaries that earlier crashed saves left behind are
+    removed first (:func:`remove_stale_temporaries`). A save that fails (disk full, a tensor the
+    format refuses, a tensor holding NaN) leaves the previous adapter in place.
     """
     directory = Path(directory)
     tensors = adapter_state_dict(model)
@@ -87,20 +169,27 @@ def save_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
         "config": shared.config.to_dict(),
         "save_id": save_id,
     }
+    description = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     # Own CPU copies: safetensors refuses tensors that share memory (e.g. tied trainable modules).
     tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in tensors.items()}
+    bad = non_finite_tensor(tensors)
+    if bad is not None:
+        raise ValueError(f"refusing to save: tensor {bad[0]!r} holds {bad[1]} (a diverged run?); "
+                         f"{directory} keeps what it held")
     directory.mkdir(parents=True, exist_ok=True)
-    staged = {name: directory / f".{name}.{save_id}.tmp" for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    remove_stale_temporaries(directory)
+    staged = {name: directory / f".{name}.{_HOST}.{os.getpid()}.{save_id}.tmp" for name in (WEIGHTS_NAME, CONFIG_NAME)}
     try:
-        save_file(tensors, str(staged[WEIGHTS_NAME]),
-                  metadata={"format": "pt", "sas_format_version": str(FORMAT_VERSION), "sas_save_id": save_id})
+        save_file(tensors, str(staged[WEIGHTS_NAME]), metadata={
+            "format": "pt", "sas_format_version": str(FORMAT_VERSION), "sas_save_id": save_id,
+            DESCRIPTION_KEY: description})
         _fsync(staged[WEIGHTS_NAME])
+        os.replace(staged[WEIGHTS_NAME], directory / WEIGHTS_NAME)  # the commit point
         with open(staged[CONFIG_NAME], "w") as handle:
-            handle.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            handle.write(description)
             handle.flush()
             os.fsync(handle.fileno())
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(staged[name], directory / name)
+        os.replace(staged[CONFIG_NAME], directory / CONFIG_NAME)
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
@@ -108,50 +197,110 @@ def save_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
     return directory
 
 
-def _existing_file(directory: Path, name: str) -> Path:
-    """``directory / name``, which must be a regular file."""
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory} is not a folder (an adapter is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME})")
-    path = directory / name
-    if path.is_dir():
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _refuse_unless_regular(path: Path, mode: int) -> None:
+    if stat.S_ISDIR(mode):
         raise ValueError(f"{path} is a folder, not a file")
-    if not path.is_file():
-        raise FileNotFoundError(f"no {name} in {directory}")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise ValueError(f"{path} is {kind}, not a regular file (followed through any symlink)")
+
+
+def _existing_file(directory: Path, name: str) -> Path:
+    """``directory / name``, which must be a regular file (checked before anything opens it: a FIFO blocks)."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is not a folder (an adapter is a folder holding {WEIGHTS_NAME} "
+                         f"and {CONFIG_NAME})")
+    path = directory / name
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {name} in {directory}") from None
+    _refuse_unless_regular(path, mode)
     return path
 
 
-def _read_meta(directory: Path) -> dict:
-    path = _existing_file(directory, CONFIG_NAME)
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path} is {path.stat().st_size:,} bytes; an adapter config is at most {MAX_CONFIG_BYTES:,}")
-    meta = parse_json(path.read_bytes(), path)
+def _read_config_file(path: Path) -> bytes:
+    # Non-blocking, so a FIFO swapped in since _existing_file looked is refused, not waited on.
+    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+        _refuse_unless_regular(path, os.fstat(handle.fileno()).st_mode)
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is over {MAX_CONFIG_BYTES:,} bytes, the most an adapter config may be")
+    return data
+
+
+def _parse_description(text: Union[str, bytes], source: str) -> dict:
+    """The adapter description in ``text`` (from ``source``), its fields checked."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{source} is over {MAX_CONFIG_BYTES:,} bytes, the most an adapter config may be")
+    meta = parse_json(text, source)
     if not isinstance(meta, dict) or "config" not in meta or "layers" not in meta:
-        raise ValueError(f"{path} is not a SaS adapter config (needs 'config' and 'layers')")
+        raise ValueError(f"{source} is not a SaS adapter config (needs 'config' and 'layers')")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {meta.get('format_version')!r}; this sas reads {FORMAT_VERSION}")
+        raise ValueError(f"{source} has format_version {meta.get('format_version')!r}; this sas reads {FORMAT_VERSION}")
     if not isinstance(meta["config"], dict):
-        raise ValueError(f"{path}: field 'config' must be a JSON object, got {type(meta['config']).__name__}")
+        raise ValueError(f"{source}: field 'config' must be a JSON object, got {type(meta['config']).__name__}")
     if not isinstance(meta["layers"], list) or not all(isinstance(n, str) for n in meta["layers"]):
-        raise ValueError(f"{path}: field 'layers' must be a list of module names (str)")
+        raise ValueError(f"{source}: field 'layers' must be a list of module names (str)")
     for name in ("architecture", "save_id"):
         if not isinstance(meta.get(name, ""), str):
-            raise ValueError(f"{path}: field {name!r} must be a str, got {type(meta[name]).__name__}")
+            raise ValueError(f"{source}: field {name!r} must be a str, got {type(meta[name]).__name__}")
     return meta
 
 
-def _read_tensors(directory: Path, save_id: Optional[str]) -> Dict[str, torch.Tensor]:
-    path = _existing_file(directory, WEIGHTS_NAME)
+def _read_adapter(directory: Path) -> Tuple[dict, Dict[str, torch.Tensor], str]:
+    """``(description, tensors, where the description came from)`` of the adapter saved in ``directory``."""
+    weights_path = _existing_file(directory, WEIGHTS_NAME)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            file_id = (handle.metadata() or {}).get("sas_save_id")
+        with safe_open(str(weights_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
+    if DESCRIPTION_KEY in metadata:
+        source = f"{weights_path} (metadata {DESCRIPTION_KEY!r})"
+        return _parse_description(metadata[DESCRIPTION_KEY], source), tensors, source
+    # Saved by an earlier version, which kept the description in the config file only.
+    config_path = _existing_file(directory, CONFIG_NAME)
+    meta = _parse_description(_read_config_file(config_path), str(config_path))
     # Files written by other tools carry no id; only two ids that differ prove a mix of two saves.
+    file_id, save_id = metadata.get("sas_save_id"), meta.get("save_id")
     if save_id and file_id and file_id != save_id:
-        raise ValueError(f"{path} (save {file_id}) and {CONFIG_NAME} (save {save_id}) come from different saves: "
-                         f"a save into {directory} was interrupted; save the adapter again")
-    return tensors
+        raise ValueError(f"{weights_path} (save {file_id}) and {CONFIG_NAME} (save {save_id}) come from different "
+                         f"saves: a save into {directory} was interrupted; save the adapter again")
+    return meta, tensors, str(config_path)
+
+
+# Where each size field of the config shows in the saved tensors: (field, tensor under sas_shared., axis).
+_SIZE_AXES = (("hyper_hidden", "hyper.hidden.weight", 0), ("embed_dim", "hyper.hidden.weight", 1),
+              ("rank", "hyper.output.weight", 0), ("embed_dim", "embeddings", 1))
+
+
+def _check_sizes_against_tensors(config: SaSConfig, layers: List[str], tensors: Dict[str, torch.Tensor],
+                                 source: str) -> None:
+    """Every size in the description is the one the saved tensors have, before anything is built from it."""
+    sizes = [(name, getattr(config, name), key, axis) for name, key, axis in _SIZE_AXES]
+    sizes.append(("layers", len(layers), "embeddings", 0))
+    for name, value, key, axis in sizes:
+        key = f"{SHARED_ATTRIBUTE}.{key}"
+        if key not in tensors:
+            raise ValueError(f"{WEIGHTS_NAME} lacks tensor {key!r}")
+        shape = tuple(tensors[key].shape)
+        if len(shape) != 2:
+            raise ValueError(f"tensor {key!r} has shape {shape} in {WEIGHTS_NAME}; expected 2 dimensions")
+        if shape[axis] != value:
+            raise ValueError(f"{source}: field {name!r} is {value:,} but the tensors in {WEIGHTS_NAME} have "
+                             f"{shape[axis]:,} ({key!r} has shape {shape})")
+    task_prefix = f"{SHARED_ATTRIBUTE}.task_embeddings."
+    saved_tasks = sum(key.startswith(task_prefix) for key in tensors)
+    if saved_tasks != (config.num_tasks if config.num_tasks > 1 else 0):
+        raise ValueError(f"{source}: field 'num_tasks' is {config.num_tasks:,} but {WEIGHTS_NAME} holds "
+                         f"{saved_tasks:,} task embeddings ({task_prefix}*); an adapter with several tasks holds "
+                         f"one per task, a single-task adapter none")
 
 
 def _injected_name(key: str, layer_names: Set[str]) -> str:
@@ -163,16 +312,17 @@ def _injected_name(key: str, layer_names: Set[str]) -> str:
 def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     """Inject the adapter saved in ``directory`` into the fresh base ``model`` and load its tensors.
 
-    Raises (leaving ``model`` untouched) for a missing or corrupt file, an adapter
-    made for another architecture, or any tensor whose name or shape does not fit.
+    Raises (leaving ``model`` untouched) for a missing or corrupt file, an adapter made for another
+    architecture, a config field out of range or not matching the saved tensors, any tensor whose
+    name or shape does not fit, and SaS tensors holding NaN or Inf (see :func:`non_finite_tensor`).
     """
     directory = Path(directory)
-    meta = _read_meta(directory)
+    meta, tensors, source = _read_adapter(directory)
     try:
         config = SaSConfig.from_dict(meta["config"])
     except ValueError as exc:
-        raise ValueError(f"{directory / CONFIG_NAME}: {exc}") from None
-    tensors = _read_tensors(directory, meta.get("save_id"))
+        raise ValueError(f"{source}: {exc}") from None
+    _check_sizes_against_tensors(config, meta["layers"], tensors, source)
     if config.base_model_name and config.base_model_name != architecture_of(model):
         raise ValueError(f"adapter in {directory} was made for {config.base_model_name!r}, "
                          f"not for this {architecture_of(model)!r}")
@@ -208,8 +358,10 @@ def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
             raise ValueError(f"tensor {key!r} has dtype {tensor.dtype}; expected a floating-point tensor")
         if not want.is_floating_point and tensor.dtype != want:
             raise ValueError(f"tensor {key!r} has dtype {tensor.dtype}; expected {want}")
+    bad = non_finite_tensor(tensors)
+    if bad is not None:
+        raise ValueError(f"tensor {bad[0]!r} in {WEIGHTS_NAME} holds {bad[1]}; refusing to load it")
     inject(model, config)
     # Through load_state_dict, so each layer's merged flag is set together with its weight.
     model.load_state_dict(tensors, strict=False)
     return model
-

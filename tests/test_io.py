@@ -4,11 +4,12 @@ import json
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sas
 from sas import SaSConfig
-from sas.io import CONFIG_NAME, WEIGHTS_NAME
+from sas.io import CONFIG_NAME, DESCRIPTION_KEY, WEIGHTS_NAME
 
 
 def _vit(seed=0, **kwargs):
@@ -70,17 +71,51 @@ def test_base_model_name_checked(tmp_path):
     _assert_refused(tmp_path, ValueError, "was made for 'vit_base_patch16_224', not for this 'test_vit'")
 
 
-@pytest.mark.parametrize("victim", [CONFIG_NAME, WEIGHTS_NAME])
-def test_missing_file(saved, victim):
+def _as_saved_before_the_description(directory):
+    """Rewrite the weights file as versions before the description in its metadata wrote it."""
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    del metadata[DESCRIPTION_KEY]
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
+
+
+def test_missing_weights_file(saved):
     _, directory = saved
-    (directory / victim).unlink()
-    _assert_refused(directory, FileNotFoundError, f"no {victim}")
+    (directory / WEIGHTS_NAME).unlink()
+    _assert_refused(directory, FileNotFoundError, f"no {WEIGHTS_NAME}")
+
+
+def test_weights_file_alone_loads(saved):
+    model, directory = saved
+    (directory / CONFIG_NAME).unlink()
+    loaded = sas.load_adapter(_vit(), directory)
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_config_file_is_read_for_weights_without_description(saved):
+    model, directory = saved
+    _as_saved_before_the_description(directory)
+    loaded = sas.load_adapter(_vit(), directory)
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    (directory / CONFIG_NAME).unlink()
+    _assert_refused(directory, FileNotFoundError, f"no {CONFIG_NAME}")
 
 
 def test_corrupt_config(saved):
     _, directory = saved
+    _as_saved_before_the_description(directory)
     (directory / CONFIG_NAME).write_text("{not json")
     _assert_refused(directory, ValueError, "is not valid JSON")
+
+
+def test_corrupt_description(saved):
+    _, directory = saved
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={DESCRIPTION_KEY: "{not json"})
+    _assert_refused(directory, ValueError, rf"{WEIGHTS_NAME} \(metadata '{DESCRIPTION_KEY}'\) is not valid JSON")
 
 
 def test_corrupt_weights(saved):
@@ -91,9 +126,11 @@ def test_corrupt_weights(saved):
 
 
 def _rewrite(directory, change):
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as handle:
+        metadata = handle.metadata()
     tensors = load_file(str(directory / WEIGHTS_NAME))
     change(tensors)
-    save_file(tensors, str(directory / WEIGHTS_NAME))
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
 
 
 def test_shape_mismatch_names_the_tensor(saved):
