@@ -54,6 +54,10 @@ QUICK = {"odd rows, rank 1", "3-D input", "zero rows", "non-contiguous 3-D", "ta
 # A non-unit scale so a kernel that drops the scale is caught in the model check too.
 MODEL_SCALE = 0.5
 
+# torch's generators take seeds in -2**63..2**64-1; each op case is seeded with --seed plus its index (a
+# few dozen), so --seed is held to the signed 64-bit range and the sum always fits.
+SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 63 - 1
+
 # fp16 is left out of the default model dtypes on CPU: this CPU has no fast fp16 GEMM, so one ViT-B/16
 # forward+backward takes about 46 s in fp16 against 1.0 s in fp32 and 0.45 s in bf16.
 CPU_MODEL_DTYPES = ("fp32", "bf16")
@@ -105,6 +109,9 @@ def _check_device(parser: argparse.ArgumentParser, name: str) -> None:
         parser.error(f"--device {name!r}: {exc}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {name!r}: CUDA is not available on this machine")
+    if device.type == "meta":
+        parser.error(f"--device {name!r}: meta tensors hold shapes but no values, so nothing can be computed or "
+                     f"compared there; choose cpu or cuda")
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError for some missing backends
@@ -135,6 +142,9 @@ def _check_json_path(parser: argparse.ArgumentParser, name: str) -> None:
     path = Path(name)
     if path.is_dir():
         parser.error(f"--json {name!r}: is a folder")
+    # A device or pipe (/dev/full, a FIFO) may open fine and fail or block only when the report is written.
+    if path.exists() and not path.is_file():
+        parser.error(f"--json {name!r}: not a regular file")
     # Try the write now rather than after the whole run; a file that did not exist is removed again.
     existed = path.exists()
     try:
@@ -178,6 +188,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             parser.error(f"--dtype: unknown {sorted(unknown)}; choose from {','.join(DTYPES)}")
     if args.batch < 1:
         parser.error("--batch must be at least 1")
+    if not SEED_MIN <= args.seed <= SEED_MAX:
+        parser.error(f"--seed {args.seed}: must be a signed 64-bit integer ({SEED_MIN}..{SEED_MAX})")
     _check_device(parser, args.device)
     if args.targets is not None and not args.model:
         parser.error("--targets only applies with --model")
@@ -216,7 +228,8 @@ def check_model(device: torch.device, dtypes: List[str], args, progress):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the check; returns the exit status (0 all passed, 1 any mismatch, error or fallback)."""
+    """Run the check; returns the exit status (0 all passed, 1 any mismatch, error or fallback, 2 bad usage
+    or a report that could not be written)."""
     args = parse_args(argv)
     if args.triton_interpret:
         # Triton reads this when the kernels' module is imported, which happens on the first Triton call.
@@ -237,8 +250,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(report.table(every_tensor=args.every_tensor))
     print(f"sas.check: {report.verdict()}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(dict(environment=env, arguments=vars(args), **report.to_dict()), handle, indent=2)
+        text = json.dumps(dict(environment=env, arguments=vars(args), **report.to_dict()), indent=2)
+        try:
+            with open(args.json, "w") as handle:
+                handle.write(text)
+        except OSError as exc:  # checked before the run, but the disk may fill or the folder go meanwhile
+            print(f"python -m sas.check: error: --json {args.json!r}: cannot write it ({exc.strerror or exc})",
+                  file=sys.stderr)
+            return 2
     return 0 if report.passed else 1
 
 

@@ -1,0 +1,48 @@
+"""Issue 17, ``python -m sas.check`` usage: a meta device, a seed out of the generators' range and a
+report path that is not a regular file end in one line on stderr and exit status 2, not a traceback;
+so does a report that cannot be written after the run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sas import check
+from sas.testing import CheckReport
+
+
+def _run(*argv):
+    return subprocess.run([sys.executable, "-m", "sas.check", "--quick", *argv],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "meta"], "--device 'meta': meta tensors hold shapes but no values"),
+    (["--seed", str(2 ** 70)], f"--seed {2 ** 70}: must be a signed 64-bit integer"),
+    (["--seed", str(-2 ** 63 - 1)], f"--seed {-2 ** 63 - 1}: must be a signed 64-bit integer"),
+    (["--json", os.devnull], f"--json {os.devnull!r}: not a regular file"),
+], ids=["meta device", "seed 2**70", "seed below -2**63", "json to a device"])
+def test_bad_usage_exits_2_with_one_line(argv, message):
+    result = _run(*argv)
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("seed", [-2 ** 63, 2 ** 63 - 1])
+def test_seeds_at_both_ends_of_the_range_run(seed, capsys):
+    assert check.main(["--quick", "--dtype", "fp32", "--backend", "reference", "--seed", str(seed)]) == 0
+    assert "sas.check: PASS" in capsys.readouterr().out
+
+
+def test_a_report_that_cannot_be_written_after_the_run_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+
+    def run_removing_the_folder(*_args):
+        folder.rmdir()  # as if the disk filled or the folder went while the check ran
+        return CheckReport()
+
+    monkeypatch.setattr(check, "check_grid", run_removing_the_folder)
+    assert check.main(["--quick", "--json", str(folder / "report.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--json '{folder / 'report.json'}': cannot write it" in err, err
