@@ -344,6 +344,13 @@ def test_bad_task_ids_are_refused_naming_the_values():
             pass
 
 
+def test_task_ids_on_the_meta_device_are_refused_clearly():
+    model = _multitask_vit()
+    with pytest.raises(ValueError, match="task_ids is on the meta device, which holds no values"):
+        with sas.tasks(model, torch.tensor([0, 1], device="meta")):
+            pass
+
+
 def test_single_task_models_refuse_ids_other_than_zero():
     torch.manual_seed(0)
     model = sas.inject(timm.create_model("test_vit", pretrained=False).eval(), SaSConfig(rank=4))
