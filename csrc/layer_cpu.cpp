@@ -16,7 +16,11 @@
 // checkpointing packs the saved tensors of a segment and checks them against its recomputation, and
 // SaSShared caches this op's output for every layer of a forward, wherever the first one ran. Nothing
 // in saved_data is freed by a backward pass, so reentrant checkpointing's inner backward and the
-// outer one can both run through the node.
+// outer one can both run through the node. Autograd's version check does not cover saved_data, so the
+// backward compares the inputs' version counters with the forward's itself and raises as autograd does
+// for a tensor written in place in between. The hypernetwork computes in its inputs' dtype with
+// autocast off (as sas/layer.py's does): under autocast its linears would save half-precision
+// activations that the backward, run outside autocast, multiplies with the float32 weights.
 #include "adapter_cpu.h"
 
 #include <ATen/core/Tensor.h>
@@ -31,6 +35,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -218,7 +223,27 @@ at::Tensor activate(const at::Tensor& pre, int64_t activation) {
 
 at::Tensor hypernetwork_by_aten(const at::Tensor& embeddings, const at::Tensor& w1, const at::Tensor& b1,
                                 const at::Tensor& w2, const at::Tensor& b2, int64_t activation) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return at::linear(activate(at::linear(embeddings, w1, b1), activation), w2, b2).add(1.0);
+}
+
+// The hypernetwork's inputs in the op's order, for messages.
+constexpr const char* kHyperInputNames[] = {"embeddings", "hyper.hidden.weight", "hyper.hidden.bias",
+                                            "hyper.output.weight", "hyper.output.bias"};
+
+// A tensor's version counter; -1 for an inference tensor, which has none (and cannot be written outside
+// inference mode, where no backward runs).
+int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
+
+// Raises as autograd does for a saved tensor written in place between the forward and the backward.
+void check_unchanged(const at::Tensor& t, int64_t expected, size_t input) {
+  if (expected < 0) return;
+  const int64_t now = version_of(t);
+  TORCH_CHECK(now == expected,
+              "one of the variables needed for gradient computation has been modified by an inplace operation: "
+              "the SaS adapter's ", kHyperInputNames[input], " ", t.sizes(), " is at version ", now,
+              "; expected version ", expected, " instead. Write it after the backward (e.g. optimizer.step() after "
+              "loss.backward()), or run the forward again after writing it");
 }
 
 struct HyperNetwork : public torch::autograd::Function<HyperNetwork> {
@@ -235,6 +260,8 @@ struct HyperNetwork : public torch::autograd::Function<HyperNetwork> {
     ctx->saved_data["pre"] = pre;
     ctx->saved_data["hidden"] = hidden;
     ctx->saved_data["activation"] = activation;
+    ctx->saved_data["versions"] = c10::List<int64_t>({version_of(embeddings), version_of(w1), version_of(b1),
+                                                      version_of(w2), version_of(b2)});
     return h;
   }
 
@@ -246,15 +273,21 @@ struct HyperNetwork : public torch::autograd::Function<HyperNetwork> {
     const at::Tensor& grad_h = grad_outputs[0];
     std::vector<bool> needs(5);
     for (size_t i = 0; i < needs.size(); ++i) needs[i] = ctx->needs_input_grad(i);
+    const c10::List<int64_t> versions = data["versions"].toIntList();
     variable_list grads(6);
-    if (at::GradMode::is_enabled()) {  // double backward
+    if (at::GradMode::is_enabled()) {  // double backward: recomputes from all five inputs
       const variable_list inputs = {embeddings, w1, data["b1"].toTensor(), w2, data["b2"].toTensor()};
+      for (size_t i = 0; i < inputs.size(); ++i) check_unchanged(inputs[i], versions[i], i);
       const variable_list got = differentiate(
           {hypernetwork_by_aten(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], activation)}, {grad_h}, inputs,
           needs);
       std::copy(got.begin(), got.end(), grads.begin());
       return grads;
     }
+    // The hand-written backward reads the embeddings, w1 and w2 (b1 and b2 only shaped pre and hidden).
+    check_unchanged(embeddings, versions[0], 0);
+    check_unchanged(w1, versions[1], 1);
+    check_unchanged(w2, versions[3], 3);
     auto [d_embeddings, d_w1, d_b1, d_w2, d_b2] = hypernetwork_backward_op().call(
         grad_h, embeddings, w1, w2, data["pre"].toTensor(), data["hidden"].toTensor(), activation);
     const at::Tensor all[] = {d_embeddings, d_w1, d_b1, d_w2, d_b2};
@@ -270,6 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hypernetwork_forward_cpu(const at
                                                                         const at::Tensor& w1, const at::Tensor& b1,
                                                                         const at::Tensor& w2, const at::Tensor& b2,
                                                                         int64_t activation) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   at::Tensor pre = at::linear(embeddings, w1, b1);
   at::Tensor hidden = activate(pre, activation);
   return {at::linear(hidden, w2, b2).add_(1.0), pre, hidden};

@@ -3,7 +3,9 @@
     y = x @ W0.T + b0 + s * ((x @ A.T) * h) @ B.T
 
 :func:`sas_linear` is differentiable in ``x``, ``A``, ``B`` and ``h``. ``W0`` and ``b0`` are the frozen
-layer: they are used detached, so they never receive a gradient (even if they require one).
+layer: the fused designs use them detached; when either requires a gradient (the user unfroze it) the call
+takes the ``unfused`` design, whose autograd covers them. A backward run with ``create_graph=True`` (double
+backward) differentiates the reference ops, so second-order gradients are the reference's.
 
 Designs (``docs/layer_designs.md`` has the data-movement model and the measurements):
 
@@ -28,7 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import functional
+from . import functional, linear_op, reference
 from .linear_op import compute_dtype
 
 DESIGNS = ("fold", "fold_split", "epilogue", "unfused")
@@ -157,14 +159,21 @@ class SaSLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):  # inputs were cast already; keep exact control
             y2, u = forward_fn(x2, weight, bias, A, B, h, scale)
-        ctx.save_for_backward(x, u, weight, A, B, h)
+        ctx.save_for_backward(x, u, weight, bias, A, B, h)
         ctx.scale, ctx.design = scale, design
         return _alias(y2, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, g):
-        x, u, weight, A, B, h = ctx.saved_tensors
+        x, u, weight, bias, A, B, h = ctx.saved_tensors
         needs_x, _, _, needs_A, needs_B, needs_h = ctx.needs_input_grad[:6]
+        if torch.is_grad_enabled():  # create_graph=True: the host functions write into buffers (out=), so
+            # differentiate the reference ops instead, with autocast off as in the forward
+            with torch.autocast(x.device.type, enabled=False):
+                dx, dA, dB, dh = reference.regrad(
+                    lambda *t: linear_op.reference_linear(t[0], weight, bias, *t[1:], ctx.scale), (x, A, B, h),
+                    (needs_x, needs_A, needs_B, needs_h), g)
+            return dx, None, None, dA, dB, dh, None, None
         _, input_grad_fn = _HOST_FUNCTIONS[ctx.design]
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
@@ -190,7 +199,8 @@ def sas_linear(
     modulation ``(rank,)``: a per-task ``(T, rank)`` h cannot be folded into one weight. Under autocast
     everything runs in autocast's dtype, as ``SaSLinear`` runs its adapter in the frozen output's dtype.
     ``design`` is one of :data:`DESIGNS` or ``"auto"``. With ``fold`` the result is a column window of a
-    ``(rows, d_out + rank)`` buffer (row stride ``d_out + padded rank``), not contiguous.
+    ``(rows, d_out + rank)`` buffer (row stride ``d_out + padded rank``), not contiguous. A ``weight`` or
+    ``bias`` that requires a gradient (under grad mode) gets it: the call then runs the ``unfused`` design.
     """
     if design != "auto" and design not in DESIGNS:
         raise ValueError(f"unknown design {design!r}; choose 'auto' or one of {DESIGNS}")
@@ -204,13 +214,16 @@ def sas_linear(
                          f"h cannot be folded into one weight: use F.linear + sas.functional.sas_adapter(task_ids=)")
     dtype = compute_dtype(x, weight)
     x, A, B, h = x.to(dtype), A.to(dtype), B.to(dtype), h.to(dtype)
-    weight = weight.detach().to(dtype)
-    bias = None if bias is None else bias.detach().to(dtype)
+    frozen = not (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
+    if frozen:
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
     # validate() checks the adapter arguments against a stand-in for the frozen output (an expanded scalar).
     frozen_output = weight.new_empty(()).expand(*x.shape[:-1], weight.shape[0])
     functional.validate(x, frozen_output, A, B, h, scale)
     if design == "auto":
         design = choose_design(x.device, dtype, weight.shape[1], weight.shape[0], A.shape[0])
-    if design == "unfused":
+    if design == "unfused" or not frozen:
         return functional.sas_adapter(x, F.linear(x, weight, bias), A, B, h, scale)
     return SaSLinearFunction.apply(x, weight, bias, A, B, h, float(scale), design)

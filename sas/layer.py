@@ -302,7 +302,7 @@ def _check_unchanged(sources, versions, indices) -> None:
             name = _SOURCE_NAMES[i] if i < len(_SOURCE_NAMES) else f"task_embeddings.{i - len(_SOURCE_NAMES)}"
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an inplace operation: "
-                f"the SaS adapter's {name} {tuple(t.shape)} is at version {t._version}; expected version "
+                f"the SaS adapter's {name} {list(t.shape)} is at version {t._version}; expected version "
                 f"{versions[i]} instead. Write it after the backward (e.g. optimizer.step() after loss.backward()), "
                 f"or run the forward again after writing it")
 
@@ -423,33 +423,56 @@ class SaSLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        task = task_context.layer_tasks(self.shared, x)  # None, one task (int) or one id per batch element
-        base_parameters = self._modules["base_layer"]._parameters  # not __getattr__: see modulation_sources
-        weight, bias = base_parameters["weight"], base_parameters["bias"]
-        # The fused designs fold a single h into the weight; a batch of per-element tasks takes the adapter path.
-        if self.layer_op == "fused" and not isinstance(task, torch.Tensor):
-            A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key,
-                                                linear_op.compute_dtype(x, weight))
-            h, _ = _task_modulation(h, task)
-            return fused_linear.sas_linear(x, weight, bias, A, B, h, self.scale)
-        if torch.compiler.is_compiling():
-            # The compiler traces the op-level path: its torch.library ops are what it knows how to trace.
-            base = self.base_layer(x)
-            A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, base.dtype)
+        try:
+            task = task_context.layer_tasks(self.shared, x)  # None, one task (int) or one id per batch element
+            base_parameters = self._modules["base_layer"]._parameters  # not __getattr__: see modulation_sources
+            weight, bias = base_parameters["weight"], base_parameters["bias"]
+            # The fused designs fold a single h into the weight; a batch of per-element tasks takes the adapter path.
+            if self.layer_op == "fused" and not isinstance(task, torch.Tensor):
+                A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key,
+                                                    linear_op.compute_dtype(x, weight))
+                h, _ = _task_modulation(h, task)
+                return fused_linear.sas_linear(x, weight, bias, A, B, h, self.scale)
+            if torch.compiler.is_compiling():
+                # The compiler traces the op-level path: its torch.library ops are what it knows how to trace.
+                base = self.base_layer(x)
+                A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, base.dtype)
+                h, task_ids = _task_modulation(h, task)
+                return functional.sas_adapter(x.to(base.dtype), base, A, B, h, self.scale, task_ids)
+            dtype = linear_op.compute_dtype(x, weight)
+            A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, dtype)
             h, task_ids = _task_modulation(h, task)
-            return functional.sas_adapter(x.to(base.dtype), base, A, B, h, self.scale, task_ids)
-        dtype = linear_op.compute_dtype(x, weight)
-        A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, dtype)
-        h, task_ids = _task_modulation(h, task)
-        signature = (x.dtype, x.device, x.dim(), x.shape[-1], dtype, h.shape, task_ids is None)
-        if signature != self._validated:  # full checks once per input signature, then none
-            if x.dim() < 1 or x.shape[-1] != self.in_features:
-                raise ValueError(f"SaSLinear takes x of shape (..., in_features={self.in_features}), "
-                                 f"got {tuple(x.shape)}")
-            functional.validate(x.to(dtype), weight.new_empty(()).to(dtype).expand(*x.shape[:-1], self.out_features),
-                                A, B, h, self.scale, task_ids)
-            self._validated = signature
-        return linear_op.adapted_linear(x, weight, bias, A, B, h, self.scale, task_ids)
+            signature = (x.dtype, x.device, x.dim(), x.shape[-1], dtype, h.shape, task_ids is None)
+            if signature != self._validated:  # full checks once per input signature, then none
+                if x.dim() < 1 or x.shape[-1] != self.in_features:
+                    raise ValueError(f"SaSLinear takes x of shape (..., in_features={self.in_features}), "
+                                     f"got {tuple(x.shape)}")
+                functional.validate(x.to(dtype), weight.new_empty(()).to(dtype).expand(*x.shape[:-1], self.out_features),
+                                    A, B, h, self.scale, task_ids)
+                self._validated = signature
+            return linear_op.adapted_linear(x, weight, bias, A, B, h, self.scale, task_ids)
+        except Exception:
+            # A bad x fails somewhere inside (an IndexError for a 0-dim x, an autocast error for a meta
+            # one): name it instead. The check runs only after a failure (a try costs nothing), so the
+            # hot path pays nothing for it.
+            problem = self._input_problem(x)
+            if problem is not None:
+                raise problem from None
+            raise
+
+    def _input_problem(self, x) -> Optional[Exception]:
+        """The ``TypeError``/``ValueError`` naming ``x`` when it cannot be this layer's input, else ``None``."""
+        if not isinstance(x, torch.Tensor):
+            return TypeError(f"SaSLinear takes x as a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            return ValueError(f"SaSLinear takes x of shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
+        weight = self.base_layer.weight
+        if x.is_meta and not weight.is_meta:
+            return ValueError(f"SaSLinear got x on the meta device, which holds no values; its weights are on "
+                              f"{weight.device}")
+        if x.device != weight.device:
+            return ValueError(f"device mismatch: x is on {x.device} but SaSLinear's weights are on {weight.device}")
+        return None
 
     @property
     def merged(self) -> bool:

@@ -109,12 +109,33 @@ def test_fold_returns_a_window_of_the_stacked_output():
     assert y._base is None  # a fresh tensor to autograd, not a view
 
 
+@pytest.mark.parametrize("design", DESIGNS)
+def test_unfrozen_weight_and_bias_get_their_exact_gradient(design):
+    """Issue 17: the fused designs used the base weight detached, so an unfrozen one got no gradient."""
+    case = make_case((4,), d_in=6, d_out=5, rank=2)
+    leaves = {k: case[k].clone().requires_grad_() for k in ("x", "weight", "bias", "A", "B", "h")}
+    inputs = [leaves[k] for k in ("x", "weight", "bias", "A", "B", "h")]
+    got = torch.autograd.grad(sas_linear(*inputs, SCALE, design=design), inputs, case["g"])
+    expected = torch.autograd.grad(reference_layer(*inputs, SCALE), inputs, case["g"])
+    for name, a, b in zip(leaves, got, expected):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_frozen_weight_and_bias_get_no_gradient():
     case = make_case((4,), d_in=6, d_out=5, rank=2)
-    weight, bias = case["weight"].requires_grad_(), case["bias"].requires_grad_()
     A = case["A"].requires_grad_()
-    sas_linear(case["x"], weight, bias, A, case["B"], case["h"], design="fold").sum().backward()
-    assert weight.grad is None and bias.grad is None and A.grad is not None
+    sas_linear(case["x"], case["weight"], case["bias"], A, case["B"], case["h"], design="fold").sum().backward()
+    assert case["weight"].grad is None and A.grad is not None
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_double_backward_float64(design):
+    """Issue 17: a double backward through the fused designs crashed (addmm with out= under autograd)."""
+    case = make_case((2, 3), d_in=5, d_out=4, rank=3)
+    weight, bias = case["weight"], case["bias"]
+    inputs = tuple(case[k].clone().requires_grad_() for k in TRAINABLE)
+    assert torch.autograd.gradgradcheck(
+        lambda x, A, B, h: sas_linear(x, weight, bias, A, B, h, SCALE, design=design), inputs)
 
 
 def test_auto_picks_a_design_and_matches_fold():
