@@ -538,12 +538,16 @@ class SaSLinear(nn.Module):
         self._merged_task = task if self.shared.num_tasks > 1 else None
         self._set_merged(True)
 
-    def unmerge_refusal(self) -> Optional[str]:
-        """Why :meth:`unmerge` would refuse (``None`` when it would not)."""
+    def _weight_as_merged(self) -> bool:
+        """Whether the weight is still the one :meth:`merge` wrote, so that its kept copy describes it."""
         weight, stamp, _ = self._merge_record or (None, None, None)
         # Any write since merge (load_state_dict, an optimizer step, copy_) changes the stamp, and
         # restoring the copy would undo it; .to(dtype/device) keeps the Parameter and its version.
-        if weight is not self.base_layer.weight or stamp != _write_stamp(weight):
+        return weight is self.base_layer.weight and stamp == _write_stamp(weight)
+
+    def unmerge_refusal(self) -> Optional[str]:
+        """Why :meth:`unmerge` would refuse (``None`` when it would not)."""
+        if not self._weight_as_merged():
             return ("its weight before merge is not known: the merged weight was loaded (e.g. from a merged "
                     "model's state_dict) or written since merge; load the base weights and the adapter instead")
         if not torch.isfinite(self.delta_weight(self._merged_task)).all():
@@ -577,7 +581,7 @@ class SaSLinear(nn.Module):
         state = super().__getstate__()
         if self._merge_record is not None:
             weight, _, before = self._merge_record
-            state["_merge_record"] = (weight, self.unmerge_refusal() is None, before)
+            state["_merge_record"] = (weight, self._weight_as_merged(), before)
         return state
 
     def __setstate__(self, state):
@@ -645,6 +649,9 @@ def _merged_flag_follows_weight(layer: SaSLinear, state_dict, prefix, *_unused) 
 
 def _sync_merged_flag(layer: SaSLinear, _incompatible_keys) -> None:
     layer._merged = bool(layer.sas_merged)
+    if not layer._merged:  # an unmerged state was loaded: no update, and no task, is folded in any more
+        layer._merge_record = None
+        layer._merged_task = None
 
 
 def adapted_layers(model: nn.Module) -> List[SaSLinear]:

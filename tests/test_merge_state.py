@@ -177,3 +177,16 @@ def test_a_copy_of_a_merged_model_written_since_merge_refuses_unmerge_like_the_o
     for candidate in (model, clone):
         with pytest.raises(ValueError, match="refusing to unmerge layer 2 .*weight before merge is not known"):
             sas.unmerge(candidate)
+
+
+def test_loading_an_unmerged_state_into_a_task_merged_model_forgets_the_merged_task():
+    model = _adapted(num_tasks=2)
+    unmerged_state = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 12)
+    expected = _per_task(model, x)
+    sas.merge(model, task=0)
+    model.load_state_dict(unmerged_state)
+    assert all(layer.merged_task is None and not layer.merged for layer in sas.adapted_layers(model))
+    torch.testing.assert_close(_per_task(model, x), expected, rtol=0, atol=0)  # task 1 runs, unmerged
+    sas.merge(model, task=1)
+    torch.testing.assert_close(model(x), expected[1])
