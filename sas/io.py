@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .config import SaSConfig, parse_json
@@ -87,12 +87,21 @@ def non_finite_tensor(tensors: Dict[str, torch.Tensor]) -> Optional[Tuple[str, s
     return None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_synced(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data``, flushed to disk."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    """Write ``tensors`` as a safetensors file at exactly ``path``, flushed to disk.
+
+    Not through safetensors' ``save_file``: that writes a temporary of its own (``.tmpXXXXXX`` beside
+    the target), which a killed save leaves behind under a name no one can tell from anyone else's.
+    """
+    _write_synced(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def _fsync_folder(directory: Path) -> None:
@@ -180,15 +189,11 @@ def save_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
     remove_stale_temporaries(directory)
     staged = {name: directory / f".{name}.{_HOST}.{os.getpid()}.{save_id}.tmp" for name in (WEIGHTS_NAME, CONFIG_NAME)}
     try:
-        save_file(tensors, str(staged[WEIGHTS_NAME]), metadata={
+        _write_safetensors(tensors, staged[WEIGHTS_NAME], metadata={
             "format": "pt", "sas_format_version": str(FORMAT_VERSION), "sas_save_id": save_id,
             DESCRIPTION_KEY: description})
-        _fsync(staged[WEIGHTS_NAME])
         os.replace(staged[WEIGHTS_NAME], directory / WEIGHTS_NAME)  # the commit point
-        with open(staged[CONFIG_NAME], "w") as handle:
-            handle.write(description)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_synced(staged[CONFIG_NAME], description.encode())
         os.replace(staged[CONFIG_NAME], directory / CONFIG_NAME)
     finally:
         for path in staged.values():

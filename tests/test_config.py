@@ -28,6 +28,11 @@ def test_json_round_trip(tmp_path):
     (dict(targets=3), "targets must be a regex str or a list of str, got int"),
     (dict(embed_dim=0), "embed_dim must be a positive int, got 0"),
     (dict(hyper_hidden=-1), "hyper_hidden must be a positive int, got -1"),
+    # Bounded, so a config from an untrusted file cannot ask for 10**9 task Parameters or a 10**30-row A.
+    (dict(rank=10**30), "rank must be at most 65,536, got 1000000000000000000000000000000"),
+    (dict(embed_dim=2**16 + 1), "embed_dim must be at most 65,536, got 65537"),
+    (dict(hyper_hidden=2**20), "hyper_hidden must be at most 65,536, got 1048576"),
+    (dict(num_tasks=10**9), "num_tasks must be at most 65,536, got 1000000000"),
     (dict(hyper_activation="swish"), "hyper_activation must be one of"),
     (dict(scale=float("nan")), "scale must be a finite number"),
     (dict(scale=float("inf")), "scale must be a finite number"),
@@ -60,6 +65,7 @@ def test_unknown_json_field_rejected():
     ("[1, 2]", "a SaSConfig must be given as a JSON object"),
     ('{"rank": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
     ('{"rank": 4', "is not valid JSON"),
+    ('{"rank": ' + "9" * 5000 + "}", "is not valid JSON"),  # over Python's 4,300-digit int limit
 ])
 def test_bad_json_file_is_a_value_error(text, message, tmp_path):
     path = tmp_path / "config.json"

@@ -304,7 +304,7 @@ def test_save_that_runs_out_of_disk_leaves_the_previous_adapter(saved, monkeypat
             handle.write(b"\0" * 64)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sas.io, "save_file", disk_full)
+    monkeypatch.setattr(sas.io, "_write_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         sas.save_adapter(model, directory)
     _assert_previous_intact(directory, files, x, expected)
