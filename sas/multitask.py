@@ -197,7 +197,7 @@ def add_task(model: nn.Module, freeze: bool = True) -> int:
     if merged:
         folded = "the single task's" if merged[0].merged_task is None else f"task {merged[0].merged_task}'s"
         raise ValueError(f"refusing to add a task to a merged model: its weights hold {folded} update, which the "
-                         f"new task would be served and unmerge could no longer take out; call sas.unmerge(model) "
+                         f"new task would get too and unmerge could no longer take out; call sas.unmerge(model) "
                          f"first (and merge again afterwards)")
     with torch.no_grad():
         existing = tuple(shared.task_embeddings)
