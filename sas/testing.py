@@ -195,12 +195,14 @@ def _max_abs(t: torch.Tensor) -> float:
 
 def check_tensor(case: str, backend: str, ran: Tuple[str, bool], tensor: str, got: Optional[torch.Tensor],
                  exact: torch.Tensor, low_precision: torch.Tensor,
-                 magnitude: Optional[torch.Tensor] = None) -> TensorCheck:
+                 magnitude: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None) -> TensorCheck:
     """Compare ``got`` with ``exact`` (float64) under the bound set by PyTorch's ``low_precision`` result.
 
     ``ran`` is :func:`describe_ran`'s answer: a fallback within the bound is reported as ``fallback``.
     ``magnitude``, when given, is the same computation in float64 on the absolute values of every
     input: the size of the terms each element sums, which sets the atol (see the module docstring).
+    ``compute_dtype`` is the precision the terms were computed in when it is lower than the result's
+    (under autocast a float32 parameter's gradient sums bf16/fp16 terms); its rounding unit sets the atol.
     """
     ran, fell_back = ran
     dtype = low_precision.dtype
@@ -208,7 +210,7 @@ def check_tensor(case: str, backend: str, ran: Tuple[str, bool], tensor: str, go
     largest = _max_abs(exact)
     terms = max(largest, _max_abs(magnitude)) if magnitude is not None else largest
     torch_error = _max_abs(low_precision.double() - exact)
-    bound = ERROR_FACTOR * torch_error + torch.finfo(dtype).eps * max(terms, 1.0)
+    bound = ERROR_FACTOR * torch_error + torch.finfo(compute_dtype or dtype).eps * max(terms, 1.0)
     name = _dtype_name(dtype)
 
     def result(max_abs: float, status: str, message: str = "") -> TensorCheck:
