@@ -229,13 +229,11 @@ class SaSShared(nn.Module):
         return entry
 
     def _modulation_table(self, sources, stamp: tuple, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
-            return self.modulations().to(dtype).unbind(0)
         versions = tuple(version for _, version in stamp)
-        if None in versions:  # what PyTorch says when an inference tensor would be saved for backward
-            raise RuntimeError("Inference tensors cannot be saved for backward: the SaS adapter's tensors were "
-                               "created under torch.inference_mode(); run the model under torch.inference_mode() "
-                               "or torch.no_grad(), or create it outside inference mode to train it")
+        # Plain ops without a gradient to track, and for inference tensors (made under torch.inference_mode(),
+        # no version counter): they cannot be trained, and plain ops let PyTorch decide what they allow.
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or None in versions:
+            return self.modulations().to(dtype).unbind(0)
         activation = type(self.hyper.activation)
         if (len(sources) == 5 and activation in _CPP_ACTIVATION_CODES
                 and functional.resolve_backend(sources[0].device) == "cpp"):

@@ -34,6 +34,7 @@ class Stack(nn.Module):
 def make_model(num_tasks: int = 1, layer_op: str = "adapter", seed: int = 0) -> Stack:
     """An injected :class:`Stack` with every SaS tensor away from its init (B nonzero, h spread, tasks apart)."""
     model = Stack(seed)
+    torch.manual_seed(seed)  # inject draws A and the embeddings from the global generator
     sas.inject(model, sas.SaSConfig(rank=RANK, targets=["a", "b", "c"], sharing="shape", embed_dim=4, hyper_hidden=8,
                                     scale=0.5, num_tasks=num_tasks, layer_op=layer_op))
     sas.testing.randomize_adapter(model, seed=seed)
