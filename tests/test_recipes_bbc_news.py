@@ -1,4 +1,4 @@
-"""The BBC News fine-tuning job (bench.accuracy): split, a --quick run, its result files, DDP = one process."""
+"""The BBC News recipe (sas.recipes.bbc_news): split, a --quick comparison run, its result files, DDP = one process."""
 
 import json
 import os
@@ -9,25 +9,38 @@ from pathlib import Path
 import pytest
 import torch
 
+from sas.recipes.bbc_news import compare, data
+from sas.recipes.bbc_news.finetune import QUICK
+
 pytest.importorskip("transformers")
-from bench import accuracy, text_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+COMPARE = "sas.recipes.bbc_news.compare"
+
+
+def test_recipe_imports_from_any_folder_without_bench_or_optional_packages(tmp_path):
+    # Installed with sas, so bench/ (not installed) must not be needed; transformers, peft and
+    # matplotlib are imported only when a job runs.
+    code = ("import sys, sas.recipes.bbc_news.finetune, sas.recipes.bbc_news.compare; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'bench', 'transformers', 'peft', 'matplotlib'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.fixture(scope="module")
 def corpus():
     try:
-        return text_task.load_corpus(accuracy.QUICK.max_length)
+        return data.load_corpus(QUICK.max_length)
     except ImportError as exc:
         pytest.skip(str(exc))
 
 
 def test_split_is_deterministic_disjoint_and_stratified(corpus):
     sizes = {"test": 445, "val": 220, "train": 400}
-    split = text_task.stratified_split(corpus.labels, sizes, seed=0)
-    again = text_task.stratified_split(corpus.labels, sizes, seed=0)
-    other = text_task.stratified_split(corpus.labels, sizes, seed=1)
+    split = data.stratified_split(corpus.labels, sizes, seed=0)
+    again = data.stratified_split(corpus.labels, sizes, seed=0)
+    other = data.stratified_split(corpus.labels, sizes, seed=1)
     assert all(torch.equal(split[k], again[k]) for k in sizes)
     assert not torch.equal(split["train"], other["train"])
     assert {k: v.numel() for k, v in split.items()} == sizes
@@ -41,7 +54,7 @@ def test_split_is_deterministic_disjoint_and_stratified(corpus):
 
 
 def test_quick_run_lowers_the_loss_and_writes_the_documented_files(tmp_path):
-    result = accuracy.main(["--quick", "--methods", "head-only", "sas", "--out", str(tmp_path), "--quiet"])
+    result = compare.main(["--quick", "--methods", "head-only", "sas", "--out", str(tmp_path), "--quiet"])
     for run in result["runs"]:
         assert run["train_losses"][-1] < run["train_losses"][0], run
         assert run["val_loss"] < run["val_loss_before"], run
@@ -50,7 +63,7 @@ def test_quick_run_lowers_the_loss_and_writes_the_documented_files(tmp_path):
     rows = json.loads(json_path.read_text())["rows"]
     assert [r["method"] for r in rows] == ["head-only", "sas"]
     for row in rows:
-        assert list(row) == accuracy.ROW_FIELDS
+        assert list(row) == compare.ROW_FIELDS
         assert 0 <= row["accuracy_mean"] <= 100 and row["accuracy_std"] >= 0
         assert isinstance(row["trainable_params"], int) and row["trainable_params"] > 0
         assert row["adapter_bytes"] > 0 and row["epoch_time_s"] > 0
@@ -71,8 +84,8 @@ def _run_job(args, out):
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    single = _run_job(["-m", "bench.accuracy"], tmp_path / "one")
-    ddp = _run_job(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bench.accuracy"],
+    single = _run_job(["-m", COMPARE], tmp_path / "one")
+    ddp = _run_job(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", COMPARE],
                    tmp_path / "two")
     assert ddp["meta"]["world_size"] == 2 and single["meta"]["world_size"] == 1
     (one,), (two,) = single["runs"], ddp["runs"]

