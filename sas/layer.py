@@ -218,13 +218,17 @@ class SaSShared(nn.Module):
         stamp = _stamp(sources)
         key = (dtype, sources[0].device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         entry = self._cache.get(key)
-        # A layer asking twice means a new forward began (or a checkpointed segment is recomputed):
-        # recomputing then also catches writes that bypass version counters (``.data``, gradcheck).
+        # A layer asking twice means a new forward began (or a checkpointed segment is recomputed, or a
+        # layer runs twice in one forward): recomputing then also catches writes that bypass version
+        # counters (``.data``, gradcheck, inference tensors). An entry made because a layer ran twice in one
+        # forward counts the forward's first layer as served too, so the next forward's first layer
+        # recomputes rather than taking an h from before such a write.
         if entry is None or entry.stamp != stamp or layer_index in entry.served:
             # Only the Triton layer backward adds shared gradients in place (linear_op.GradientSink).
             sink = key[2] and functional.resolve_backend(key[1]) == "triton"
             table = self._modulation_table(sources, stamp, dtype)
-            self._cache[key] = entry = _CacheEntry(sources, stamp, table, dtype, sink)
+            first = layer_index if entry is None or layer_index == entry.first else entry.first
+            self._cache[key] = entry = _CacheEntry(sources, stamp, table, dtype, sink, first)
         entry.served.add(layer_index)
         return entry
 
@@ -264,13 +268,15 @@ def _version(t: torch.Tensor) -> Optional[int]:
 class _CacheEntry:
     """One forward's h of every layer in one dtype, and its A/B: cast to that dtype, and with
     ``sink_gradients`` attached to a :class:`sas.linear_op.GradientSink` each. Valid while ``stamp`` matches.
-    Holds the ``sources`` the stamp describes, so no other tensor can take one of their ids while it lives."""
+    Holds the ``sources`` the stamp describes, so no other tensor can take one of their ids while it lives.
+    ``first`` is the layer that began the forward this entry serves (see ``SaSShared._entry``)."""
 
     def __init__(self, sources: tuple, stamp: tuple, modulations: Tuple[torch.Tensor, ...], dtype: torch.dtype,
-                 sink_gradients: bool):
+                 sink_gradients: bool, first: int):
         self.sources, self.stamp, self.modulations, self.dtype = sources, stamp, modulations, dtype
         self.sink_gradients = sink_gradients
-        self.served: set = set()  # layers that took their h from this entry
+        self.first = first
+        self.served: set = {first}  # layers that took their h from this entry, and the forward's first
         self._shared: Dict[int, Tuple[int, torch.Tensor, torch.Tensor]] = {}  # id -> (version, source, result)
 
     def shared(self, t: torch.Tensor) -> torch.Tensor:
