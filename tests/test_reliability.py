@@ -16,6 +16,7 @@ from torch import nn
 import sas
 import sas.io
 import sas.model
+import sas.testing
 from sas import SaSConfig, check
 from sas.io import CONFIG_NAME, WEIGHTS_NAME
 
@@ -512,3 +513,17 @@ def test_check_json_path_that_is_a_folder_is_refused(tmp_path, capsys):
         check.main(["--quick", "--json", str(tmp_path)])
     assert exit_info.value.code == 2 and "is a folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", sas.available_backends("cpu"))
+@pytest.mark.parametrize("x, error, message", [
+    (torch.tensor(1.0), ValueError, r"x of shape \(\.\.\., in_features=12\), got \(\)"),
+    (torch.zeros(3, 12, device="meta"), ValueError, "x on the meta device"),
+    (torch.zeros(12, device="meta"), ValueError, "x on the meta device"),
+    ([[0.0] * 12], TypeError, "x as a torch.Tensor, got list"),
+], ids=["0-dim", "meta", "meta 1-D", "list"])
+def test_bad_input_to_an_adapted_layer_is_named(backend, x, error, message):
+    """Issue 17: a 0-dim x gave an IndexError and a meta x an autocast error from deep inside."""
+    layer = sas.SaSLinear.from_linear(nn.Linear(12, 5))
+    with sas.testing.forced_backend(backend), pytest.raises(error, match=message):
+        layer(x)
