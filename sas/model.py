@@ -39,10 +39,10 @@ READS_CHILD_WEIGHT = {nn.MultiheadAttention: ("out_proj",), nn.TransformerEncode
 
 # Python's re backtracks, so a pattern such as "(.*.*.*.*)*Z" (e.g. from an untrusted adapter_config.json)
 # can run for ever, and compiling can be as slow: each case-insensitive "[\u0100-\U0010ffff]" costs about
-# 7-12 ms (10 kB of them took 24 s here), and an 11 MiB pattern of other kinds 24-31 s. Regex targets are therefore
-# compiled and matched in a child interpreter that is killed after this many seconds; module names are few
-# and short, so a sane pattern takes milliseconds (the child's start, about 50 ms, dominates) and any
-# pattern gives an answer or an error in bounded time.
+# 7-12 ms (10 kB of them took 24 s here), and an 11 MiB pattern of other kinds took 24-31 s. Regex targets
+# are therefore compiled and matched in a child interpreter that is killed after this many seconds; module
+# names are few and short, so a sane pattern takes milliseconds (the child's start, about 50 ms, dominates)
+# and any pattern gives an answer or an error in bounded time.
 REGEX_TIME_LIMIT_S = 5.0
 _FULLMATCH_SCRIPT = """
 import json, re, sys
