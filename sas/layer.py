@@ -215,7 +215,10 @@ class SaSShared(nn.Module):
 
     def _entry(self, dtype: torch.dtype, layer_index: int) -> "_CacheEntry":
         sources = self.modulation_sources()
-        stamp = _stamp(sources)
+        try:  # inline, not a call: this runs on every layer call
+            stamp = tuple((id(t), t._version) for t in sources)
+        except RuntimeError:  # an inference tensor among them (rare, so the common case pays no test)
+            stamp = _inference_stamp(sources)
         key = (dtype, sources[0].device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         entry = self._cache.get(key)
         # A layer asking twice means a new forward began (or a checkpointed segment is recomputed, or a
@@ -248,21 +251,10 @@ class SaSShared(nn.Module):
         return _ModulationTable.apply(activation, dtype, versions, *sources).unbind(0)
 
 
-def _stamp(tensors) -> tuple:
-    """``(id, version)`` of each tensor; the version is ``None`` for an inference tensor (made under
+def _inference_stamp(tensors) -> tuple:
+    """``(id, version)`` of each tensor, the version ``None`` for an inference tensor (made under
     ``torch.inference_mode()``), which has no version counter."""
-    try:
-        return tuple((id(t), t._version) for t in tensors)
-    except RuntimeError:  # an inference tensor among them: rare, so the common case pays no test
-        return tuple((id(t), None if t.is_inference() else t._version) for t in tensors)
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    """``t``'s version counter, ``None`` for an inference tensor (it has none)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
+    return tuple((id(t), None if t.is_inference() else t._version) for t in tensors)
 
 
 class _CacheEntry:
@@ -281,7 +273,10 @@ class _CacheEntry:
 
     def shared(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the layers of this forward use it, made once while ``t`` is unchanged (same object and version)."""
-        version = _version(t)
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor has no version counter
+            version = None
         hit = self._shared.get(id(t))
         if hit is None or hit[0] != version or hit[1] is not t:
             result = t.to(self.dtype)
