@@ -181,6 +181,46 @@ def test_opcheck_whole_layer_and_hypernetwork(tasks):
         torch.library.opcheck(torch.ops.sas.cpu_hypernetwork.default, (*hyper, activation))
 
 
+def _hypernetwork_inputs():
+    generator = torch.Generator().manual_seed(2)
+    return [torch.randn(shape, generator=generator).requires_grad_() for shape in ((6, 8), (32, 8), (32,), (5, 32),
+                                                                                   (5,))]
+
+
+def _hypernetwork_by_autograd(embeddings, w1, b1, w2, b2):
+    return 1 + torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(embeddings, w1, b1)), w2, b2)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hypernetwork_op_under_autocast_computes_in_its_inputs_dtype(dtype):
+    """Issue 17: under autocast the op saved half-precision activations and its backward crashed on them
+    (``expected m1 and m2 to have the same dtype``); it now runs in its inputs' dtype with autocast off."""
+    inputs = _hypernetwork_inputs()
+    grad_h = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=dtype):
+        h = torch.ops.sas.cpu_hypernetwork(*inputs, 0)
+    assert h.dtype == torch.float32
+    got = torch.autograd.grad(h, inputs, grad_h)
+    expected = torch.autograd.grad(_hypernetwork_by_autograd(*inputs), inputs, grad_h)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+@needs_cpp
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "double backward"])
+@pytest.mark.parametrize("written", [0, 1, 3], ids=["embeddings", "w1", "w2"])
+def test_hypernetwork_op_refuses_an_input_written_since_the_forward(written, create_graph):
+    """Issue 17: the op keeps its inputs in saved_data, out of autograd's version check, and computed
+    gradients from values written after the forward; it now raises as autograd does."""
+    inputs = _hypernetwork_inputs()
+    h = torch.ops.sas.cpu_hypernetwork(*inputs, 0)
+    with torch.no_grad():
+        inputs[written].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(h.sum(), inputs, create_graph=create_graph)
+
+
 def test_extension_is_built_when_required():
     if os.environ.get("SAS_REQUIRE_CPP") != "1":
         pytest.skip("set SAS_REQUIRE_CPP=1 (as `make test` does after building) to require sas._C")
