@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sas
 import sas.testing
 from sas import SaSConfig
-from sas.io import CONFIG_NAME
+from sas.io import CONFIG_NAME, DESCRIPTION_KEY, WEIGHTS_NAME
 
 
 def _multitask_vit(num_tasks=3, seed=0):
@@ -279,8 +280,11 @@ def test_adapters_saved_before_num_tasks_existed_still_load(tmp_path):
     with torch.no_grad():
         expected = model(x)
     sas.save_adapter(model, tmp_path)
+    # What an older version wrote: no num_tasks in the description (the loader reads the weights file's copy).
+    weights = tmp_path / WEIGHTS_NAME
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
-    del meta["config"]["num_tasks"]  # what an older version wrote
+    del meta["config"]["num_tasks"]
+    save_file(load_file(str(weights)), str(weights), metadata={DESCRIPTION_KEY: json.dumps(meta)})
     (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
     torch.manual_seed(0)
     fresh = sas.load_adapter(timm.create_model("test_vit", pretrained=False).eval(), tmp_path)
