@@ -1,4 +1,4 @@
-"""Ideal bytes moved through device memory (DESIGN.md §3), the numerator of every GB/s figure.
+"""Ideal bytes moved through device memory (docs/design.md §3), the numerator of every GB/s figure.
 
 "Ideal" means one kernel pass that reads each input once and writes each output once;
 the adapter op is memory-bound (about 0.67 r FLOP/byte), so bytes / bandwidth is its floor.

@@ -164,7 +164,7 @@ def run_benchmarks(levels: List[str], device: str, dtype: torch.dtype, size: str
                          "(ViT-B at batch 32/128 with --full)")
     if device.type == "cuda" and size != "full":
         notes.append("model level: reference-compiled only for the training step at batch 32 (all with --full)")
-    notes.append("backward = replay of one stored forward's autograd graph; ideal bytes per DESIGN.md §3 "
+    notes.append("backward = replay of one stored forward's autograd graph; ideal bytes per docs/design.md §3 "
                  "(bench/bytes_model.py), u not saved; model level has no bytes model")
     if budget_s is not None:
         notes.append(f"time budget {budget_s:.0f} s: cases not started within it are skipped")

@@ -132,7 +132,7 @@ def measure(fn: Callable[[], object], device: torch.device, mode: str = "eager")
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
-    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written (DESIGN.md §3)."""
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written (docs/design.md §3)."""
     device = torch.device(device)
     size = CUDA_COPY_BYTES if device.type == "cuda" else CPU_COPY_BYTES
     src = torch.empty(size // 4, dtype=torch.float32, device=device).uniform_()

@@ -1,4 +1,4 @@
-// CPU kernels of the SaS adapter op (DESIGN.md §1), for float32, bfloat16 and float16
+// CPU kernels of the SaS adapter op (docs/design.md §1), for float32, bfloat16 and float16
 // inputs with float32 accumulation.
 //
 //   forward:  u = x @ A.T;  y = base + s * (u * h) @ B.T        (u is returned for the backward)

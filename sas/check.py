@@ -32,7 +32,7 @@ from .testing import CheckReport, OpCase, compare_model, compare_op, randomize_a
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Rows <= 300 and dims <= 257 keep Triton's interpreter (DESIGN.md section 4) within the time a
+# Rows <= 300 and dims <= 257 keep Triton's interpreter (docs/design.md section 5) within the time a
 # self-test should take; the sizes straddle the kernels' power-of-two blocks.
 GRID = [
     ("single element", (1,), 1, 1, 1, {}),

@@ -45,7 +45,7 @@ def parse_json(text: Union[str, bytes], source) -> object:
 
 @dataclass
 class SaSConfig:
-    """Configuration of a SaS adapter (DESIGN.md §1).
+    """Configuration of a SaS adapter (docs/design.md §1).
 
     Every field's ``metadata["help"]`` says what it does; ``__post_init__``
     rejects bad values with a message naming the field.

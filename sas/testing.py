@@ -10,7 +10,7 @@ Three entry points, one report::
 Every backend present on the tensors' device runs (``sas.available_backends``); the forward output
 and every gradient are compared with the same computation in float64.
 
-Tolerance (DESIGN.md section 4, flash-attention's rule): a backend's max abs error against float64
+Tolerance (docs/design.md section 4, flash-attention's rule): a backend's max abs error against float64
 may be at most ``ERROR_FACTOR`` times the error of PyTorch's own computation in the same precision,
 plus one rounding unit of the dtype at the size of the terms the tensor sums (``eps * max(T, 1)``),
 which absorbs rounding where PyTorch's own error happens to be near zero. For an op call ``T`` is
@@ -46,7 +46,7 @@ from torch import nn
 from . import functional, linear_op, reference
 from .layer import SaSLinear, adapted_layers, find_shared
 
-#: A backend may be this many times less accurate than PyTorch's own computation (DESIGN.md section 4).
+#: A backend may be this many times less accurate than PyTorch's own computation (docs/design.md section 4).
 ERROR_FACTOR = 2.0
 
 GRAD_NAMES = ("x", "base", "A", "B", "h")
@@ -351,7 +351,7 @@ def unsupported_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     except RuntimeError as exc:
         return str(exc)
     if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
-        return "Triton's interpreter returns wrong bf16 tl.dot results (DESIGN.md section 4); bf16 is checked on CUDA"
+        return "Triton's interpreter returns wrong bf16 tl.dot results (docs/design.md section 5); bf16 is checked on CUDA"
     return None
 
 

@@ -2,7 +2,7 @@
 
 ``KERNEL_GRID`` and ``MULTI_TASK_GRID`` run in ``test_triton_interpret.py`` (CPU, Triton's interpreter)
 and ``test_triton_gpu.py`` (CUDA); :func:`assert_matches_reference` also serves ``test_cpp.py``.
-Inputs, tolerance and the check that the backend really ran are :mod:`sas.testing`'s (DESIGN.md
+Inputs, tolerance and the check that the backend really ran are :mod:`sas.testing`'s (docs/design.md
 section 4). Not a test module: pytest puts ``tests/`` on ``sys.path`` (rootdir "prepend" import
 mode, no ``__init__.py``), so the suites ``import kernel_cases``.
 """
@@ -14,7 +14,7 @@ from sas.testing import OpCase, compare_op
 
 # Odd shapes, every rank class, leading dims, and strided inputs (x and base column slices of wider
 # buffers, read in place; A and B transposed; h strided): run by the interpreter suite in fp32/fp16
-# and by the CUDA suite in fp32/fp16/bf16. Rows and dims stay small for the interpreter (DESIGN.md 4).
+# and by the CUDA suite in fp32/fp16/bf16. Rows and dims stay small for the interpreter (docs/design.md section 5).
 KERNEL_GRID = [
     OpCase("rank-1", (37,), 45, 70, rank=1, scale=0.5),
     OpCase("rank-3", (37,), 45, 70, rank=3, scale=0.5),
@@ -42,7 +42,7 @@ def triton_op(x, base, A, B, h, scale=1.0, task_ids=None):
 
 
 def assert_matches_reference(case: OpCase, backend: str, dtype: torch.dtype, device: str, seed: int = 0) -> None:
-    """y and every gradient of ``backend`` on ``case`` within DESIGN.md's bound of float64, and the
+    """y and every gradient of ``backend`` on ``case`` within the tolerance rule's bound of float64, and the
     backend really ran (a silent fallback to the reference fails)."""
     report = compare_op(**case.make_inputs(dtype, device, seed), backends=[backend], case=case.describe(), seed=seed)
     assert report.passed, report.table()

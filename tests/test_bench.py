@@ -27,7 +27,7 @@ def fast_timers(monkeypatch):
 # ---------------------------------------------------------------- bytes model
 
 def test_adapter_forward_bytes_matches_design_worked_example():
-    # DESIGN.md §3: ViT-B 768->768, batch 256 (50,432 rows), bf16: about 232 MB ideal forward.
+    # docs/design.md §3: ViT-B 768->768, batch 256 (50,432 rows), bf16: about 232 MB ideal forward.
     e, n, d, r = 2, 50432, 768, 8
     total = bytes_model.adapter_forward_bytes(e, n, d, d, r)
     params = bytes_model.adapter_parameter_bytes(e, d, d, r)

@@ -1,6 +1,6 @@
 """The C++ CPU backend (``sas._C`` via ``sas._cpp``) against the float64 reference.
 
-Accuracy follows DESIGN.md's rule (``sas.testing.compare_op``). Skipped when the extension is not
+Accuracy follows the tolerance rule (``sas.testing.compare_op``). Skipped when the extension is not
 built, except under ``SAS_REQUIRE_CPP=1`` (set by the Makefile's test target, which builds it),
 where a missing build fails.
 """

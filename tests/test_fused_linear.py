@@ -1,7 +1,7 @@
 """The adapted layer as one op (``sas.fused_linear``): every design against the reference.
 
 The oracle is the frozen ``F.linear`` composed with :func:`sas.reference.sas_adapter` in float64.
-Low-precision runs follow DESIGN.md section 4: a design's error against the float64 oracle may be at
+Low-precision runs follow the tolerance rule (docs/design.md section 4): a design's error against the float64 oracle may be at
 most twice the error of the same eager reference path run in that precision, plus a small atol.
 """
 import pytest

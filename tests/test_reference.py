@@ -58,7 +58,7 @@ def test_gradcheck_every_input():
 
 
 def test_gradients_follow_design_formulas():
-    """dB, dh, dA, dx as DESIGN.md §1 writes them, against autograd of the reference."""
+    """dB, dh, dA, dx as docs/design.md §1 writes them, against autograd of the reference."""
     x, base, A, B, h = _inputs(6, 9, 5, 4)
     s = 1.7
     for t in (x, A, B, h):

@@ -1,6 +1,6 @@
 """``sas.testing`` and ``python -m sas.check`` catch wrong kernels, silent fallbacks and crashes.
 
-A stand-in kernel (DESIGN.md section 1's forward and backward written out by hand in an
+A stand-in kernel (docs/design.md section 1's forward and backward written out by hand in an
 ``autograd.Function``) is installed in place of the ``cpp`` backend's loaded op; its optional bugs are
 the ones real kernels make: a dropped scale, a mishandled last block of rows, an unscaled ``dh``.
 """
@@ -32,7 +32,7 @@ def stand_in_update(x2, A, B, h, scale, task_ids, bug):
 
 
 def stand_in_grads(g2, x2, u, A, B, h, modulation, scale, task_ids, bug):
-    """(dx, dA, dB, dh) of the adapter by DESIGN.md section 1, with the chosen bug."""
+    """(dx, dA, dB, dh) of the adapter by docs/design.md section 1, with the chosen bug."""
     gB = g2 @ B
     dB = scale * g2.t() @ (u * modulation)
     dh_rows = (1.0 if bug == "unscaled dh" else scale) * gB * u
@@ -47,7 +47,7 @@ def stand_in_grads(g2, x2, u, A, B, h, modulation, scale, task_ids, bug):
 
 
 class StandInKernel(torch.autograd.Function):
-    """``base + s * ((x @ A.T) * h) @ B.T`` with the backward of DESIGN.md section 1, and a chosen bug."""
+    """``base + s * ((x @ A.T) * h) @ B.T`` with the backward of docs/design.md section 1, and a chosen bug."""
 
     @staticmethod
     def forward(ctx, x, base, A, B, h, scale, task_ids, bug):
