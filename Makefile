@@ -31,15 +31,17 @@ demo: $(STAMP)
 	$(PY) -m sas.recipes.bbc_news.finetune
 
 # On a CUDA machine with torch/triton preinstalled: run from the source tree, no install.
-# Autotuning off: one fitting config per kernel keeps the run within minutes (sas_kernels/sas_adapter.py).
+# Autotuning off: one fitting config per kernel keeps the run within minutes (sas_kernels/sas_adapter.py);
+# the one test that needs it on runs in a subprocess of its own with it on (tests/test_gpu_hazards.py).
 test-gpu:
 	SAS_TRITON_AUTOTUNE=0 PYTHONPATH=. $(PYTHON) -m pytest -q -m gpu tests
 
 bench: $(STAMP)
 	$(PY) -m bench
 
-# Everything a GPU run must show, time-boxed to 9 minutes on an H100 (bench/suite.py): make test-gpu,
-# host level, op and layer levels eager and as CUDA-graph replay, model level eager and compiled.
+# Everything a GPU run must show, time-boxed to 9 minutes on an H100 (bench/suite.py), correctness first:
+# python -m sas.check --device cuda --quick, make test-gpu, host level, op and layer levels eager and as
+# CUDA-graph replay, model level eager and compiled.
 # A failing step is reported and the rest still run; the exit status is non-zero if any failed.
 bench-gpu:
 	PYTHONPATH=. $(PYTHON) -m bench.suite --device cuda

@@ -1,12 +1,15 @@
 """``python -m bench.suite`` (``make bench-gpu``): everything a GPU run must show, in one time-boxed call.
 
-Steps, in order, each in a process of its own (a crashed CUDA context cannot spoil the next step):
+Steps, in order, each in a process of its own (a crashed CUDA context cannot spoil the next step), so
+a lent GPU shows correctness before speed:
 
-1. ``make test-gpu``: the CUDA tests;
-2. the host level (``--level host``): host us per call and the structural counts;
-3. the op level, timed eager and as CUDA-graph replay (device time without host work);
-4. the layer level at the issue's ViT-B shapes and 25,216 rows (batch 128), eager and CUDA graph;
-5. the model level, ViT-B/16 at batch 128: eager and ``torch.compile`` training steps (SaS, PEFT LoRA,
+1. ``python -m sas.check --device cuda --quick``: every backend against float64 on the quick grid
+   (its JSON report lands beside the results);
+2. ``make test-gpu``: the CUDA tests;
+3. the host level (``--level host``): host us per call and the structural counts;
+4. the op level, timed eager and as CUDA-graph replay (device time without host work);
+5. the layer level at the issue's ViT-B shapes and 25,216 rows (batch 128), eager and CUDA graph;
+6. the model level, ViT-B/16 at batch 128: eager and ``torch.compile`` training steps (SaS, PEFT LoRA,
    the frozen floor), eager inference.
 
 The whole run is held to ``--deadline-s`` (default 520 s, under the 9 minutes an H100 run may take):
@@ -59,7 +62,9 @@ def default_steps(device: str, tiny: bool, out: Path) -> List[Step]:
     graph = ["--timing", "eager", "cuda-graph"] if device == "cuda" else []
     shape = (lambda names: ["--shapes", *names]) if not tiny else (lambda names: [])
     return [
-        Step("test-gpu", ["make", "--no-print-directory", "test-gpu", f"PYTHON={py}"], timeout_s=170),
+        Step("check", [py, "-m", "sas.check", "--device", device, "--quick",
+                       "--json", str(out / f"check_{device}.json")], timeout_s=120),
+        Step("test-gpu", ["make", "--no-print-directory", "test-gpu", f"PYTHON={py}"], timeout_s=300),
         Step("host", bench + ["--level", "host"], timeout_s=90),
         Step("op", bench + ["--level", "op", *graph, *shape(OP_SHAPES)], timeout_s=140, budget_s=90),
         Step("layer", bench + ["--level", "layer", *graph, *shape(LAYER_SHAPES),
@@ -117,9 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
     os.environ.setdefault("SAS_TRITON_AUTOTUNE", "0")
+    args.out.mkdir(parents=True, exist_ok=True)
     reports = run_steps(default_steps(args.device, args.tiny, args.out), args.deadline_s)
     print(format_reports(reports))
-    args.out.mkdir(parents=True, exist_ok=True)
     summary = args.out / f"suite_{datetime.date.today().isoformat()}_{args.device}.json"
     summary.write_text(json.dumps({"device": args.device, "deadline_s": args.deadline_s,
                                    "autotune": os.environ["SAS_TRITON_AUTOTUNE"], "steps": reports}, indent=1) + "\n")

@@ -61,7 +61,7 @@ def sas_adapter_triton(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: 
         return reference.sas_adapter(x, base, A, B, h, scale, task_ids)
     check_rank(A.shape[0])
     as_rows = sas_kernels.as_rows
-    x2, base2, A, B, h = as_rows(x), as_rows(base), A.contiguous(), B.contiguous(), h.contiguous()
+    x2, base2 = as_rows(x), as_rows(base)  # A, B and h are read through their strides: no copies
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, base2, A, B, h)):
         y = SaSAdapterFunction.apply(x2, base2, A, B, h, task_ids, float(scale))
     else:  # inference: u is not needed, so it is not written

@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every kernel and autotune config for NVIDIA targets, on any machine.
 
 ``python -m sas_kernels.aot 80 90`` compiles each kernel x each autotune config (see ``_jobs``)
-for each listed compute capability and prints one JSON line per compilation with its shared-memory use. It must run
+for each listed compute capability and prints one JSON line per compilation with its shared-memory use,
+registers per thread and stack/local (spill) bytes. It must run
 without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions this needs); the test
 suite runs it in a subprocess. This catches code the interpreter accepts and the compiler rejects.
 """
@@ -10,7 +11,10 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -27,9 +31,13 @@ AUTOTUNED_KERNELS = ("_sas_forward_kernel", "_sas_backward_rows_kernel", "_sas_b
 # optional load and store on; the weights kernel's multi-split reduction with its atomics).
 FEATURE_FLAGS = {"SAVE_U": True, "ACCUMULATE_DX": True, "ONE_SPLIT": False, "ACCUMULATE_DA": True,
                  "ACCUMULATE_DB": True}
-# Side tensors the host launchers always allocate in fp32 or int64, whatever the input dtype.
+# Side tensors the host launchers always allocate in fp32 or int64, whatever the input dtype (the
+# split counters are int32 words at the tail of the fp32 partials buffer, bitcast in the kernel).
 FP32_POINTERS = {"u_ptr", "gb_ptr", "partial_ptr"}
-INT32_POINTERS = {"counter_ptr"}
+# Strides the kernels take for A, B and h besides their usual unit ones: Triton specializes an int
+# argument equal to 1 as a constant, so the usual launch compiles them as constexpr 1, as here. One
+# extra compilation per kernel (see _jobs) takes them as runtime ints, as a transposed A does.
+UNIT_STRIDES = ("stride_ak", "stride_br", "stride_hr")
 
 
 def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
@@ -39,8 +47,6 @@ def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
             signature[name] = "constexpr"
         elif name == "task_ptr":
             signature[name] = "*i64"
-        elif name in INT32_POINTERS:
-            signature[name] = "*i32"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype_name}"
         elif name == "scale":
@@ -53,18 +59,43 @@ def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
 def _jobs():
     """(kernel name, JITFunction, dtype name, constexprs, num_warps, num_stages) for every compilation:
     every autotune config in bf16 at the smallest padded rank, and at the largest padded rank (the
-    most shared memory) the configs that survive pruning there, in bf16 and fp32."""
+    most shared memory) the configs that survive pruning there, in bf16 and fp32, all with the unit
+    strides of contiguous A, B and h; then each kernel once more with those strides as runtime ints."""
     variants = [("bf16", kernels.MIN_RANK_PAD), ("bf16", kernels.MAX_RANK), ("fp32", kernels.MAX_RANK)]
     for dtype_name, r_pad in variants:
-        element_size = torch.tensor([], dtype=DTYPES[dtype_name]).element_size()
-        common = {"R_PAD": r_pad, "HAS_TASKS": True}
-        for name in AUTOTUNED_KERNELS:
-            autotuner = getattr(kernels, name)
-            for config in kernels.fitting_configs(autotuner.configs, r_pad, element_size):
-                constexprs = dict(common, DOT_PRECISION=kernels.FP32_DOT_PRECISION, **config.kwargs)
-                parameters = inspect.signature(autotuner.fn.fn).parameters
-                constexprs.update({flag: on for flag, on in FEATURE_FLAGS.items() if flag in parameters})
-                yield name, autotuner.fn, dtype_name, constexprs, config.num_warps, config.num_stages
+        for name, fn, constexprs, config in _kernel_configs(dtype_name, r_pad):
+            yield name, fn, dtype_name, constexprs, config.num_warps, config.num_stages
+    for name, fn, constexprs, config in _kernel_configs("bf16", kernels.MIN_RANK_PAD, first_only=True):
+        constexprs = {k: v for k, v in constexprs.items() if k not in UNIT_STRIDES}
+        yield name, fn, "bf16", constexprs, config.num_warps, config.num_stages
+
+
+def _kernel_configs(dtype_name: str, r_pad: int, first_only: bool = False):
+    element_size = torch.tensor([], dtype=DTYPES[dtype_name]).element_size()
+    common = {"R_PAD": r_pad, "HAS_TASKS": True}
+    for name in AUTOTUNED_KERNELS:
+        autotuner = getattr(kernels, name)
+        configs = kernels.fitting_configs(autotuner.configs, r_pad, element_size)
+        for config in configs[:1] if first_only else configs:
+            constexprs = dict(common, DOT_PRECISION=kernels.FP32_DOT_PRECISION, **config.kwargs)
+            parameters = inspect.signature(autotuner.fn.fn).parameters
+            constexprs.update({flag: on for flag, on in FEATURE_FLAGS.items() if flag in parameters})
+            constexprs.update({stride: 1 for stride in UNIT_STRIDES if stride in parameters})
+            yield name, autotuner.fn, constexprs, config
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and stack/local bytes (local memory is where registers spill) of a compiled
+    kernel, from ``cuobjdump --dump-resource-usage`` shipped with Triton; {} when the tool is missing."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
+    return {"registers": int(found["REG"]), "stack": int(found["STACK"]), "local": int(found["LOCAL"])} if found else {}
 
 
 def compile_all(arch: int):
@@ -74,8 +105,10 @@ def compile_all(arch: int):
                                            constexprs=constexprs)
         compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
         yield {"kernel": name, "arch": arch, "dtype": dtype_name, "num_warps": num_warps, "num_stages": num_stages,
-               "constexprs": {k: v for k, v in constexprs.items() if k != "HAS_TASKS"},
-               "shared": compiled.metadata.shared, "limit": SMEM_LIMIT[arch]}
+               "constexprs": {k: v for k, v in constexprs.items() if k != "HAS_TASKS" and k not in UNIT_STRIDES},
+               "unit_strides": all(k in constexprs for k in UNIT_STRIDES if k in inspect.signature(fn.fn).parameters),
+               "shared": compiled.metadata.shared, "limit": SMEM_LIMIT[arch],
+               **resource_usage(compiled.asm["cubin"])}
 
 
 def main(argv):

@@ -7,6 +7,18 @@ to 2-D rows through strides, allocate, launch), and the ``torch.library`` ops ``
 capture (no host syncs). Eager callers (``sas/_triton.py``, ``sas/linear_op.py``) call the launchers
 directly: no torch.library dispatch, and after the first launch of a shape no autotuner either.
 
+What a launch may rely on, so it stays exact under autotuning, concurrent streams, CUDA graphs and
+torch.compile (tests/test_triton_hazards.py on CPU, tests/test_gpu_hazards.py on a GPU):
+
+* the autotuner times its configs on scratch copies of the tensors a kernel adds into (y over base,
+  dx, the shared dA/dB totals), never on the caller's (:func:`_chosen_config`);
+* nothing outlives a call: the split counters are the tail of the call's own partials buffer, from
+  the caching allocator on the launch's stream, zeroed in-stream by the rows kernel that runs just
+  before the weights kernel (no memset launch), so no two streams, graphs or traces share one;
+* A, B and h are read through their strides (a unit stride is specialized to a constant); row tensors
+  need a unit-stride last dim and accumulated-into gradients must be contiguous, which the launchers
+  check.
+
 Data movement per pass (N rows, element size e, rank r, fp32 side tensors of N x r):
 
 * forward (1 launch): reads x and base once, writes y once (over base when the caller allows it),
@@ -102,6 +114,8 @@ AUTOTUNE = os.environ.get("SAS_TRITON_AUTOTUNE", "1") != "0"
 
 # dh's tiles hold tasks in blocks of 16 (tl.dot's minimum) for the one-hot segment sum.
 TASK_BLOCK: tl.constexpr = tl.constexpr(16)
+# Split counters the rows kernel zeroes per store (see _sas_backward_rows_kernel).
+COUNTER_BLOCK: tl.constexpr = tl.constexpr(128)
 
 
 def _config(block_m: int, block_d: int, num_warps: int, num_stages: int) -> triton.Config:
@@ -145,7 +159,7 @@ def _autotune(kernel):
 
 @triton.jit
 def _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks, stride_ht,
-                     HAS_TASKS: tl.constexpr):
+                     stride_hr, HAS_TASKS: tl.constexpr):
     """Per-row modulation (BLOCK_M, R_PAD) in fp32: h broadcast, or h[task_ids[row // rows_per_task]]."""
     if HAS_TASKS:
         task = tl.load(task_ptr + offs_m // rows_per_task, mask=row_mask, other=0).to(tl.int64)
@@ -153,11 +167,11 @@ def _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_
         tl.device_assert(valid | ~row_mask, "sas: task_ids out of range")
         # Out-of-range ids read no memory, and their rows get a NaN modulation: a wrong id must be
         # visible in y and the gradients, never a silent zero (the host-side checks raise first).
-        hm = tl.load(h_ptr + task[:, None] * stride_ht + offs_r[None, :],
+        hm = tl.load(h_ptr + task[:, None] * stride_ht + offs_r[None, :] * stride_hr,
                      mask=valid[:, None] & rank_mask[None, :], other=0.0)
         hm = tl.where(valid[:, None] | ~row_mask[:, None], hm, float("nan"))
     else:  # (1, R_PAD), broadcast by the caller
-        hm = tl.load(h_ptr + offs_r[None, :], mask=rank_mask[None, :], other=0.0)
+        hm = tl.load(h_ptr + offs_r[None, :] * stride_hr, mask=rank_mask[None, :], other=0.0)
     return hm.to(tl.float32)  # one return: Triton unifies the types of every return statement
 
 
@@ -168,8 +182,10 @@ def _sas_forward_kernel(
     x_ptr, base_ptr, a_ptr, b_ptr, h_ptr, task_ptr, y_ptr, u_ptr,
     # sizes
     rows, d_in, d_out, rank, rows_per_task, n_tasks,
-    # strides (elements; every last dim has stride 1)
-    stride_xm, stride_basem, stride_ym, stride_a, stride_b, stride_ht,
+    # strides (elements): x, base and y rows have a unit-stride last dim (the launcher's as_rows); A, B
+    # and h are read through both strides (a stride of 1 is specialized by Triton, so the usual
+    # contiguous case compiles to unit-stride loads)
+    stride_xm, stride_basem, stride_ym, stride_ar, stride_ak, stride_bn, stride_br, stride_ht, stride_hr,
     scale,
     # meta
     R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, SAVE_U: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -187,20 +203,20 @@ def _sas_forward_kernel(
         k_mask = offs_k < d_in
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        a_t = tl.load(a_ptr + offs_r[None, :] * stride_a + offs_k[:, None],
+        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                       mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
         u += tl.dot(x, a_t, input_precision=DOT_PRECISION)
     if SAVE_U:
         tl.store(u_ptr + offs_m[:, None] * rank + offs_r[None, :], u, mask=row_mask[:, None] & rank_mask[None, :])
 
     hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks, stride_ht,
-                          HAS_TASKS)
+                          stride_hr, HAS_TASKS)
     v = (u * hm * scale).to(x_ptr.dtype.element_ty)
     for n0 in range(0, d_out, BLOCK_D):
         offs_n = n0 + tl.arange(0, BLOCK_D)
         n_mask = offs_n < d_out
         out_mask = row_mask[:, None] & n_mask[None, :]
-        b_t = tl.load(b_ptr + offs_n[None, :] * stride_b + offs_r[:, None],
+        b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                       mask=rank_mask[:, None] & n_mask[None, :], other=0.0)
         base = tl.load(base_ptr + offs_m[:, None] * stride_basem + offs_n[None, :], mask=out_mask, other=0.0)
         # base is added after the rank sum, as PyTorch's base + s * (v @ B.T) does: seeding the dot's
@@ -213,19 +229,30 @@ def _sas_forward_kernel(
 @triton.jit
 def _sas_backward_rows_kernel(
     # pointers
-    g_ptr, a_ptr, b_ptr, h_ptr, task_ptr, gb_ptr, dx_ptr,
+    g_ptr, a_ptr, b_ptr, h_ptr, task_ptr, gb_ptr, dx_ptr, partial_ptr,
     # sizes
-    rows, d_in, d_out, rank, rows_per_task, n_tasks,
-    # strides
-    stride_gm, stride_dxm, stride_a, stride_b, stride_ht,
+    rows, d_in, d_out, rank, rows_per_task, n_tasks, counters_start, n_counters,
+    # strides (g and dx rows have a unit-stride last dim; A, B and h: see the forward kernel)
+    stride_gm, stride_dxm, stride_ar, stride_ak, stride_bn, stride_br, stride_ht, stride_hr,
     scale,
     # meta
     R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ACCUMULATE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One block of rows: gB = g @ B (stored, fp32), du = s * gB * h, dx = du @ A (+ dx already there
-    when ACCUMULATE_DX: the frozen path's g @ W0, so the layer's dx needs no separate add)."""
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    when ACCUMULATE_DX: the frozen path's g @ W0, so the layer's dx needs no separate add).
+
+    It also zeroes the ``n_counters`` split counters of the weights kernel that runs next on the same
+    stream (int32 words at ``partial_ptr + counters_start``, the tail of that launch's partials buffer;
+    0.0f has the bits of int32 0): the counters belong to one backward, cost no launch of their own,
+    and are zero whatever the memory held before (a fresh allocation, a CUDA-graph replay)."""
+    pid = tl.program_id(0)
+    offs_c = tl.arange(0, COUNTER_BLOCK)
+    for c0 in range(pid * COUNTER_BLOCK, n_counters, tl.num_programs(0) * COUNTER_BLOCK):
+        tl.store(partial_ptr + counters_start + c0 + offs_c, tl.zeros((COUNTER_BLOCK,), dtype=tl.float32),
+                 mask=c0 + offs_c < n_counters)
+
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < rows
     offs_r = tl.arange(0, R_PAD)
     rank_mask = offs_r < rank
@@ -236,18 +263,18 @@ def _sas_backward_rows_kernel(
         n_mask = offs_n < d_out
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_b + offs_r[None, :],
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=n_mask[:, None] & rank_mask[None, :], other=0.0)
         gb += tl.dot(g, b, input_precision=DOT_PRECISION)
     tl.store(gb_ptr + offs_m[:, None] * rank + offs_r[None, :], gb, mask=row_mask[:, None] & rank_mask[None, :])
 
     hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks, stride_ht,
-                          HAS_TASKS)
+                          stride_hr, HAS_TASKS)
     du = (gb * hm * scale).to(g_ptr.dtype.element_ty)
     for k0 in range(0, d_in, BLOCK_D):
         offs_k = k0 + tl.arange(0, BLOCK_D)
         k_mask = offs_k < d_in
-        a = tl.load(a_ptr + offs_r[:, None] * stride_a + offs_k[None, :],
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=rank_mask[:, None] & k_mask[None, :], other=0.0)
         dx = tl.dot(du, a, input_precision=DOT_PRECISION)
         dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
@@ -258,7 +285,7 @@ def _sas_backward_rows_kernel(
 
 
 @triton.jit
-def _store_reduced(acc, out_ptr, partial_ptr, counter_ptr, counter_index, offsets, mask, split, n_splits,
+def _store_reduced(acc, out_ptr, partial_ptr, partials_base, counter_index, offsets, mask, split, n_splits,
                    split_stride, ONE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Write one tile of a weight gradient summed over every row split, in a fixed order.
 
@@ -266,8 +293,10 @@ def _store_reduced(acc, out_ptr, partial_ptr, counter_ptr, counter_index, offset
     each split stores its fp32 partial, counts itself in at the tile's counter, and the split that
     arrives last sums all partials in split order (0, 1, ...) and stores the result, so the sum does
     not depend on which split finished when: bitwise-identical gradients without a second launch.
-    The last split also resets the counter to 0 for the next launch. With ACCUMULATE the sum is added
-    to what ``out`` holds (layers sharing A/B add their gradients in place, with no add kernel).
+    The counters are this launch's own (the rows kernel zeroed them just before); the last split still
+    resets its tile's counter to 0, so the launch can be repeated on the same buffers (the autotuner's
+    timing runs do). With ACCUMULATE the sum is added to what ``out`` holds (layers sharing A/B add
+    their gradients in place, with no add kernel).
     """
     if ONE_SPLIT:
         if ACCUMULATE:
@@ -275,6 +304,9 @@ def _store_reduced(acc, out_ptr, partial_ptr, counter_ptr, counter_index, offset
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(partial_ptr + split.to(tl.int64) * split_stride + offsets, acc, mask=mask)
+        # The tile counters follow the n_splits partials in the same buffer (int32 words), computed here
+        # from kernel arguments rather than kept live in registers through the tile's loop.
+        counter_ptr = (partials_base + n_splits * split_stride).to(tl.pointer_type(tl.int32), bitcast=True)
         # Every thread's partial store must be ordered before the one thread that performs the
         # scalar atomic: a block barrier first, then the atomic's release (acq_rel, gpu scope).
         tl.debug_barrier()
@@ -292,9 +324,9 @@ def _store_reduced(acc, out_ptr, partial_ptr, counter_ptr, counter_index, offset
 
 
 @triton.jit
-def _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, da_ptr, tile, split, block,
+def _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, partials_base, da_ptr, tile, split, block,
              row_start, row_end, d_in, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_xm, stride_ht,
-             scale, R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr,
+             stride_hr, scale, R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr,
              ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Columns ``block`` of dA = (s * gB * h).T @ x over the rows of one split."""
     offs_r = tl.arange(0, R_PAD)
@@ -308,19 +340,19 @@ def _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, da_ptr, t
         gb = tl.load(gb_ptr + offs_m[:, None] * rank + offs_r[None, :],
                      mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
         hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks,
-                              stride_ht, HAS_TASKS)
+                              stride_ht, stride_hr, HAS_TASKS)
         du = (gb * hm * scale).to(x_ptr.dtype.element_ty)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(tl.trans(du), x, input_precision=DOT_PRECISION)
-    _store_reduced(acc, da_ptr, partial_ptr, counter_ptr, tile, offs_r[:, None] * d_in + offs_k[None, :],
+    _store_reduced(acc, da_ptr, partial_ptr, partials_base, tile, offs_r[:, None] * d_in + offs_k[None, :],
                    rank_mask[:, None] & k_mask[None, :], split, n_splits, split_stride, ONE_SPLIT, ACCUMULATE)
 
 
 @triton.jit
-def _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, db_ptr, tile, split, block,
+def _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr, partials_base, db_ptr, tile, split, block,
              row_start, row_end, d_out, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_gm, stride_ht,
-             scale, R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr,
+             stride_hr, scale, R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr,
              ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows ``block`` of dB = g.T @ (s * u * h) over the rows of one split."""
     offs_r = tl.arange(0, R_PAD)
@@ -334,17 +366,17 @@ def _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, db_ptr, ti
         u = tl.load(u_ptr + offs_m[:, None] * rank + offs_r[None, :],
                     mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
         hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks,
-                              stride_ht, HAS_TASKS)
+                              stride_ht, stride_hr, HAS_TASKS)
         v = (u * hm * scale).to(g_ptr.dtype.element_ty)
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(tl.trans(g), v, input_precision=DOT_PRECISION)
-    _store_reduced(acc, db_ptr, partial_ptr, counter_ptr, tile, offs_n[:, None] * rank + offs_r[None, :],
+    _store_reduced(acc, db_ptr, partial_ptr, partials_base, tile, offs_n[:, None] * rank + offs_r[None, :],
                    n_mask[:, None] & rank_mask[None, :], split, n_splits, split_stride, ONE_SPLIT, ACCUMULATE)
 
 
 @triton.jit
-def _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr, counter_ptr, dh_ptr, tile, split, block,
+def _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr, partials_base, dh_ptr, tile, split, block,
              row_start, row_end, rank, rows_per_task, n_tasks, n_splits, split_stride, scale,
              R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
     """Tasks ``block`` of dh[t] = s * sum over the split's rows of task t of gB * u."""
@@ -365,7 +397,7 @@ def _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr, counter_ptr, dh_ptr, tile, sp
             acc = tl.dot(tl.trans(one_hot), gb * u, acc, input_precision="ieee")
         else:
             acc += tl.sum(gb * u, axis=0)[None, :]
-    _store_reduced(acc * scale, dh_ptr, partial_ptr, counter_ptr, tile, offs_t[:, None] * rank + offs_r[None, :],
+    _store_reduced(acc * scale, dh_ptr, partial_ptr, partials_base, tile, offs_t[:, None] * rank + offs_r[None, :],
                    (offs_t < n_tasks)[:, None] & rank_mask[None, :], split, n_splits, split_stride, ONE_SPLIT,
                    False)
 
@@ -374,11 +406,11 @@ def _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr, counter_ptr, dh_ptr, tile, sp
 @triton.jit
 def _sas_backward_weights_kernel(
     # pointers
-    x_ptr, g_ptr, u_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, da_ptr, db_ptr, dh_ptr,
+    x_ptr, g_ptr, u_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, da_ptr, db_ptr, dh_ptr,
     # sizes
     rows, d_in, d_out, rank, rows_per_task, n_tasks, rows_per_split, n_splits,
-    # strides
-    stride_xm, stride_gm, stride_ht,
+    # strides (x and g rows have a unit-stride last dim; dA, dB and dh are contiguous)
+    stride_xm, stride_gm, stride_ht, stride_hr,
     scale,
     # meta
     R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr, ACCUMULATE_DA: tl.constexpr,
@@ -393,19 +425,21 @@ def _sas_backward_weights_kernel(
     out_blocks = tl.cdiv(d_out, BLOCK_D)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
-    # Partials of one split, side by side: dA (rank, d_in), dB (d_out, rank), dh (n_tasks, rank).
+    # Partials of one split, side by side: dA (rank, d_in), dB (d_out, rank), dh (n_tasks, rank); after
+    # the n_splits of them, the int32 tile counters the rows kernel zeroed.
     split_stride = rank * (d_in + d_out + n_tasks)
     if tile < in_blocks:
-        _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, counter_ptr, da_ptr, tile, split, tile,
+        _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, partial_ptr, da_ptr, tile, split, tile,
                  row_start, row_end, d_in, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_xm,
-                 stride_ht, scale, R_PAD, HAS_TASKS, ONE_SPLIT, ACCUMULATE_DA, DOT_PRECISION, BLOCK_M, BLOCK_D)
-    elif tile < in_blocks + out_blocks:
-        _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr + rank * d_in, counter_ptr, db_ptr, tile, split,
-                 tile - in_blocks, row_start, row_end, d_out, rank, rows_per_task, n_tasks, n_splits, split_stride,
-                 stride_gm, stride_ht, scale, R_PAD, HAS_TASKS, ONE_SPLIT, ACCUMULATE_DB, DOT_PRECISION, BLOCK_M,
+                 stride_ht, stride_hr, scale, R_PAD, HAS_TASKS, ONE_SPLIT, ACCUMULATE_DA, DOT_PRECISION, BLOCK_M,
                  BLOCK_D)
+    elif tile < in_blocks + out_blocks:
+        _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr + rank * d_in, partial_ptr, db_ptr, tile, split,
+                 tile - in_blocks, row_start, row_end, d_out, rank, rows_per_task, n_tasks, n_splits, split_stride,
+                 stride_gm, stride_ht, stride_hr, scale, R_PAD, HAS_TASKS, ONE_SPLIT, ACCUMULATE_DB, DOT_PRECISION,
+                 BLOCK_M, BLOCK_D)
     else:
-        _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr + rank * (d_in + d_out), counter_ptr, dh_ptr, tile, split,
+        _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr + rank * (d_in + d_out), partial_ptr, dh_ptr, tile, split,
                  tile - in_blocks - out_blocks, row_start, row_end, rank, rows_per_task, n_tasks, n_splits,
                  split_stride, scale, R_PAD, HAS_TASKS, ONE_SPLIT, BLOCK_M)
 
@@ -418,24 +452,34 @@ def _kernel_name(kernel) -> str:
     return getattr(kernel, "__name__", None) or kernel.fn.__name__
 
 
-# Configs the autotuner chose, per (kernel, device, tuning key): later eager launches call the JIT
-# function with that config directly, skipping the autotuner's own per-launch work.
+# Configs the autotuner chose, per (kernel, device, tuning key): every eager launch calls the JIT
+# function with its config directly, skipping the autotuner's own per-launch work.
 _chosen_configs: Dict[tuple, triton.Config] = {}
 
 
-def _launch(kernel, grid, args: tuple, constexprs: dict, tuning_key: tuple, traced: bool) -> None:
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
+def _launch(kernel, grid, args: tuple, constexprs: dict, tuning_key: tuple, traced: bool,
+            inplace: Tuple[int, ...] = ()) -> None:
     """Launch ``kernel`` on ``grid`` (a callable of the config's meta-parameters).
 
     ``traced``: called from the ``torch.library`` ops below, which torch.compile traces, so the launch
-    goes through ``wrap_triton``. Eager launches call Triton directly (no torch.library dispatch);
-    after an autotuned kernel's first launch per ``tuning_key`` they reuse the chosen config and skip
-    the autotuner. The interpreter always calls the kernel itself (older torch versions reject
-    interpreted kernels in ``wrap_triton``).
+    goes through ``wrap_triton``. Eager launches call Triton directly (no torch.library dispatch) with
+    the config chosen for ``tuning_key``, found once per key by :func:`_chosen_config`. ``inplace``: the
+    positions in ``args`` of tensors the kernel reads and then writes (y over base, dx, dA, dB
+    accumulated into): the autotuner never times its configs on them (see :func:`_chosen_config`).
+    Under the interpreter, eager launches take the same path (so CPU tests run it), the ops are opaque
+    (see :func:`_op`), and a launch on fake tensors (the ops' fake implementation, run while tracing)
+    launches nothing: only the output shapes are needed.
     """
+    if traced and INTERPRET:
+        if _is_fake(args[0]):
+            return
+        traced = False
     record_launch(_kernel_name(kernel))
-    if INTERPRET:
-        kernel[grid](*args, **constexprs)
-        return
     if traced:
         torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
         return
@@ -445,11 +489,31 @@ def _launch(kernel, grid, args: tuple, constexprs: dict, tuning_key: tuple, trac
     key = (kernel, args[0].device.index, tuning_key)
     config = _chosen_configs.get(key)
     if config is None:
-        kernel[grid](*args, **constexprs)
-        _chosen_configs[key] = kernel.best_config
-        return
+        config = _chosen_configs[key] = _chosen_config(kernel, grid, args, constexprs, inplace)
     # Exactly what the autotuner passes for its chosen config (meta-parameters, warps, stages, ...).
     kernel.fn[grid(dict(constexprs, **config.kwargs))](*args, **constexprs, **config.all_kwargs())
+
+
+def _chosen_config(kernel, grid, args: tuple, constexprs: dict, inplace: Tuple[int, ...]) -> triton.Config:
+    """The config of ``kernel`` for these arguments' tuning key: the only one that fits, or the autotuner's pick.
+
+    Triton's autotuner times each config by running the kernel on the arguments it is given, several
+    times, and then runs the best once more: a kernel that adds into a tensor it was given would add
+    once per run. So the autotuner runs on scratch copies of the ``inplace`` arguments (one copy per
+    tensor, so aliases such as y written over base stay aliased), and the caller then launches the
+    chosen config once on the real ones. This costs a copy and one extra launch on the first call per
+    tuning key only, and nothing when one config fits (``SAS_TRITON_AUTOTUNE=0``, the interpreter).
+    """
+    configs = kernel.configs
+    if len(configs) > 1:
+        configs = prune_configs(configs, dict(zip(kernel.arg_names, args)), **constexprs)
+    if len(configs) == 1:
+        return configs[0]
+    scratch = {}
+    for i in inplace:
+        scratch.setdefault(id(args[i]), args[i].clone())
+    kernel[grid](*(scratch.get(id(a), a) for a in args), **constexprs)
+    return kernel.best_config
 
 
 def rank_pad(rank: int) -> int:
@@ -471,13 +535,25 @@ def row_splits(rows: int, rank: int, width: int) -> Tuple[int, int]:
 
 
 def _task_layout(h: torch.Tensor, task_ids: Optional[torch.Tensor], rows: int):
-    """(task pointer tensor, rows per task id, number of tasks, h's task stride).
+    """(task pointer tensor, rows per task id, number of tasks, h's task stride, h's rank stride).
 
     The kernels index task ids with unit stride, so a strided ``task_ids`` (e.g. ``ids[::2]``) is copied.
     """
     if h.dim() == 1:
-        return h, 1, 1, 0  # the pointer is never read when HAS_TASKS is False
-    return task_ids.contiguous(), max(rows // max(task_ids.numel(), 1), 1), h.shape[0], h.stride(0)
+        return h, 1, 1, 0, h.stride(0)  # the task pointer is never read when HAS_TASKS is False
+    return task_ids.contiguous(), max(rows // max(task_ids.numel(), 1), 1), h.shape[0], h.stride(0), h.stride(1)
+
+
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    """The kernels address a row tensor as ``ptr + row * stride(0) + column``: its last dim must have unit stride."""
+    if t.stride(1) != 1 and t.shape[1] > 1:
+        raise ValueError(f"sas_kernels: {name} must have a unit-stride last dim (see as_rows); got strides "
+                         f"{tuple(t.stride())}")
+
+
+def _check_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"sas_kernels: {name} to accumulate into must be contiguous; got strides {tuple(t.stride())}")
 
 
 def _device_guard(t: torch.Tensor):
@@ -492,8 +568,10 @@ def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch
                 out: Optional[torch.Tensor] = None, traced: bool = False):
     """y (rows, d_out) in base's dtype and u = x @ A.T (rows, r) fp32 (empty unless ``save_u``).
 
-    ``out=base2`` writes y over base in place (each program reads its base tile before writing it).
-    ``traced`` is for the torch.library op (see :func:`_launch`).
+    ``x2``, ``base2`` and ``out`` are row tensors with a unit-stride last dim (:func:`as_rows`; checked);
+    ``A``, ``B`` and ``h`` may have any strides. ``out=base2`` writes y over base in place (each
+    program reads its base tile before writing it). ``traced`` is for the torch.library op (see
+    :func:`_launch`).
     """
     rows, d_in = x2.shape
     d_out, rank = B.shape
@@ -501,37 +579,23 @@ def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch
     u = torch.empty((rows, rank) if save_u else (0, rank), dtype=torch.float32, device=x2.device)
     if rows == 0:
         return y, u
-    tasks, rows_per_task, n_tasks, stride_ht = _task_layout(h, task_ids, rows)
+    _check_rows("x", x2), _check_rows("base", base2), _check_rows("out", y)
+    tasks, rows_per_task, n_tasks, stride_ht, stride_hr = _task_layout(h, task_ids, rows)
     r_pad = rank_pad(rank)
     with _device_guard(x2):
         _launch(_sas_forward_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
                 (x2, base2, A, B, h, tasks, y, u,
                  rows, d_in, d_out, rank, rows_per_task, n_tasks,
-                 x2.stride(0), base2.stride(0), y.stride(0), A.stride(0), B.stride(0), stride_ht,
+                 x2.stride(0), base2.stride(0), y.stride(0), *A.stride(), *B.stride(), stride_ht, stride_hr,
                  scale),
                 dict(R_PAD=r_pad, HAS_TASKS=h.dim() == 2, SAVE_U=save_u, DOT_PRECISION=FP32_DOT_PRECISION),
-                (x2.dtype, d_in, d_out, r_pad), traced)
+                (x2.dtype, d_in, d_out, r_pad), traced, inplace=() if out is None else (6,))
     return y, u
 
 
-# Per-device tile counters of the weights kernel's split reduction (_store_reduced). Zero between
-# launches (the last split of each tile resets its counter), so they are allocated once and never
-# cleared: no memset launch per backward. Launches on one device are ordered on its stream, so
-# two backward passes never use them at once.
-_split_counters: Dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    counters = _split_counters.get(device)
-    if counters is None or counters.numel() < tiles:
-        counters = _split_counters[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-    return counters
-
-
-# The smallest BLOCK_D of any config: the most tiles a launch can have per column of d_in or d_out.
-MIN_BLOCK_D = min(c.kwargs["BLOCK_D"] for c in AUTOTUNE_CONFIGS)
-
-
+# Every BLOCK_D is at least 16 (tl.dot's minimum): a launch has at most this many tiles per 16 columns
+# of d_in or d_out, whichever config runs, so this bounds the split counters a backward needs.
+MIN_BLOCK_D = 16
 def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  h: torch.Tensor, task_ids: Optional[torch.Tensor], scale: float,
                  dx: Optional[torch.Tensor] = None, traced: bool = False,
@@ -539,8 +603,12 @@ def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.T
     """(dx, dA, dB, dh) for incoming gradient g (rows, d_out); dbase is g itself. Two launches.
 
     A given ``dx`` (rows, d_in), e.g. the frozen layer's ``g @ W0``, is accumulated into in place, and so
-    are a given ``dA`` (rank, d_in) and ``dB`` (d_out, rank), contiguous: gradients of A/B shared by
-    several layers. dA, dB and dh come out in A's, B's and h's dtype. ``traced``: see :func:`_launch`.
+    are a given ``dA`` (rank, d_in) and ``dB`` (d_out, rank), contiguous (checked): gradients of A/B
+    shared by several layers. ``g2``, ``x2`` and ``dx`` are row tensors with a unit-stride last dim
+    (checked); ``A``, ``B`` and ``h`` may have any strides. dA, dB and dh come out in A's, B's and h's
+    dtype. The split counters are this call's own, at the tail of its partials buffer, zeroed by the
+    rows kernel: no state outlives the call, so concurrent streams, CUDA-graph replays and traced calls
+    never share one. ``traced``: see :func:`_launch`.
     """
     rows, d_in = x2.shape
     d_out, rank = B.shape
@@ -550,7 +618,8 @@ def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.T
     if rows == 0:
         return (dx, torch.zeros_like(A) if dA is None else dA, torch.zeros_like(B) if dB is None else dB,
                 torch.zeros_like(h))
-    tasks, rows_per_task, n_tasks, stride_ht = _task_layout(h, task_ids, rows)
+    _check_rows("g", g2), _check_rows("x", x2), _check_rows("dx", dx)
+    tasks, rows_per_task, n_tasks, stride_ht, stride_hr = _task_layout(h, task_ids, rows)
     has_tasks, r_pad, precision = h.dim() == 2, rank_pad(rank), FP32_DOT_PRECISION
     tuning_key = (x2.dtype, d_in, d_out, r_pad)
     device = x2.device
@@ -558,32 +627,40 @@ def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.T
     accumulate_da, accumulate_db = dA is not None, dB is not None
     if dA is None:
         dA = torch.empty((rank, d_in), dtype=A.dtype, device=device)
+    else:
+        _check_contiguous("dA", dA)
     if dB is None:
         dB = torch.empty((d_out, rank), dtype=B.dtype, device=device)
+    else:
+        _check_contiguous("dB", dB)
     dh = torch.empty((n_tasks, rank), dtype=h.dtype, device=device)
     splits, per_split = row_splits(rows, rank, d_in + d_out + n_tasks)
-    partials = torch.empty(0 if splits == 1 else splits * rank * (d_in + d_out + n_tasks), dtype=torch.float32,
-                           device=device)
     task_tiles = triton.cdiv(n_tasks, TASK_BLOCK.value)
-    counters = _counters(device, triton.cdiv(d_in, MIN_BLOCK_D) + triton.cdiv(d_out, MIN_BLOCK_D) + task_tiles)
+    # One buffer per call: the splits' fp32 partials, then (int32) one counter per tile of the weights grid.
+    if splits == 1:  # the tiles are written directly: no partials, no counters
+        counters_start = n_counters = 0
+    else:
+        counters_start = splits * rank * (d_in + d_out + n_tasks)
+        n_counters = triton.cdiv(d_in, MIN_BLOCK_D) + triton.cdiv(d_out, MIN_BLOCK_D) + task_tiles
+    partials = torch.empty(counters_start + n_counters, dtype=torch.float32, device=device)
     with _device_guard(x2):
         _launch(_sas_backward_rows_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
-                (g2, A, B, h, tasks, gb, dx,
-                 rows, d_in, d_out, rank, rows_per_task, n_tasks,
-                 g2.stride(0), dx.stride(0), A.stride(0), B.stride(0), stride_ht,
+                (g2, A, B, h, tasks, gb, dx, partials,
+                 rows, d_in, d_out, rank, rows_per_task, n_tasks, counters_start, n_counters,
+                 g2.stride(0), dx.stride(0), *A.stride(), *B.stride(), stride_ht, stride_hr,
                  scale),
                 dict(R_PAD=r_pad, HAS_TASKS=has_tasks, ACCUMULATE_DX=accumulate_dx, DOT_PRECISION=precision),
-                tuning_key, traced)
+                tuning_key, traced, inplace=(6,) if accumulate_dx else ())
         _launch(_sas_backward_weights_kernel,
                 lambda meta: (triton.cdiv(d_in, meta["BLOCK_D"]) + triton.cdiv(d_out, meta["BLOCK_D"]) + task_tiles,
                               splits),
-                (x2, g2, u, gb, h, tasks, partials, counters, dA, dB, dh,
+                (x2, g2, u, gb, h, tasks, partials, dA, dB, dh,
                  rows, d_in, d_out, rank, rows_per_task, n_tasks, per_split, splits,
-                 x2.stride(0), g2.stride(0), stride_ht,
+                 x2.stride(0), g2.stride(0), stride_ht, stride_hr,
                  scale),
                 dict(R_PAD=r_pad, HAS_TASKS=has_tasks, ONE_SPLIT=splits == 1, ACCUMULATE_DA=accumulate_da,
                      ACCUMULATE_DB=accumulate_db, DOT_PRECISION=precision),
-                tuning_key, traced)
+                tuning_key, traced, inplace=(7,) * accumulate_da + (8,) * accumulate_db)
     return dx, dA, dB, dh.view(h.shape)
 
 
@@ -591,13 +668,27 @@ def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.T
 # torch.library ops: what torch.compile traces (eager callers use the host launchers directly)
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.triton_op("sas::adapter_fwd", mutates_args=())
+def _op(name: str):
+    """``torch.library.triton_op``: torch.compile traces into it and sees the kernels (``wrap_triton``).
+    Under the interpreter, an opaque ``custom_op`` instead, whose fake implementation is the same
+    function (its launches see fake tensors and launch nothing, :func:`_launch`): interpreted kernels
+    cannot be traced, so a compiled graph on CPU calls the op, which launches them eagerly."""
+    if INTERPRET:
+        def register(fn):
+            op = torch.library.custom_op(name, fn, mutates_args=())
+            op.register_fake(fn)
+            return op
+        return register
+    return torch.library.triton_op(name, mutates_args=())
+
+
+@_op("sas::adapter_fwd")
 def adapter_fwd(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
                 task_ids: Optional[torch.Tensor], scale: float, save_u: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     return sas_forward(x2, base2, A, B, h, task_ids, scale, save_u, traced=True)
 
 
-@torch.library.triton_op("sas::adapter_bwd", mutates_args=())
+@_op("sas::adapter_bwd")
 def adapter_bwd(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 h: torch.Tensor, task_ids: Optional[torch.Tensor], scale: float
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -43,23 +43,38 @@ def test_zero_rows_on_cuda():
 
 
 def test_int64_offsets_beyond_2_pow_31_elements():
-    rows, d = (1 << 21) + 64, 1024  # x, base, y, g and dx each hold more than 2^31 elements
+    rows, d, rank = (1 << 21) + 64, 1024, 8  # x, base, y, g and dx each hold more than 2^31 elements
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     base = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    A = (torch.randn(8, d, device="cuda", generator=gen) * d ** -0.5).bfloat16()
-    B = (torch.randn(d, 8, device="cuda", generator=gen) * 8 ** -0.5).bfloat16()
-    h = torch.ones(8, device="cuda", dtype=torch.bfloat16)
-    y = triton_op(x, base, A, B, h, 1.0, None)
+    A = (torch.randn(rank, d, device="cuda", generator=gen) * d ** -0.5).bfloat16().requires_grad_()
+    B = (torch.randn(d, rank, device="cuda", generator=gen) * rank ** -0.5).bfloat16().requires_grad_()
+    h = (1 + 0.5 * torch.randn(rank, device="cuda", generator=gen)).bfloat16().requires_grad_()
+    scale = 0.5
+    y = triton_op(x, base, A, B, h, scale, None)
     g = torch.ones_like(y)
     y.backward(g)
     tail = slice(rows - 64, rows)
     tail_x = x.detach()[tail].float().requires_grad_()
-    y_ref = reference.sas_adapter(tail_x, base[tail].float(), A.float(), B.float(), h.float(), 1.0)
+    y_ref = reference.sas_adapter(tail_x, base[tail].float(), A.float(), B.float(), h.float(), scale)
     y_ref.backward(g[tail].float())
     # bf16 output and dx: a few bf16 ulps of O(1) values.
     torch.testing.assert_close(y[tail].float(), y_ref, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(x.grad[tail].float(), tail_x.grad, atol=3e-2, rtol=2e-2)
+    # A, B and h sum over every row (64 row splits, partial offsets past 2^31 bytes): an fp32 reference
+    # summed chunk by chunk, compared within bf16's rounding of the result and its bf16 terms.
+    A32, B32, h32 = A.detach().float(), B.detach().float(), h.detach().float()
+    dA, dB, dh = torch.zeros_like(A32), torch.zeros_like(B32), torch.zeros_like(h32)
+    chunk = 1 << 18
+    for start in range(0, rows, chunk):
+        xs, gs = x.detach()[start:start + chunk].float(), g[start:start + chunk].float()
+        u, gb = xs @ A32.T, gs @ B32
+        dA += (scale * gb * h32).T @ xs
+        dB += gs.T @ (scale * u * h32)
+        dh += scale * (gb * u).sum(0)
+    for name, got, expected in (("A", A.grad, dA), ("B", B.grad, dB), ("h", h.grad, dh)):
+        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item(),
+                                   msg=f"grad {name}")
 
 
 def _layer(dtype=torch.float32):
@@ -152,14 +167,23 @@ def test_out_of_range_task_ids_on_cuda_fail_without_a_host_sync():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_layer_on_the_second_gpu_launches_there():
+    # Forward and backward (1100 rows: 3 row splits, so the split counters are used) of a layer on cuda:1
+    # while cuda:0 is the current device.
     layer = sas.SaSLinear.from_linear(nn.Linear(32, 24), rank=4).to("cuda:1")
     sas.testing.randomize_adapter(layer)
-    x = torch.randn(5, 32, device="cuda:1")
-    with torch.cuda.device(0):
-        got = layer(x)
-    sas.set_backend("reference")
-    try:
-        expected = layer(x)
-    finally:
-        sas.set_backend(None)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    x = torch.randn(1100, 32, device="cuda:1")
+    params = [p for p in layer.parameters() if p.requires_grad]
+    results = {}
+    for backend in ("triton", "reference"):
+        sas.set_backend(backend)
+        try:
+            leaf = x.clone().requires_grad_()
+            with torch.cuda.device(0):
+                y = layer(leaf)
+                grads = torch.autograd.grad(y.square().mean(), [leaf] + params)
+            results[backend] = [y.detach()] + list(grads)
+        finally:
+            sas.set_backend(None)
+    for got, expected in zip(results["triton"], results["reference"]):
+        assert got.device == torch.device("cuda:1")
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
