@@ -219,7 +219,10 @@ class SaSShared(nn.Module):
             stamp = tuple((id(t), t._version) for t in sources)
         except RuntimeError:  # an inference tensor among them (rare, so the common case pays no test)
             stamp = _inference_stamp(sources)
-        key = (dtype, sources[0].device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        # Per CUDA stream too: a layer running on another stream than the one that made an entry would read
+        # its tensors with no event ordering the two (the entry is ours, so the user cannot wait on it).
+        key = (dtype, sources[0].device, linear_op._stream_of(sources[0]), torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled())
         entry = self._cache.get(key)
         # A layer asking twice means a new forward began (or a checkpointed segment is recomputed, or a
         # layer runs twice in one forward): recomputing then also catches writes that bypass version
@@ -228,7 +231,7 @@ class SaSShared(nn.Module):
         # recomputes rather than taking an h from before such a write.
         if entry is None or entry.stamp != stamp or layer_index in entry.served:
             # Only the Triton layer backward adds shared gradients in place (linear_op.GradientSink).
-            sink = key[2] and functional.resolve_backend(key[1]) == "triton"
+            sink = key[3] and functional.resolve_backend(key[1]) == "triton"
             table = self._modulation_table(sources, stamp, dtype)
             first = layer_index if entry is None or layer_index == entry.first else entry.first
             self._cache[key] = entry = _CacheEntry(sources, stamp, table, dtype, sink, first)

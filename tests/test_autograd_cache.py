@@ -90,3 +90,32 @@ def test_data_write_is_seen_by_the_next_forward_that_reruns_a_layer(backend):
         model(x)
         model.sas_shared.hyper.hidden.weight.data.mul_(-1.0)
         torch.testing.assert_close(model(x), _expected(model, x, 1))
+
+
+
+def test_a_layer_on_another_cuda_stream_gets_tensors_made_on_that_stream(monkeypatch):
+    """The cache is kept per stream: a layer running on a second CUDA stream must not read an h (or A/B
+    cast) that the first stream made with no event between them. CPU stand-in: the stream query is
+    faked, and counting the hypernetwork runs shows which layer calls computed a table of their own."""
+    from sas import linear_op
+
+    stream = {"now": 1}
+    monkeypatch.setattr(linear_op, "_stream_of", lambda t: stream["now"])
+    model = make_model(1)
+    shared = model.sas_shared
+    runs = []
+    compute_table = shared._modulation_table
+    monkeypatch.setattr(shared, "_modulation_table", lambda *a: runs.append(stream["now"]) or compute_table(*a))
+    first, second = sas.adapted_layers(model)[:2]
+
+    def tensors(layer):
+        return shared.layer_tensors(layer.layer_index, layer.down_key, layer.up_key, shared.embeddings.dtype)
+
+    h_first = tensors(first)[2]
+    tensors(second)
+    assert runs == [1]  # one table per forward on one stream
+    stream["now"] = 2
+    tensors(second)
+    assert runs == [1, 2]  # a table made on the second stream, not the first stream's
+    torch.testing.assert_close(tensors(first)[2], h_first)  # the same values; only where they were made differs
+    assert runs == [1, 2]  # and the rest of that forward on the second stream reuses it
