@@ -23,7 +23,7 @@ Data movement per pass (N rows, element size e, rank r, fp32 side tensors of N x
 
 * forward (1 launch): reads x and base once, writes y once (over base when the caller allows it),
   writes u = x @ A.T (``4 N r``, kept for the backward so x is not re-read to recompute it):
-  ``e N (d_in + 2 d_out) + 4 N r``, i.e. the ideal of DESIGN.md section 3 plus the saved u.
+  ``e N (d_in + 2 d_out) + 4 N r``, i.e. the ideal of docs/design.md section 3 plus the saved u.
 * backward (2 launches): ``rows`` reads g, writes gB = g @ B (``4 N r``) and dx (adding into the
   frozen path's ``g @ W0`` when given, so the layer needs no separate add); ``weights`` computes
   dA (reads x and gB), dB (reads g a second time and u) and dh (reads gB and u) in one grid and
@@ -42,7 +42,7 @@ PyTorch's own half-precision path does.
 Long reductions (over d_in in the forward, d_out in the backward rows kernel, rows in dA/dB)
 add each block's dot, computed from zero, to the running fp32 sum instead of chaining the
 accumulator through every dot: a sequential fp32 chain of 768 products (ViT-B's d_in) gave
-about 2.6x PyTorch's rounding error on the H100 (DESIGN.md §4 allows 2x); block sums of
+about 2.6x PyTorch's rounding error on the H100 (the tolerance rule, docs/design.md §4, allows 2x); block sums of
 BLOCK_D products added a dozen times keep the chain short at the cost of one register add per
 block.
 

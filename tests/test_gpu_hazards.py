@@ -3,7 +3,7 @@
 CUDA versions of ``test_triton_hazards.py`` (which reproduces each hazard on CPU through Triton's
 interpreter), run by ``make test-gpu``. ``make test-gpu`` turns autotuning off for speed; the test that
 needs it on, and the ones whose process state matters (a first tuning, a first traced backward), run
-in a fresh subprocess of their own. Accuracy follows DESIGN.md's rule (``sas.testing``) where a test
+in a fresh subprocess of their own. Accuracy follows the tolerance rule (``sas.testing``) where a test
 compares with float64, and is bitwise where the same kernels run twice.
 """
 import copy

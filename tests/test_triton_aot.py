@@ -1,5 +1,5 @@
 """Ahead-of-time compilation of every Triton kernel x autotune config for sm_80 and sm_90 on CPU
-(DESIGN.md section 4): catches code the interpreter accepts and the compiler rejects, and checks
+(docs/design.md section 5): catches code the interpreter accepts and the compiler rejects, and checks
 each config's real shared memory against the device's per-block limit. Runs ``sas_kernels.aot`` in
 subprocesses without ``TRITON_INTERPRET`` (which would hide the JIT functions), one per target
 so the two 2-core CI compiles overlap."""

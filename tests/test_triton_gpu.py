@@ -1,6 +1,6 @@
 """The Triton kernels on CUDA (``make test-gpu``): the interpreter grid in fp32/fp16/bf16, ViT-B
 shapes, int64 offsets, ``torch.compile(fullgraph=True)``, CUDA-graph capture and deterministic
-gradients. Accuracy follows DESIGN.md's rule (``sas.testing.compare_op``)."""
+gradients. Accuracy follows the tolerance rule (``sas.testing.compare_op``)."""
 import pytest
 import torch
 from kernel_cases import KERNEL_GRID, MULTI_TASK_GRID, assert_matches_reference, each_case, triton_op
