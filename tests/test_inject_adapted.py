@@ -8,16 +8,7 @@ import sas
 import sas.testing
 from sas import SaSConfig
 
-
-class Mlp(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.enc = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 12))
-        self.out = nn.Linear(12, 5)
-
-    def forward(self, x):
-        return self.out(self.enc(x))
+from small_models import Mlp
 
 
 def _adapted_mlp():

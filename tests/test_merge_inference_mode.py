@@ -11,19 +11,7 @@ import sas
 import sas.testing
 from sas import SaSConfig
 
-TARGETS = ["enc.0", "enc.2", "out"]
-
-
-class Mlp(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.enc = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 12))
-        self.out = nn.Linear(12, 5)
-
-    def forward(self, x):
-        return self.out(self.enc(x))
-
+from small_models import MLP_TARGETS, Mlp
 
 def _frozen(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
@@ -34,7 +22,7 @@ def _same_frozen(model, frozen):
 
 
 def _injected(num_tasks=1):
-    model = sas.inject(Mlp(), SaSConfig(rank=3, targets=TARGETS, num_tasks=num_tasks))
+    model = sas.inject(Mlp(), SaSConfig(rank=3, targets=MLP_TARGETS, num_tasks=num_tasks))
     sas.testing.randomize_adapter(model)
     generator = torch.Generator().manual_seed(3)
     for embedding in model.sas_shared.task_embeddings:

@@ -13,23 +13,11 @@ import sas
 import sas.testing
 from sas import SaSConfig
 
-TARGETS = ["enc.0", "enc.2", "out"]
-
-
-class Mlp(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.enc = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 12))
-        self.out = nn.Linear(12, 5)
-
-    def forward(self, x):
-        return self.out(self.enc(x))
-
+from small_models import MLP_TARGETS, Mlp, outputs_per_task
 
 def _adapted(num_tasks=1, dtype=torch.float32):
     """An adapted Mlp whose update and tasks really differ from the base and from each other."""
-    model = sas.inject(Mlp().to(dtype), SaSConfig(rank=3, targets=TARGETS, num_tasks=num_tasks))
+    model = sas.inject(Mlp().to(dtype), SaSConfig(rank=3, targets=MLP_TARGETS, num_tasks=num_tasks))
     with torch.no_grad():
         sas.testing.randomize_adapter(model)
         generator = torch.Generator().manual_seed(7)
@@ -44,15 +32,6 @@ def _frozen(model):
 
 def _same_frozen(model, frozen):
     return all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if "base_layer" in n)
-
-
-def _per_task(model, x):
-    outputs = []
-    with torch.no_grad():
-        for task in range(model.sas_shared.num_tasks):
-            with sas.tasks(model, task):
-                outputs.append(model(x))
-    return outputs
 
 
 # -- a context for another task --------------------------------------------------------------------
@@ -70,7 +49,7 @@ def test_merge_inside_a_context_for_another_task_is_refused_and_changes_nothing(
 def test_merge_inside_a_context_for_the_same_task_serves_it():
     model = _adapted(num_tasks=3)
     x = torch.randn(3, 12)
-    expected = _per_task(model, x)[1]
+    expected = outputs_per_task(model, x)[1]
     with sas.tasks(model, 1):
         sas.merge(model, task=1)
         with torch.no_grad():
@@ -165,7 +144,7 @@ def test_a_copy_of_a_merged_model_unmerges_exactly_and_on_its_own(make_copy):
     assert all(layer.merged for layer in sas.adapted_layers(model))  # the original is still merged
     sas.unmerge(model)
     assert _same_frozen(model, frozen)
-    torch.testing.assert_close(_per_task(clone, x), _per_task(model, x), rtol=0, atol=0)
+    torch.testing.assert_close(outputs_per_task(clone, x), outputs_per_task(model, x), rtol=0, atol=0)
 
 
 def test_a_copy_of_a_merged_model_written_since_merge_refuses_unmerge_like_the_original():
@@ -183,10 +162,10 @@ def test_loading_an_unmerged_state_into_a_task_merged_model_forgets_the_merged_t
     model = _adapted(num_tasks=2)
     unmerged_state = copy.deepcopy(model.state_dict())
     x = torch.randn(4, 12)
-    expected = _per_task(model, x)
+    expected = outputs_per_task(model, x)
     sas.merge(model, task=0)
     model.load_state_dict(unmerged_state)
     assert all(layer.merged_task is None and not layer.merged for layer in sas.adapted_layers(model))
-    torch.testing.assert_close(_per_task(model, x), expected, rtol=0, atol=0)  # task 1 runs, unmerged
+    torch.testing.assert_close(outputs_per_task(model, x), expected, rtol=0, atol=0)  # task 1 runs, unmerged
     sas.merge(model, task=1)
     torch.testing.assert_close(model(x), expected[1])

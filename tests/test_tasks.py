@@ -15,6 +15,8 @@ import sas.testing
 from sas import SaSConfig
 from sas.io import CONFIG_NAME, DESCRIPTION_KEY, WEIGHTS_NAME
 
+from small_models import outputs_per_task
+
 
 def _multitask_vit(num_tasks=3, seed=0):
     """test_vit with a random adapter whose tasks really differ (task embeddings start equal, at zero)."""
@@ -35,16 +37,6 @@ def _randomize_tasks(model, seed):
 
 def _images(model, batch, seed=1):
     return torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(seed))
-
-
-def _outputs_per_task(model, x):
-    """``model(x)`` for every task, each with the whole batch on that task."""
-    outputs = []
-    with torch.no_grad():
-        for task in range(model.sas_shared.num_tasks):
-            with sas.tasks(model, task):
-                outputs.append(model(x))
-    return outputs
 
 
 # ---------------------------------------------------------------------------- the modulation
@@ -103,7 +95,7 @@ def test_mixed_batch_equals_each_sample_alone_with_its_task():
                 alone.append(model(x[i:i + 1]))
     # Not bitwise: the frozen GEMMs round differently for a batch of 1 and of 4.
     torch.testing.assert_close(mixed, torch.cat(alone))
-    per_task = _outputs_per_task(model, x[:1])
+    per_task = outputs_per_task(model, x[:1])
     assert not torch.allclose(per_task[0], per_task[2]), "the tasks must differ for this to mean anything"
 
 
@@ -166,7 +158,7 @@ def test_fused_layer_op_runs_mixed_batches_on_the_adapter_path():
 def test_context_restores_the_previous_setting_on_exit_and_on_exceptions_and_nests():
     model = _multitask_vit()
     x = _images(model, 2)
-    per_task = _outputs_per_task(model, x)
+    per_task = outputs_per_task(model, x)
     with torch.no_grad(), sas.tasks(model, 1):
         with sas.tasks(model, torch.tensor([2, 0])):
             inner = model(x)
@@ -183,7 +175,7 @@ def test_context_restores_the_previous_setting_on_exit_and_on_exceptions_and_nes
 def test_settings_are_per_thread():
     model = _multitask_vit()
     x = _images(model, 2)
-    per_task = _outputs_per_task(model, x)
+    per_task = outputs_per_task(model, x)
     seen = {}
 
     def serve(task):
@@ -221,7 +213,7 @@ def test_add_task_trains_only_the_new_embedding_and_keeps_other_tasks_bit_identi
     model.head.requires_grad_(True)
     x = _images(model, 3)
     _train(model, x, torch.tensor([0, 1, 0]), steps=2, seed=4)
-    before = _outputs_per_task(model, x)
+    before = outputs_per_task(model, x)
     table_before = model.sas_shared.modulations().detach()
     with torch.no_grad():
         expected_start = (model.sas_shared.task_embeddings[0] + model.sas_shared.task_embeddings[1]) / 2
@@ -232,7 +224,7 @@ def test_add_task_trains_only_the_new_embedding_and_keeps_other_tasks_bit_identi
     torch.testing.assert_close(model.sas_shared.task_embeddings[2].detach(), expected_start)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["sas_shared.task_embeddings.2"]
     _train(model, x, torch.tensor([2, 0, 2]), steps=3, seed=5)  # a mixed batch: old tasks run too
-    after = _outputs_per_task(model, x)
+    after = outputs_per_task(model, x)
     assert torch.equal(model.sas_shared.modulations().detach()[:, :2], table_before)
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
     assert not torch.allclose(after[2], before[0]) and not torch.allclose(after[2], before[1])
@@ -261,12 +253,12 @@ def test_save_and_load_round_trip_every_task(tmp_path):
     sas.add_task(model)
     _randomize_tasks(model, seed=7)
     x = _images(model, 2)
-    expected = _outputs_per_task(model, x)
+    expected = outputs_per_task(model, x)
     sas.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["config"]["num_tasks"] == 3
     torch.manual_seed(0)
     fresh = sas.load_adapter(timm.create_model("test_vit", pretrained=False).eval(), tmp_path)
-    loaded = _outputs_per_task(fresh, x)
+    loaded = outputs_per_task(fresh, x)
     assert len(loaded) == 3
     for got, want in zip(loaded, expected):
         assert torch.equal(got, want)
@@ -298,7 +290,7 @@ def test_adapters_saved_before_num_tasks_existed_still_load(tmp_path):
 def test_per_task_merge_matches_the_unmerged_outputs_and_unmerge_restores():
     model = _multitask_vit()
     x = _images(model, 2)
-    unmerged = _outputs_per_task(model, x)
+    unmerged = outputs_per_task(model, x)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     for task in range(3):
         sas.merge(model, task=task)
