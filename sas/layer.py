@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional, fused_linear, linear_op, reference
-from . import multitask as task_context
+from . import _task_state
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 # Per activation module type: the function itself (called directly on the hot path: a module call
@@ -426,7 +426,7 @@ class SaSLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         try:
-            task = task_context.layer_tasks(self.shared, x)  # None, one task (int) or one id per batch element
+            task = _task_state.layer_tasks(self.shared, x)  # None, one task (int) or one id per batch element
             base_parameters = self._modules["base_layer"]._parameters  # not __getattr__: see modulation_sources
             weight, bias = base_parameters["weight"], base_parameters["bias"]
             # The fused designs fold a single h into the weight; a batch of per-element tasks takes the adapter path.
@@ -491,7 +491,7 @@ class SaSLinear(nn.Module):
         """``s * B @ diag(h_l) @ A`` in float32, the update folded in by :meth:`merge`; ``h_{t,l}`` of
         ``task`` when the adapter has several tasks (there it is required)."""
         A, B = self.A.float(), self.B.float()
-        h, _ = _task_modulation(self.modulation(), task_context.check_task(self.shared, task))
+        h, _ = _task_modulation(self.modulation(), _task_state.check_task(self.shared, task))
         return self.scale * (B * h.float()) @ A
 
     @property

@@ -12,36 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
-import weakref
 from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-_state = threading.local()
-# How many contexts are open in all threads: while none is, a layer's forward skips the thread-local
-# lookup altogether (the single-task hot path pays one global read).
-_open_contexts = 0
-_open_lock = threading.Lock()
-# Every open context's setting in all threads, per shared owner ({owner: {token: setting}}): merge reads
-# it, since folding one task into the weights while a context elsewhere expects another would serve the
-# wrong task silently. Weak, so a context never keeps a model alive.
-_open_settings: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _settings() -> "weakref.WeakKeyDictionary":
-    """This thread's ``{shared owner: task setting}``; weak, so a context never keeps a model alive."""
-    settings = getattr(_state, "settings", None)
-    if settings is None:
-        settings = _state.settings = weakref.WeakKeyDictionary()
-    return settings
-
+from . import _task_state
+from ._task_state import check_task, range_error
+from .layer import SaSLinear, adapted_layers, find_shared
 
 def _owner(model: nn.Module):
     """The :class:`sas.SaSShared` of an injected model or of a standalone :class:`sas.SaSLinear`."""
-    from .layer import SaSLinear, find_shared  # sas.layer imports this module
-
     shared = find_shared(model)
     if shared is None and isinstance(model, SaSLinear):
         shared = model.shared
@@ -50,35 +31,11 @@ def _owner(model: nn.Module):
     return shared
 
 
-def _range_error(values, num_tasks: int) -> ValueError:
-    if num_tasks == 1:
-        return ValueError(f"task ids {values} on a model with num_tasks=1: its only task is 0 "
-                          f"(inject with SaSConfig(num_tasks=...) or call sas.add_task for more)")
-    return ValueError(f"task ids {values} are out of range: this model has num_tasks={num_tasks} (ids 0..{num_tasks - 1})")
-
-
-def check_task(shared, task: Optional[int]) -> Optional[int]:
-    """One task id for ``shared``'s adapter, checked: ``None`` (single task), else an int in range.
-
-    ``None`` is refused with several tasks, since there is no one update to speak of.
-    """
-    num_tasks = shared.num_tasks
-    if task is None:
-        if num_tasks > 1:
-            raise ValueError(f"this adapter has num_tasks={num_tasks}: name the task (task=t, t in 0..{num_tasks - 1})")
-        return None
-    if isinstance(task, bool) or not isinstance(task, int):
-        raise TypeError(f"task must be an int, got {type(task).__name__} {task!r}")
-    if not 0 <= task < num_tasks:
-        raise _range_error([task], num_tasks)
-    return task if num_tasks > 1 else None
-
-
 def _checked_ids(shared, task_ids) -> Union[int, torch.Tensor]:
     """``task_ids`` as the setting to store: an int, or a 1-D int64 tensor on the adapter's device."""
     if isinstance(task_ids, int) and not isinstance(task_ids, bool):
         if not 0 <= task_ids < shared.num_tasks:
-            raise _range_error([task_ids], shared.num_tasks)
+            raise range_error([task_ids], shared.num_tasks)
         return task_ids
     if not isinstance(task_ids, torch.Tensor) or task_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"task_ids must be an int or an int64/int32 tensor of shape (batch,), got {task_ids!r:.80}")
@@ -91,7 +48,7 @@ def _checked_ids(shared, task_ids) -> Union[int, torch.Tensor]:
     # rather than read another row on the device.
     bad = task_ids[(task_ids < 0) | (task_ids >= shared.num_tasks)]
     if bad.numel():
-        raise _range_error(sorted(set(bad.tolist()))[:8], shared.num_tasks)
+        raise range_error(sorted(set(bad.tolist()))[:8], shared.num_tasks)
     return task_ids.to(device=shared.embeddings.device, dtype=torch.int64)
 
 
@@ -104,8 +61,7 @@ def refuse_open_contexts_for_other_tasks(shared, task: Optional[int]) -> None:
     than ``task`` (the one about to be merged): its forwards would silently get ``task``'s outputs."""
     if shared.num_tasks == 1:
         return
-    with _open_lock:
-        settings = list(_open_settings.get(shared, {}).values())
+    settings = _task_state.open_settings(shared)
     others = sorted(set().union(*map(_wanted_tasks, settings)) - {task})
     if others:
         raise ValueError(f"refusing to merge task {task}: a sas.tasks context (in this or another thread) is open "
@@ -114,8 +70,6 @@ def refuse_open_contexts_for_other_tasks(shared, task: Optional[int]) -> None:
 
 
 def _refuse_other_tasks_when_merged(model: nn.Module, setting) -> None:
-    from .layer import adapted_layers
-
     merged = {layer.merged_task for layer in adapted_layers(model) if layer.merged_task is not None}
     if not merged:
         return
@@ -136,44 +90,11 @@ def tasks(model: nn.Module, task_ids: Union[int, torch.Tensor]) -> Iterator[None
     The previous setting is restored on exit, also when the block raises. Contexts nest (the
     innermost wins) and are per thread: other threads keep their own setting.
     """
-    global _open_contexts
     shared = _owner(model)
     setting = _checked_ids(shared, task_ids)
     _refuse_other_tasks_when_merged(model, setting)
-    settings = _settings()
-    previous = settings.get(shared)
-    settings[shared] = setting
-    token = object()
-    with _open_lock:
-        _open_contexts += 1
-        _open_settings.setdefault(shared, {})[token] = setting
-    try:
+    with _task_state.setting(shared, setting):
         yield
-    finally:
-        with _open_lock:
-            _open_contexts -= 1
-            del _open_settings[shared][token]
-        if previous is None:
-            settings.pop(shared, None)
-        else:
-            settings[shared] = previous
-
-
-def layer_tasks(shared, x: torch.Tensor) -> Union[None, int, torch.Tensor]:
-    """What an adapted layer with input ``x`` runs: ``None`` (single task), one task id, or one id per
-    leading-batch element; refuses ids whose count does not match ``x``'s batch."""
-    setting = _settings().get(shared) if _open_contexts else None
-    if isinstance(setting, torch.Tensor):
-        batch = x.shape[0] if x.dim() >= 2 else 1
-        if setting.shape[0] != batch:
-            raise ValueError(f"task_ids holds {setting.shape[0]} ids but an adapted layer got a batch of {batch} "
-                             f"(input shape {tuple(x.shape)}): pass one id per leading-batch element")
-    if shared.num_tasks == 1:
-        return None
-    if setting is None:
-        raise ValueError(f"this model has num_tasks={shared.num_tasks}: run it inside "
-                         f"`with sas.tasks(model, task_ids):` to say which task each input belongs to")
-    return setting
 
 
 def add_task(model: nn.Module, freeze: bool = True) -> int:
@@ -190,8 +111,6 @@ def add_task(model: nn.Module, freeze: bool = True) -> int:
     moves from the single-task hypernetwork path to the per-task one. A merged model is refused
     (``ValueError``): unmerge it first.
     """
-    from .layer import adapted_layers
-
     shared = _owner(model)
     merged = [layer for layer in adapted_layers(model) if layer.merged]
     if merged:
