@@ -29,7 +29,7 @@ from sas import functional, reference
 from . import bytes_model
 
 OP_PROVIDERS = ("sas", "reference", "reference-compiled")
-# sas-fused: SaSLinear with layer_op="fused" (frozen GEMM and adapter as one op, sas.fused_linear).
+# sas-fused: SaSLinear with layer_op="fold" (frozen GEMM and adapter as one op, sas.backends.fold).
 LAYER_PROVIDERS = ("sas", "sas-fused", "sas-tasks64", "reference", "reference-compiled", "peft-lora", "peft-vera",
                    "frozen")
 # sas-tasks64: this many tasks in every batch (the multi-task case).
@@ -281,7 +281,7 @@ def _build_op(case: Case, provider: str, device, dtype) -> Built:
 
 
 def _layer_op(provider: str) -> str:
-    return "fused" if provider == "sas-fused" else "adapter"
+    return "fold" if provider == "sas-fused" else "kernels"
 
 
 def _build_layer(case: Case, provider: str, device, dtype) -> Built:

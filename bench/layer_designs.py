@@ -1,4 +1,4 @@
-"""Time the adapted-layer designs of ``sas.fused_linear`` side by side with their baselines.
+"""Time the adapted-layer designs of ``sas.backends.fold`` side by side with their baselines.
 
     python -m bench.layer_designs --device cuda          # H100: bf16, ViT-B shapes, batch 128
     python -m bench.layer_designs --device cpu           # fp32, batch 8
@@ -6,14 +6,14 @@
 For every ViT-B linear shape (qkv, proj, fc1, fc2) it times, forward and forward+backward:
 
 * ``frozen``       the frozen ``nn.Linear`` alone, input gradient only (the issue's 1.10x yardstick);
-* each design of :data:`sas.fused_linear.DESIGNS` (grads for x, A, B, h);
+* each design of :data:`sas.backends.fold.DESIGNS` (grads for x, A, B, h);
 * ``reference``    ``F.linear`` + the eager reference adapter (``sas.reference``);
 * ``peft_lora``    a PEFT LoRA layer of the same rank (when peft is importable).
 
 It also prints each design's largest error against a float32 run of the reference (output and every
 gradient, relative to the reference's largest magnitude) next to the eager path's own error in the same
 dtype, so a device run checks the designs too, and the ``MEASURED_BEST`` lines to paste into
-``sas/fused_linear.py``. Run it from the source tree (``PYTHONPATH=.``); nothing is installed.
+``sas/backends/fold.py``. Run it from the source tree (``PYTHONPATH=.``); nothing is installed.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from torch import nn
 
 from bench.timing import copy_bandwidth_gbps, measure
 from sas import reference
-from sas.fused_linear import DESIGNS, sas_linear
+from sas.backends.fold import DESIGNS
+from sas.functional import sas_linear
 
 # (name, d_in, d_out) of the linear layers SaS adapts in ViT-B/16.
 VIT_B_SHAPES = (("qkv", 768, 2304), ("proj", 768, 768), ("fc1", 768, 3072), ("fc2", 3072, 768))

@@ -11,11 +11,12 @@ Public API::
 """
 from . import functional, reference
 from .config import BERT_LINEAR_TARGETS, VIT_TARGETS, SaSConfig
-from .functional import available_backends, get_backend, resolve_backend, set_backend
+from .backends import available_backends, get_backend, resolve_backend, set_backend
 from .io import load_adapter, save_adapter
-from .layer import HyperNetwork, SaSLinear, SaSShared, adapted_layers
+from .layer import SaSLinear, adapted_layers
 from .model import count_parameters, inject, merge, print_trainable_parameters, unmerge
 from .multitask import add_task, tasks
+from .shared import HyperNetwork, SaSShared
 
 __version__ = "0.1.0"
 

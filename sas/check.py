@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from . import functional
+from . import backends
 from .config import VIT_TARGETS, SaSConfig
 from .model import inject, plan_injection
 from .testing import CheckReport, OpCase, compare_model, compare_op, randomize_adapter
@@ -81,12 +81,12 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    available = functional.available_backends(device)
+    available = backends.available_backends(device)
     unavailable = {}
-    for name in list(functional.BACKENDS) + ["reference"]:
+    for name in [name for name in backends.BACKEND_CHOICES if name != "auto"]:
         if name not in available:
             try:
-                functional.resolve_backend(device, name)
+                backends.resolve_backend(device, name)
             except RuntimeError as exc:
                 unavailable[name] = str(exc)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -166,7 +166,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="comma-separated subset of fp32,fp16,bf16 (default: all the device supports; "
                              f"for --model on CPU {','.join(CPU_MODEL_DTYPES)})")
     parser.add_argument("--backend", action="append", default=None,
-                        choices=[name for name in functional.BACKEND_CHOICES if name != "auto"],
+                        choices=[name for name in backends.BACKEND_CHOICES if name != "auto"],
                         help="check only this backend (repeatable; default: every backend present)")
     parser.add_argument("--quick", action="store_true", help=f"a {len(QUICK)}-case subset of the {len(GRID)}-case grid")
     parser.add_argument("--model", default=None,

@@ -16,7 +16,9 @@ BERT_LINEAR_TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|atte
 
 SHARING_CHOICES = ("role", "shape", "layer")
 ACTIVATION_CHOICES = ("tanh", "relu", "gelu")
-LAYER_OP_CHOICES = ("adapter", "fused")
+LAYER_OP_CHOICES = ("kernels", "fold")
+#: Names of layer_op before they said what they are; configs saved with them still load (mapped to the new ones).
+LEGACY_LAYER_OPS = {"adapter": "kernels", "fused": "fold"}
 
 # Upper bounds of the integer fields. A width of 2**16 is over twice the widest nn.Linear of current
 # large models (28,672 in Llama-3-70B). Each task is one Parameter (about 30 us to build, so 2**16 tasks
@@ -25,6 +27,13 @@ LAYER_OP_CHOICES = ("adapter", "fused")
 MAX_WIDTH = 2**16
 MAX_NUM_TASKS = 2**16
 INT_FIELD_MAXIMA = {"rank": MAX_WIDTH, "embed_dim": MAX_WIDTH, "hyper_hidden": MAX_WIDTH, "num_tasks": MAX_NUM_TASKS}
+
+
+def canonical_layer_op(layer_op: str) -> str:
+    """``layer_op`` under its current name (the old names map to the new ones), checked."""
+    layer_op = LEGACY_LAYER_OPS.get(layer_op, layer_op) if isinstance(layer_op, str) else layer_op
+    _check_choice("layer_op", layer_op, LAYER_OP_CHOICES)
+    return layer_op
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -72,10 +81,12 @@ class SaSConfig:
         default_factory=list,
         metadata={"help": "Names or dotted suffixes of extra modules that stay trainable, e.g. ['head']."})
     layer_op: str = field(
-        default="adapter",
-        metadata={"help": "How an adapted layer computes: 'adapter' (the frozen nn.Linear, then the SaS op on the "
-                          "Triton/C++/reference backend) or 'fused' (frozen GEMM and adapter as one op, "
-                          "sas.fused_linear, design picked per shape; measured on CPU only so far)."})
+        default="kernels",
+        metadata={"help": "How an adapted layer computes: 'kernels' (the frozen GEMM, then the backend's "
+                          "Triton/C++ adapter kernels, as one autograd node per layer) or 'fold' (the ATen "
+                          "whole-layer designs of sas.backends.fold, which fold the update into the weight; "
+                          "design picked per shape; measured on CPU only so far). The old names 'adapter' and "
+                          "'fused' are accepted and mean 'kernels' and 'fold'."})
     num_tasks: int = field(
         default=1,
         metadata={"help": "Number of tasks served by one model. With more than one, each task t has a learned "
@@ -118,7 +129,7 @@ class SaSConfig:
                              f"got {type(self.share_down_by_input_dim).__name__} {self.share_down_by_input_dim!r}")
         if self.sharing == "layer" and self.share_down_by_input_dim:
             raise ValueError("share_down_by_input_dim=True contradicts sharing='layer' (no sharing)")
-        _check_choice("layer_op", self.layer_op, LAYER_OP_CHOICES)
+        self.layer_op = canonical_layer_op(self.layer_op)
         if not isinstance(self.trainable_modules, (list, tuple)) or not all(
                 isinstance(m, str) and m for m in self.trainable_modules):
             raise ValueError(f"trainable_modules must be a list of non-empty str, got {self.trainable_modules!r}")

@@ -27,7 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .config import SaSConfig, parse_json
-from .layer import find_shared
+from .shared import find_shared
 from .model import SHARED_ATTRIBUTE, _matches, build_shared, inject, plan_injection
 
 CONFIG_NAME = "adapter_config.json"

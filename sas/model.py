@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .config import SaSConfig
-from .layer import HyperNetwork, SaSLinear, SaSShared, adapted_layers, find_shared
+from .layer import SaSLinear, adapted_layers
+from .shared import HyperNetwork, SaSShared, find_shared
 from .multitask import check_task, refuse_open_contexts_for_other_tasks
 
 SHARED_ATTRIBUTE = "sas_shared"
@@ -222,6 +223,8 @@ def build_shared(plans: List[LayerPlan], config: SaSConfig, device, dtype) -> Sa
             up_shapes={p.up_key: p.out_features for p in plans},
             num_layers=len(plans),
             num_tasks=config.num_tasks,
+            config=config,
+            layer_names=[p.name for p in plans],
         )
     return shared.to(dtype=dtype)
 
@@ -247,8 +250,6 @@ def inject(model: nn.Module, config: SaSConfig) -> nn.Module:
             parent_name, _, child_name = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child_name, layer)
     model.add_module(SHARED_ATTRIBUTE, shared)
-    shared.config = config
-    shared.layer_names = [p.name for p in plans]
     for module in trainable:
         module.requires_grad_(True)
     return model

@@ -11,7 +11,6 @@ one is in force, and leaving it restores the one around it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Iterator, Optional, Union
 
 import torch
@@ -19,7 +18,8 @@ from torch import nn
 
 from . import _task_state
 from ._task_state import check_task, range_error
-from .layer import SaSLinear, adapted_layers, find_shared
+from .layer import SaSLinear, adapted_layers
+from .shared import find_shared
 
 def _owner(model: nn.Module):
     """The :class:`sas.SaSShared` of an injected model or of a standalone :class:`sas.SaSLinear`."""
@@ -124,10 +124,7 @@ def add_task(model: nn.Module, freeze: bool = True) -> int:
             shared.task_embeddings.append(nn.Parameter(torch.zeros_like(shared.embeddings[0])))
             existing = tuple(shared.task_embeddings)
         new = nn.Parameter(torch.stack(existing).mean(0))
-    shared.task_embeddings.append(new)
-    config = getattr(shared, "config", None)
-    if config is not None:  # an injected model saves its config: record the count (a copy, not the user's object)
-        shared.config = dataclasses.replace(config, num_tasks=shared.num_tasks)
+    shared.append_task(new)
     if freeze:
         for parameter in model.parameters():
             if parameter is not new:

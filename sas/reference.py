@@ -9,6 +9,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 #: The dtypes the kernel backends (C++, Triton) compute; every other dtype (float64) runs this reference,
 #: which is exact for it.
@@ -57,16 +58,23 @@ def sas_adapter(
     return y.to(out_dtype).reshape(base.shape)
 
 
-def regrad(fn, inputs, needs, grad_output, create_graph: bool = True):
-    """Gradients of ``fn(*inputs)`` for ``grad_output`` with respect to the inputs flagged in ``needs``
-    (``None`` for the others), computed under autograd.
+def reference_linear(x, weight, bias, A, B, h, scale, task_ids=None):
+    """The whole adapted layer as plain autograd ops: ``F.linear`` then the adapter in the frozen output's dtype."""
+    base = F.linear(x, weight, bias)
+    return sas_adapter(x.to(base.dtype), base, A, B, h, scale, task_ids)
+
+
+def regrad(fn, inputs, needs, grad_output, *args, create_graph: bool = True):
+    """Gradients of ``fn(*inputs, *args)`` for ``grad_output`` with respect to the inputs flagged in
+    ``needs`` (``None`` for the others), computed under autograd.
 
     Kernels' autograd Functions call it from ``backward`` when a double backward asked for a graph
     (``create_graph=True``): their hand-written backward has none, so they recompute with the
-    reference ops instead, which makes second-order gradients the reference's exactly.
+    reference ops instead (:func:`sas_adapter`, :func:`reference_linear`), which makes second-order
+    gradients the reference's exactly.
     """
     with torch.enable_grad():
-        out = fn(*inputs)
+        out = fn(*inputs, *args)
         wanted = [t for t, need in zip(inputs, needs) if need]
         grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=create_graph) if wanted else ())
     return [next(grads) if need else None for need in needs]

@@ -25,7 +25,7 @@ bound is slightly tighter than the model's pure low-precision error.
 
 Which implementation really ran is observed, not assumed: while a backend is checked its op is
 wrapped, and each call's autograd graph (the part the op itself built) is inspected; a layer's
-whole-layer op (:mod:`sas.linear_op`) counts as the backend's when that backend's layer op is reached. A custom autograd
+whole-layer op (the backend record's ``layer``) counts as the backend's when that backend's layer op is reached. A custom autograd
 node (an ``autograd.Function``, a ``torch.library`` op with registered autograd, a C++ node) shows a
 kernel ran; a graph equal to the reference op's shows a silent fallback, which is reported as
 ``fallback`` and never counted as a pass.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -43,8 +44,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import functional, linear_op, reference
-from .layer import SaSLinear, adapted_layers, find_shared
+from . import backends as registry
+from . import functional, reference
+from .layer import SaSLinear, adapted_layers
+from .shared import find_shared
 
 #: A backend may be this many times less accurate than PyTorch's own computation (docs/design.md section 4).
 ERROR_FACTOR = 2.0
@@ -292,27 +295,24 @@ def observe_backend(name: str, current_layer: Optional[List[Optional[str]]] = No
     if name == "reference":
         yield calls
         return
-    op = functional._load(name)
-    layer_op = linear_op.LAYER_OPS[name]
+    record = registry.load(name)
+    if record is None:  # nothing of this backend can run: every call is the reference's
+        yield calls
+        return
 
     def observed(x, base, A, B, h, scale, task_ids):
-        y = op(x, base, A, B, h, scale, task_ids)
+        y = record.adapter(x, base, A, B, h, scale, task_ids)
         layer = current_layer[0] if current_layer else None
         calls.append(_Call(layer, classify_call(y, x, base, A, B, h, scale, task_ids)))
         return y
 
     def observed_layer(*args):
-        # SaSLinear's whole-layer op (sas.linear_op) reached this backend's kernels.
+        # SaSLinear's whole-layer op (the record's layer) reached this backend's kernels.
         calls.append(_Call(current_layer[0] if current_layer else None, "kernel"))
-        return layer_op(*args)
+        return record.layer(*args)
 
-    functional._loaded[name] = observed
-    linear_op.LAYER_OPS[name] = observed_layer
-    try:
+    with registry.replaced(name, dataclasses.replace(record, adapter=observed, layer=observed_layer)):
         yield calls
-    finally:
-        functional._loaded[name] = op
-        linear_op.LAYER_OPS[name] = layer_op
 
 
 def describe_ran(backend: str, calls: Sequence[_Call]) -> Tuple[str, bool]:
@@ -335,19 +335,19 @@ def describe_ran(backend: str, calls: Sequence[_Call]) -> Tuple[str, bool]:
 @contextlib.contextmanager
 def forced_backend(name: str) -> Iterator[None]:
     """Run every SaS call on backend ``name`` inside the block; the previous setting is restored."""
-    previous = functional._backend_override
-    functional.set_backend(name)
+    previous = registry._backend_override
+    registry.set_backend(name)
     try:
         yield
     finally:
-        functional._backend_override = previous
+        registry.set_backend(previous)
 
 
 def unsupported_reason(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """Why ``backend`` cannot be checked on ``device`` in ``dtype`` (``None`` if it can)."""
     device = torch.device(device)
     try:
-        functional.resolve_backend(device, backend)
+        registry.resolve_backend(device, backend)
     except RuntimeError as exc:
         return str(exc)
     if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
@@ -359,7 +359,7 @@ def _checkable_backends(report: "CheckReport", backends: Optional[Sequence[str]]
                         dtype: torch.dtype) -> Iterator[str]:
     """``backends`` (default: every backend available on ``device``) that can be checked in ``dtype``;
     the others are recorded in ``report.skipped`` with the reason."""
-    for backend in backends if backends is not None else functional.available_backends(device):
+    for backend in backends if backends is not None else registry.available_backends(device):
         reason = unsupported_reason(backend, device, dtype)
         if reason is None:
             yield backend

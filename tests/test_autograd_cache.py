@@ -97,10 +97,10 @@ def test_a_layer_on_another_cuda_stream_gets_tensors_made_on_that_stream(monkeyp
     """The cache is kept per stream: a layer running on a second CUDA stream must not read an h (or A/B
     cast) that the first stream made with no event between them. CPU stand-in: the stream query is
     faked, and counting the hypernetwork runs shows which layer calls computed a table of their own."""
-    from sas import linear_op
+    from sas.backends import runtime
 
     stream = {"now": 1}
-    monkeypatch.setattr(linear_op, "_stream_of", lambda t: stream["now"])
+    monkeypatch.setattr(runtime, "stream_of", lambda t: stream["now"])
     model = make_model(1)
     shared = model.sas_shared
     runs = []

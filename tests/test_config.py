@@ -1,8 +1,12 @@
 """SaSConfig validation and JSON round trip."""
 import dataclasses
+import json
 
 import pytest
 
+import torch
+
+import sas
 from sas import SaSConfig
 
 
@@ -72,3 +76,15 @@ def test_bad_json_file_is_a_value_error(text, message, tmp_path):
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         SaSConfig.from_json(path)
+
+
+@pytest.mark.parametrize("old, new", [("adapter", "kernels"), ("fused", "fold")])
+def test_old_layer_op_names_still_load(old, new, tmp_path):
+    # Configs saved before the names said what they are keep loading, mapped to the new names.
+    assert SaSConfig(layer_op=old).layer_op == new
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**SaSConfig().to_dict(), "layer_op": old}))
+    assert SaSConfig.from_json(str(path)).layer_op == new
+    assert sas.SaSLinear.from_linear(torch.nn.Linear(4, 3), rank=2, layer_op=old).layer_op == new
+    with pytest.raises(ValueError, match="layer_op"):
+        SaSConfig(layer_op="fast")

@@ -1,4 +1,4 @@
-"""The C++ CPU backend (``sas._C`` via ``sas._cpp``) against the float64 reference.
+"""The C++ CPU backend (``sas._C`` via ``sas.backends.cpp``) against the float64 reference.
 
 Accuracy follows the tolerance rule (``sas.testing.compare_op``). Skipped when the extension is not
 built, except under ``SAS_REQUIRE_CPP=1`` (set by the Makefile's test target, which builds it),
@@ -14,7 +14,7 @@ from sas import functional, reference
 from sas.testing import GRAD_NAMES, OpCase, compare_op, run_op
 
 try:
-    from sas import _cpp as cpp_backend
+    from sas.backends import cpp as cpp_backend
 
     CPP_IMPORT_ERROR = None
 except ImportError as exc:

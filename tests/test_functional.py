@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sas
-from sas import functional
+from sas import backends, functional
 
 
 def _good(rows=4, d_in=6, d_out=5, rank=3, dtype=torch.float32):
@@ -125,14 +125,14 @@ def test_backend_setting_and_forcing(monkeypatch):
 
 
 def test_forced_backend_that_cannot_run_raises_instead_of_falling_back(monkeypatch):
-    monkeypatch.delitem(functional._loaded, "triton", raising=False)
+    monkeypatch.delitem(backends._loaded, "triton", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run on meta tensors"):
         functional.resolve_backend(torch.device("meta"), "triton")
 
 
 def test_auto_prefers_cpp_on_cpu_only_when_it_loads(monkeypatch):
-    monkeypatch.setitem(functional._loaded, "cpp", None)
+    monkeypatch.setitem(backends._loaded, "cpp", None)
     assert functional.resolve_backend(torch.device("cpu"), "auto") == "reference"
     assert functional.available_backends(torch.device("cpu"))[-1] == "reference"
 

@@ -1,4 +1,4 @@
-"""The adapted layer as one op (``sas.fused_linear``): every design against the reference.
+"""The adapted layer as one op (``sas.backends.fold``): every design against the reference.
 
 The oracle is the frozen ``F.linear`` composed with :func:`sas.reference.sas_adapter` in float64.
 Low-precision runs follow the tolerance rule (docs/design.md section 4): a design's error against the float64 oracle may be at
@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from sas import reference
-from sas import fused_linear
-from sas.fused_linear import DESIGNS, sas_linear
+from sas.backends import fold as fused_linear
+from sas.backends.fold import DESIGNS
+from sas.functional import sas_linear
 
 SCALE = 0.7
 TRAINABLE = ("x", "A", "B", "h")

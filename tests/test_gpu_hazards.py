@@ -321,7 +321,7 @@ def test_in_place_ops_on_the_layer_output(shape):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_adapted_linear_under_cuda_autocast(dtype):
     # What SaSLinear calls under autocast: A, B and h already in the autocast dtype, x and W0 in fp32.
-    from sas import linear_op
+    from sas import backends
     generator = torch.Generator("cuda").manual_seed(3)
     weight = torch.randn(384, WIDTH, device="cuda", generator=generator) * WIDTH ** -0.5
     bias = torch.randn(384, device="cuda", generator=generator)
@@ -334,7 +334,7 @@ def test_adapted_linear_under_cuda_autocast(dtype):
         x = torch.randn(4, 300, WIDTH, device="cuda", generator=torch.Generator("cuda").manual_seed(7),
                         requires_grad=True)
         with torch.autocast("cuda", dtype=dtype):
-            y = linear_op.adapted_linear(x, weight, bias, *leaves, 0.5, backend=backend)
+            y = backends.adapted_linear(x, weight, bias, *leaves, 0.5, backend=backend)
         assert y.dtype == dtype
         results[backend] = [y.detach().float()] + [g.float() for g in torch.autograd.grad(y.float().square().mean(),
                                                                                           [x] + leaves)]

@@ -1,4 +1,4 @@
-"""The adapted layer's hot path (sas.linear_op): its structure, and that it stays exact.
+"""The adapted layer's hot path (sas.backends.route): its structure, and that it stays exact.
 
 Structure, asserted on CPU: one autograd node per adapted layer, the device ops and Triton launches it
 costs (through bench.counting, the counter of ``python -m bench --level host``), no torch.library
@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import sas
 from bench.counting import count_device_ops
-from sas import functional, testing
+from sas import functional, testing, validation
 
 BACKENDS = sas.available_backends("cpu")  # triton through the interpreter (tests/conftest.py)
 LAYERS = 8
@@ -110,8 +110,8 @@ def test_no_input_gradient_means_no_dx_work(backend):
 def test_validation_runs_once_per_input_signature(monkeypatch):
     model = adapted_mlp(layers=2)
     calls = []
-    validate = functional.validate
-    monkeypatch.setattr(functional, "validate", lambda *a, **k: calls.append(1) or validate(*a, **k))
+    validate = validation.validate
+    monkeypatch.setattr(validation, "validate", lambda *a, **k: calls.append(1) or validate(*a, **k))
     for _ in range(3):
         model(torch.randn(4, 64))
     assert len(calls) == 2  # once per layer
@@ -229,7 +229,7 @@ def test_model_with_a_cached_forward_can_be_copied():
 
 
 def test_shared_gradients_are_exact_across_partial_and_repeated_backward_passes(backend):
-    # The Triton backward adds layers' gradients of a shared A/B in place (linear_op.GradientSink):
+    # The Triton backward adds layers' gradients of a shared A/B in place (sas.backends.triton.GradientSink):
     # a pass that stops short of A/B (input gradient only, graph retained) must leave nothing behind.
     model = adapted_mlp(layers=3)
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)

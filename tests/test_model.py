@@ -294,7 +294,7 @@ def test_fused_layer_op_matches_the_adapter_path():
     _randomise_adapter(adapter)
     fused = sas.inject(_test_vit(), SaSConfig(rank=4, scale=0.5, layer_op="fused"))
     fused.load_state_dict(adapter.state_dict())
-    assert all(layer.layer_op == "fused" for layer in sas.adapted_layers(fused))
+    assert all(layer.layer_op == "fold" for layer in sas.adapted_layers(fused))
     x = _images(adapter)
     expected, got = adapter(x), fused(x)
     # fp32 both ways; the fused op folds s B diag(h) A into the weight first, so the products are

@@ -4,6 +4,7 @@ A stand-in kernel (docs/design.md section 1's forward and backward written out b
 ``autograd.Function``) is installed in place of the ``cpp`` backend's loaded op; its optional bugs are
 the ones real kernels make: a dropped scale, a mishandled last block of rows, an unscaled ``dh``.
 """
+import dataclasses
 import json
 import math
 import subprocess
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 import sas
-from sas import check, functional, linear_op, reference, testing
+from sas import backends, check, functional, reference, testing
 from sas.reference import gather_modulation
 
 ROW_BLOCK = 16  # the stand-in's "kernel" handles rows in blocks of this many
@@ -72,7 +73,7 @@ def stand_in(bug=None):
 
 
 def stand_in_layer(bug=None):
-    """The same stand-in as the whole-layer op SaSLinear calls (sas.linear_op.LAYER_OPS)."""
+    """The same stand-in as the whole-layer op SaSLinear calls (the backend record's ``layer``)."""
     def layer(x, weight, bias, A, B, h, scale, task_ids):
         return StandInKernel.apply(x, torch.nn.functional.linear(x, weight, bias), A, B, h, scale, task_ids, bug)
     return layer
@@ -84,10 +85,12 @@ def install(monkeypatch):
     an op callable at op level only; ``missing=True`` makes the backend unavailable, as if the C++
     extension failed to import. Restored afterwards."""
     def put(bug=None, missing=False):
+        real = backends.load("cpp")
         op = bug if callable(bug) else stand_in(bug)
-        monkeypatch.setitem(functional._loaded, "cpp", None if missing else op)
-        if not callable(bug):
-            monkeypatch.setitem(linear_op.LAYER_OPS, "cpp", stand_in_layer(bug))
+        record = None if missing else dataclasses.replace(
+            real, adapter=op, layer=real.layer if callable(bug) else stand_in_layer(bug))
+        monkeypatch.setitem(backends._loaded, "cpp", record)
+        monkeypatch.setattr(backends, "_generation", backends._generation + 1)  # layers pick their route again
     return put
 
 

@@ -20,7 +20,8 @@ from torch import nn
 
 import sas
 import sas_kernels
-from sas import functional, linear_op, reference
+from sas import backends, functional, reference
+from sas.backends import runtime, triton as triton_backend
 from sas.testing import OpCase, compare_model, compare_op, randomize_adapter
 from sas_kernels import sas_adapter as kernels
 
@@ -148,9 +149,9 @@ def test_a_backward_run_in_the_middle_of_another_keeps_its_own_split_counters(mo
 
 @pytest.fixture
 def fake_streams(monkeypatch):
-    """CUDA streams faked on CPU: ``streams.current`` is what linear_op sees as the current stream."""
+    """CUDA streams faked on CPU: ``streams.current`` is what the backends see as the current stream."""
     streams = types.SimpleNamespace(current=None)
-    monkeypatch.setattr(linear_op, "_stream_of", lambda t: streams.current)
+    monkeypatch.setattr(runtime, "stream_of", lambda t: streams.current)
     return streams
 
 
@@ -239,7 +240,7 @@ def _tensors_in(value, seen=None):
 
 
 def _module_state_tensors():
-    modules = [kernels, sas_kernels, linear_op, sas._triton]
+    modules = [kernels, sas_kernels, triton_backend]
     return [t for module in modules for name, value in vars(module).items() if not name.startswith("__")
             for t in _tensors_in(value)]
 
@@ -282,7 +283,7 @@ def test_no_launch_state_outlives_its_call(triton_backend):
 
 @pytest.mark.parametrize("tasks", (0, 3))
 def test_the_layer_honours_strides_of_A_B_and_h(tasks):
-    # linear_op.adapted_linear passes A, B and h to the kernels as given: here A and B transposed
+    # backends.adapted_linear passes A, B and h to the kernels as given: here A and B transposed
     # views, h every other element of a wider tensor (the layout SaSLinear never makes, the op allows).
     generator = torch.Generator().manual_seed(4)
     d_in, d_out, rank = 24, 20, 5
@@ -297,7 +298,7 @@ def test_the_layer_honours_strides_of_A_B_and_h(tasks):
         leaves = [t.clone().requires_grad_() for t in (x, A_t, B_t, h_wide)]
         xl, A, B, h = leaves[0], leaves[1].t(), leaves[2].t(), leaves[3][..., ::2]
         assert A.stride(-1) != 1 and B.stride(-1) != 1 and h.stride(-1) == 2
-        y = linear_op.adapted_linear(xl, weight, bias, A, B, h, 0.5, ids, backend=backend)
+        y = backends.adapted_linear(xl, weight, bias, A, B, h, 0.5, ids, backend=backend)
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
         return [y.detach()] + [t.grad for t in leaves]
 

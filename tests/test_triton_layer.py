@@ -1,4 +1,4 @@
-"""The Triton whole-layer node (``sas.linear_op.AdaptedLinearFunction``) on CPU through Triton's
+"""The Triton whole-layer node (``sas.backends.triton.AdaptedLinearFunction``) on CPU through Triton's
 interpreter: its output takes in-place ops like any tensor (issue 17), and the node and the op's
 Function behave under autocast.
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import sas
-from sas import linear_op
+from sas import backends
 from sas.testing import randomize_adapter
 from sas_kernels import sas_adapter as kernels
 
@@ -88,7 +88,7 @@ def test_in_place_op_through_a_view_of_the_output():
 
 
 def test_in_place_ops_in_an_injected_model_with_shared_A_B():
-    # Several layers sharing A/B (their gradients added in place through linear_op.GradientSink) whose
+    # Several layers sharing A/B (their gradients added in place through sas.backends.triton.GradientSink) whose
     # outputs are each changed in place by the next module.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.ReLU(inplace=True),
@@ -133,7 +133,7 @@ def test_adapted_linear_under_fp16_autocast(backward_under_autocast):
     for backend in ("triton", "reference"):
         x, weight, bias, A, B, h = _op_tensors(torch.float16)
         with torch.autocast("cpu", dtype=torch.float16):
-            y = linear_op.adapted_linear(x, weight, bias, A, B, h, 0.5, backend=backend)
+            y = backends.adapted_linear(x, weight, bias, A, B, h, 0.5, backend=backend)
             if backward_under_autocast:
                 y.float().square().sum().backward()
         if not backward_under_autocast:
@@ -151,7 +151,7 @@ def test_fp32_forward_with_the_backward_called_under_autocast_stays_fp32():
     results = {}
     for backend in ("triton", "reference"):
         x, weight, bias, A, B, h = _op_tensors(torch.float32)
-        y = linear_op.adapted_linear(x, weight, bias, A, B, h, 0.5, backend=backend)
+        y = backends.adapted_linear(x, weight, bias, A, B, h, 0.5, backend=backend)
         with torch.autocast("cpu", dtype=torch.float16, enabled=backend == "triton"):
             y.square().sum().backward()
         results[backend] = [x.grad, A.grad, B.grad, h.grad]

@@ -3,14 +3,16 @@
 ``sas._C`` (built from ``csrc/`` by ``setup.py``) registers the CPU ops
 ``torch.ops.sas.cpu_adapter_forward`` (returns ``y`` and the float32 ``u = x @ A.T``
 the backward needs) and ``torch.ops.sas.cpu_adapter_backward``, whose autograd formula
-is added here, and ``cpu_adapted_linear`` (the whole adapted layer, :mod:`sas.linear_op`) and
+is added here, and ``cpu_adapted_linear`` (the whole adapted layer: ``F.linear``, then the C++ adapter
+kernel writes ``y``; backward: the C++ backward kernel, then ``dx += g @ W0`` in place) and
 ``cpu_hypernetwork`` (h of every layer, ``SaSShared``), whose autograd lives in C++
-(``csrc/layer_cpu.cpp``). This module adds the fake (meta) implementations of all of them, so
-``torch.compile`` and ``opcheck`` can trace them, and exports :func:`sas_adapter_cpp`, the
-function :mod:`sas.functional` calls for backend ``"cpp"``.
+(``csrc/layer_cpu.cpp``: a Python autograd Function's apply and backward cost more host time than the
+kernels at small shapes). This module adds the fake (meta) implementations of all of them, so
+``torch.compile`` and ``opcheck`` can trace them, and exports this backend's op (:func:`sas_adapter`),
+layer (:data:`adapted_linear`) and hypernetwork (:func:`hypernetwork`) for :mod:`sas.backends`.
 
 Importing it raises ``ImportError`` with the reason when ``sas._C`` was not built
-or was built against another torch; :mod:`sas.functional` then warns once and
+or was built against another torch; :mod:`sas.backends` then warns once and
 uses the reference path.
 """
 from __future__ import annotations
@@ -20,10 +22,10 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from .. import reference
 
 try:
-    from . import _C
+    from .. import _C
 except ImportError as exc:  # also covers a build whose torch symbols no longer resolve
     raise ImportError(f"the C++ extension sas._C is not built or cannot load ({exc}); "
                       f"build it with `pip install --no-build-isolation -e .`") from exc
@@ -85,10 +87,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_u):
     x, A, B, h, u, task_ids = ctx.saved_tensors
     if torch.is_grad_enabled():  # double backward: differentiate the reference instead
-        needs = ctx.needs_input_grad
-        grad_x, grad_A, grad_B, grad_h = reference.regrad(
-            lambda *t: reference.sas_adapter(t[0], grad_y.new_zeros(()).expand_as(grad_y), *t[1:], ctx.scale,
-                                             task_ids), (x, A, B, h), (needs[0], *needs[2:5]), grad_y)
+        # base was not saved (its gradient is grad_y): zeros stand in for it.
+        grad_x, _, grad_A, grad_B, grad_h = reference.regrad(
+            reference.sas_adapter, (x, grad_y.new_zeros(()).expand_as(grad_y), A, B, h),
+            (ctx.needs_input_grad[0], False, *ctx.needs_input_grad[2:5]), grad_y, ctx.scale, task_ids)
         return grad_x, grad_y, grad_A, grad_B, grad_h, None, None
     grad_x, grad_A, grad_B, grad_h = torch.ops.sas.cpu_adapter_backward(grad_y, x, A, B, h, u, ctx.scale, task_ids)
     # Gradients for x, base, A, B, h, scale, task_ids.
@@ -98,7 +100,7 @@ def _backward(ctx, grad_y, _grad_u):
 torch.library.register_autograd("sas::cpu_adapter_forward", _backward, setup_context=_setup_context)
 
 
-def sas_adapter_cpp(
+def sas_adapter(
     x: torch.Tensor,
     base: torch.Tensor,
     A: torch.Tensor,
@@ -109,7 +111,7 @@ def sas_adapter_cpp(
 ) -> torch.Tensor:
     """``base + scale * ((x @ A.T) * h) @ B.T`` on CPU through the C++ kernels.
 
-    Arguments are already validated by :func:`sas.functional.validate`. Leading
+    Arguments are already validated (:func:`sas.validation.validate`). Leading
     dims are flattened to rows (a view when the strides allow it); ``task_ids``
     with one id per leading-batch element are expanded by the kernel itself.
     """
@@ -120,3 +122,24 @@ def sas_adapter_cpp(
     y, _u = torch.ops.sas.cpu_adapter_forward(x.reshape(rows, d_in), base.reshape(rows, d_out), A, B, h,
                                               float(scale), task_ids)
     return y.reshape(base.shape)
+
+
+#: The whole adapted layer, ``(x, weight, bias, A, B, h, scale, task_ids) -> y``: the C++ op itself, with its
+#: autograd in C++, so the layer reaches the kernel with no Python in between.
+adapted_linear = torch.ops.sas.cpu_adapted_linear
+
+#: The C++ backward adds no gradient into a shared total: autograd sums the layers' A/B gradients.
+attach_gradient_sink = None
+
+# The activation codes of the C++ op torch.ops.sas.cpu_hypernetwork (csrc/layer_cpu.cpp).
+_ACTIVATION_CODES = {"Tanh": 0, "ReLU": 1, "GELU": 2}
+
+
+def hypernetwork(activation: type, sources: tuple) -> Optional[torch.Tensor]:
+    """h of every layer, (num_layers, r), as one C++ op each way, for a single-task table (the five sources
+    embeddings, W1, b1, W2, b2) whose activation the op knows; ``None`` otherwise (the caller's own node runs).
+    The op turns autocast off itself and checks the versions of what its backward reads."""
+    code = _ACTIVATION_CODES.get(activation.__name__)
+    if code is None or len(sources) != 5:
+        return None
+    return torch.ops.sas.cpu_hypernetwork(*sources, code)

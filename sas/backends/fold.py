@@ -1,4 +1,5 @@
-"""The adapted layer as one op: frozen linear + SaS adapter, in several designs measured against each other.
+"""The fold backend of the whole layer (``layer_op="fold"``): frozen linear + SaS adapter as one op, in
+several ATen designs measured against each other.
 
     y = x @ W0.T + b0 + s * ((x @ A.T) * h) @ B.T
 
@@ -18,7 +19,7 @@ Designs (``docs/layer_designs.md`` has the data-movement model and the measureme
 ``epilogue``    the LoRAFusion order: ``S = (x @ A.T) * h`` first, ``Z = s S @ B.T + b0``, then the frozen
                 GEMM accumulates into ``Z`` (cuBLAS beta=1 epilogue); backward ``dx = du @ A`` first and the
                 ``g @ W0`` GEMM accumulates into it.
-``unfused``     ``F.linear`` then the standalone op :func:`sas.functional.sas_adapter` (the baseline).
+``unfused``     ``F.linear`` then the kernel backend's adapter op (the baseline).
 
 ``design="auto"`` picks from :data:`MEASURED_BEST`, filled by ``python -m bench.layer_designs``.
 Every design only calls ATen ops, so all of them run on CPU and CUDA.
@@ -30,8 +31,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import functional, linear_op, reference
-from .linear_op import compute_dtype
+from .. import reference
+from .runtime import compute_dtype
 
 DESIGNS = ("fold", "fold_split", "epilogue", "unfused")
 
@@ -170,9 +171,9 @@ class SaSLinearFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the host functions write into buffers (out=), so
             # differentiate the reference ops instead, with autocast off as in the forward
             with torch.autocast(x.device.type, enabled=False):
-                dx, dA, dB, dh = reference.regrad(
-                    lambda *t: linear_op.reference_linear(t[0], weight, bias, *t[1:], ctx.scale), (x, A, B, h),
-                    (needs_x, needs_A, needs_B, needs_h), g)
+                dx, _, _, dA, dB, dh = reference.regrad(
+                    reference.reference_linear, (x, weight, bias, A, B, h),
+                    (needs_x, False, False, needs_A, needs_B, needs_h), g, ctx.scale)
             return dx, None, None, dA, dB, dh, None, None
         _, input_grad_fn = _HOST_FUNCTIONS[ctx.design]
         g2 = g.reshape(-1, g.shape[-1])
@@ -183,35 +184,11 @@ class SaSLinearFunction(torch.autograd.Function):
         return dx, None, None, dA, dB, dh, None, None
 
 
-def sas_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    A: torch.Tensor,
-    B: torch.Tensor,
-    h: torch.Tensor,
-    scale: float = 1.0,
-    design: str = "auto",
-) -> torch.Tensor:
-    """``x @ weight.T + bias + scale * ((x @ A.T) * h) @ B.T`` over any leading dims of ``x``.
-
-    ``weight (d_out, d_in)`` and ``bias (d_out,)`` or None are frozen (no gradients). ``h`` is one
-    modulation ``(rank,)``: a per-task ``(T, rank)`` h cannot be folded into one weight. Under autocast
-    everything runs in autocast's dtype, as ``SaSLinear`` runs its adapter in the frozen output's dtype.
-    ``design`` is one of :data:`DESIGNS` or ``"auto"``. With ``fold`` the result is a column window of a
-    ``(rows, d_out + rank)`` buffer (row stride ``d_out + padded rank``), not contiguous. A ``weight`` or
-    ``bias`` that requires a gradient (under grad mode) gets it: the call then runs the ``unfused`` design.
-    """
-    if design != "auto" and design not in DESIGNS:
-        raise ValueError(f"unknown design {design!r}; choose 'auto' or one of {DESIGNS}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight must be (d_out, d_in={x.shape[-1]}), got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be (d_out={weight.shape[0]},) or None, got {tuple(bias.shape)}")
-    if isinstance(h, torch.Tensor) and h.dim() != 1:
-        raise ValueError(f"sas_linear takes one modulation h of shape (rank,), got {tuple(h.shape)}; a per-task "
-                         f"h cannot be folded into one weight: use F.linear + sas.functional.sas_adapter(task_ids=)")
+def adapted_linear(x, weight, bias, A, B, h, scale, design, adapter):
+    """The body of :func:`sas.functional.sas_linear`, its arguments already validated: casts to the compute
+    dtype, detaches a frozen ``weight``/``bias``, and runs ``design`` (``"auto"``: :func:`choose_design`).
+    ``unfused``, or a ``weight``/``bias`` that requires a gradient (under grad mode), runs ``F.linear`` then
+    ``adapter`` (the kernel backend's op), whose autograd covers them."""
     dtype = compute_dtype(x, weight)
     x, A, B, h = x.to(dtype), A.to(dtype), B.to(dtype), h.to(dtype)
     frozen = not (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
@@ -219,11 +196,8 @@ def sas_linear(
         weight, bias = weight.detach(), None if bias is None else bias.detach()
     weight = weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    # validate() checks the adapter arguments against a stand-in for the frozen output (an expanded scalar).
-    frozen_output = weight.new_empty(()).expand(*x.shape[:-1], weight.shape[0])
-    functional.validate(x, frozen_output, A, B, h, scale)
     if design == "auto":
         design = choose_design(x.device, dtype, weight.shape[1], weight.shape[0], A.shape[0])
     if design == "unfused" or not frozen:
-        return functional.sas_adapter(x, F.linear(x, weight, bias), A, B, h, scale)
+        return adapter(x, F.linear(x, weight, bias), A, B, h, float(scale), None)
     return SaSLinearFunction.apply(x, weight, bias, A, B, h, float(scale), design)
