@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Union
 
+from .targets import check_regex
+
 #: Targets used when none are given: the four Linear roles of every timm ViT block.
 VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
@@ -107,7 +109,6 @@ class SaSConfig:
         if isinstance(self.targets, str):
             if not self.targets:
                 raise ValueError("targets must not be an empty string")
-            from .model import check_regex  # sas.model imports this module; compiling runs under its time limit
             check_regex(self.targets)
         elif isinstance(self.targets, (list, tuple)):
             if not self.targets or not all(isinstance(t, str) and t for t in self.targets):

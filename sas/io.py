@@ -28,7 +28,8 @@ from torch import nn
 
 from .config import SaSConfig, parse_json
 from .shared import find_shared
-from .model import SHARED_ATTRIBUTE, _matches, build_shared, inject, plan_injection
+from .model import SHARED_ATTRIBUTE, build_shared, inject, plan_injection
+from .targets import matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,7 +64,7 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     if shared is None:
         raise ValueError("model has no SaS adapter; call sas.inject first")
     prefixes = [SHARED_ATTRIBUTE + "."] + [
-        n + "." for n, _ in model.named_modules() if n and any(_matches(n, p) for p in shared.config.trainable_modules)]
+        n + "." for n, _ in model.named_modules() if n and any(matches(n, p) for p in shared.config.trainable_modules)]
     return {k: v for k, v in model.state_dict().items() if any(k.startswith(p) for p in prefixes)}
 
 
@@ -342,7 +343,7 @@ def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     # Trainable modules as they will be once injected: an adapted Linear inside one is saved as a SaSLinear.
     layer_names = {n for p in plans for n in (p.name,) + p.aliases}
     for name, module in model.named_modules():
-        if name and any(_matches(name, p) for p in config.trainable_modules):
+        if name and any(matches(name, p) for p in config.trainable_modules):
             expected.update({_injected_name(f"{name}.{k}", layer_names): v for k, v in module.state_dict().items()})
             expected.update({f"{n}.sas_merged": torch.zeros((), dtype=torch.bool)
                              for n in layer_names if n == name or n.startswith(name + ".")})

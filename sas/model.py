@@ -1,11 +1,7 @@
 """Whole-model operations: inject SaS into any ``nn.Module``, merge/unmerge, count parameters."""
 from __future__ import annotations
 
-import functools
-import json
 import re
-import subprocess
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -14,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import SaSConfig
+from .targets import matches, regex_fullmatches
 from .layer import SaSLinear, adapted_layers
 from .shared import HyperNetwork, SaSShared, find_shared
 from .multitask import check_task, refuse_open_contexts_for_other_tasks
@@ -38,72 +35,11 @@ class LayerPlan:
 # nn.TransformerEncoderLayer's inference fast path passes linear1/linear2 weights to one fused kernel.
 READS_CHILD_WEIGHT = {nn.MultiheadAttention: ("out_proj",), nn.TransformerEncoderLayer: ("linear1", "linear2")}
 
-# Python's re backtracks, so a pattern such as "(.*.*.*.*)*Z" (e.g. from an untrusted adapter_config.json)
-# can run for ever, and compiling can be as slow: each case-insensitive "[\u0100-\U0010ffff]" costs about
-# 7-12 ms (10 kB of them took 24 s here), and an 11 MiB pattern of other kinds took 24-31 s. Regex targets
-# are therefore compiled and matched in a child interpreter that is killed after this many seconds; module
-# names are few and short, so a sane pattern takes milliseconds (the child's start, about 50 ms, dominates)
-# and any pattern gives an answer or an error in bounded time.
-REGEX_TIME_LIMIT_S = 5.0
-_FULLMATCH_SCRIPT = """
-import json, re, sys
-request = json.load(sys.stdin)
-try:
-    compiled = re.compile(request["pattern"])
-except (re.error, RecursionError, OverflowError, MemoryError) as exc:  # deep nesting overflows the parser
-    json.dump({"error": str(exc) or type(exc).__name__}, sys.stdout)
-else:
-    json.dump({"matches": [compiled.fullmatch(n) is not None for n in request["names"]]}, sys.stdout)
-"""
-# Patterns shown in errors are cut to this many characters: an untrusted config may hold megabytes.
-_SHOWN_PATTERN_CHARS = 200
-
-
-def _shown(pattern: str) -> str:
-    if len(pattern) <= _SHOWN_PATTERN_CHARS:
-        return repr(pattern)
-    return f"{pattern[:_SHOWN_PATTERN_CHARS]!r}... ({len(pattern):,} characters)"
-
-
-def regex_fullmatches(pattern: str, names: List[str]) -> List[bool]:
-    """``[re.fullmatch(pattern, n) is not None for n in names]``, compiled and matched within
-    :data:`REGEX_TIME_LIMIT_S`; an invalid or too slow pattern raises ``ValueError``."""
-    request = json.dumps({"pattern": pattern, "names": names})
-    try:
-        done = subprocess.run([sys.executable, "-I", "-S", "-c", _FULLMATCH_SCRIPT], input=request,
-                              capture_output=True, text=True, timeout=REGEX_TIME_LIMIT_S)
-    except subprocess.TimeoutExpired:
-        work = f"matching {len(names)} module names" if names else "compiling"
-        raise ValueError(f"targets regex {_shown(pattern)} did not finish {work} within {REGEX_TIME_LIMIT_S:g} s "
-                         f"(catastrophic backtracking or a pattern too large); use a simpler regex or a list "
-                         f"of names") from None
-    if done.returncode != 0:
-        raise RuntimeError(f"matching targets regex {_shown(pattern)} failed in {sys.executable}: "
-                           f"{done.stderr.strip()[-2000:]}")
-    answer = json.loads(done.stdout)
-    if "error" in answer:
-        raise ValueError(f"targets is not a valid regex ({answer['error']}): {_shown(pattern)}")
-    return answer["matches"]
-
-
-@functools.lru_cache(maxsize=64)
-def check_regex(pattern: str) -> None:
-    """Raise ``ValueError`` unless ``pattern`` compiles within :data:`REGEX_TIME_LIMIT_S`.
-
-    Cached for patterns that passed, so building many configs with one pattern starts one child.
-    """
-    regex_fullmatches(pattern, [])
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
-
-
 def _role(name: str, config: SaSConfig) -> str:
     """The target pattern a layer matched; for a regex target, its name with layer indices removed."""
     if isinstance(config.targets, str):
         return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name)
-    return next(t for t in config.targets if _matches(name, t))
+    return next(t for t in config.targets if matches(name, t))
 
 
 def _key(text: str) -> str:
@@ -131,10 +67,10 @@ def _chosen(linears: List[Tuple[nn.Linear, List[str]]], config: SaSConfig) -> Li
                              f"its Linear layers are: {listing}")
     else:
         for target in config.targets:
-            if not any(_matches(n, target) for n in every_name):
+            if not any(matches(n, target) for n in every_name):
                 raise ValueError(f"targets entry {target!r} matches no nn.Linear in the model; "
                                  f"its Linear layers are: {listing}")
-        hits = {n for n in every_name if any(_matches(n, t) for t in config.targets)}
+        hits = {n for n in every_name if any(matches(n, t) for t in config.targets)}
     return [(module, names, next(n for n in names if n in hits))
             for module, names in linears if any(n in hits for n in names)]
 
@@ -207,7 +143,7 @@ def _trainable_modules(model: nn.Module, config: SaSConfig) -> List[nn.Module]:
     """The modules ``config.trainable_modules`` names; raises for an entry that matches none."""
     modules = []
     for pattern in config.trainable_modules:
-        hits = [m for n, m in model.named_modules() if n and _matches(n, pattern)]
+        hits = [m for n, m in model.named_modules() if n and matches(n, pattern)]
         if not hits:
             raise ValueError(f"trainable_modules entry {pattern!r} matches no module of the model")
         modules.extend(hits)

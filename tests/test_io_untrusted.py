@@ -123,7 +123,7 @@ def test_regex_compilation_is_under_the_time_limit(saved, monkeypatch):
     # them took 24 s to compile in the loading process.
     slow_to_compile = "(?i)" + "[\u0100-\U0010ffff]" * 2000
     _rewrite(directory, lambda meta: meta["config"].__setitem__("targets", slow_to_compile))
-    monkeypatch.setattr(sas.model, "REGEX_TIME_LIMIT_S", 0.5)
+    monkeypatch.setattr(sas.targets, "REGEX_TIME_LIMIT_S", 0.5)
     _assert_refused(directory, r"targets regex .*\(10,004 characters\) did not finish compiling within 0.5 s")
 
 

@@ -34,8 +34,6 @@ def _imports(module: str) -> set:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="sas.config imports sas.model (check_regex) inside SaSConfig.__post_init__: "
-                   "the regex time-limit helpers still have to move below config")
 def test_sas_imports_are_acyclic():
     graph = {m: _imports(m) for m in MODULES}
     state = {}

@@ -416,7 +416,7 @@ def test_catastrophic_regex_in_a_config_file_fails_in_bounded_time(tmp_path, mon
     model = sas.inject(LongNames(), SaSConfig(rank=2, targets=r"projection_\w+"))
     sas.save_adapter(model, tmp_path)
     _write_meta(tmp_path, lambda meta: meta["config"].__setitem__("targets", "(.*.*.*.*)*Z"))
-    monkeypatch.setattr(sas.model, "REGEX_TIME_LIMIT_S", 1.0)
+    monkeypatch.setattr(sas.targets, "REGEX_TIME_LIMIT_S", 1.0)
     fresh = LongNames()
     start = time.monotonic()
     with pytest.raises(ValueError, match=r"targets regex .* did not finish matching 2 module names within 1 s"):
