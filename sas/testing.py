@@ -292,7 +292,7 @@ def observe_backend(name: str, current_layer: Optional[List[Optional[str]]] = No
     ``current_layer`` is a one-item list holding the name of the layer running, set by model hooks.
     """
     calls: List[_Call] = []
-    if name == "reference":
+    if registry.is_oracle(name):
         yield calls
         return
     record = registry.load(name)
@@ -320,11 +320,12 @@ def describe_ran(backend: str, calls: Sequence[_Call]) -> Tuple[str, bool]:
 
     No recorded call means the op never reached the backend: the reference (or nothing) ran.
     """
-    if backend == "reference":
-        return "reference", False
+    oracle = registry.REFERENCE.name
+    if registry.is_oracle(backend):
+        return oracle, False
     kinds = Counter(call.kind for call in calls)
     if not calls or kinds["fallback"] == len(calls):
-        return "reference", True
+        return oracle, True
     if kinds["fallback"]:
         return f"{backend} ({kinds['fallback']}/{len(calls)} calls fell back)", True
     if kinds["unverified"]:
@@ -350,9 +351,7 @@ def unsupported_reason(backend: str, device: torch.device, dtype: torch.dtype) -
         registry.resolve_backend(device, backend)
     except RuntimeError as exc:
         return str(exc)
-    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
-        return "Triton's interpreter returns wrong bf16 tl.dot results (docs/design.md section 5); bf16 is checked on CUDA"
-    return None
+    return registry.uncheckable_reason(backend, device, dtype)
 
 
 def _checkable_backends(report: "CheckReport", backends: Optional[Sequence[str]], case: str, device: torch.device,
@@ -527,13 +526,14 @@ def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] =
     model.eval()
     try:
         exact_model = copy.deepcopy(model).to(torch.float64)
-        exact, _ = _run_model(exact_model, inputs, "reference", torch.float64, grad_output, seed)
+        oracle = registry.REFERENCE.name
+        exact, _ = _run_model(exact_model, inputs, oracle, torch.float64, grad_output, seed)
         del exact_model
-        low_precision, _ = _run_model(model, inputs, "reference", dtype, grad_output, seed)
+        low_precision, _ = _run_model(model, inputs, oracle, dtype, grad_output, seed)
         report = CheckReport(allow_fallback=allow_fallback)
         for backend in _checkable_backends(report, backends, case, device, dtype):
             try:
-                got, calls = (low_precision, []) if backend == "reference" else _run_model(
+                got, calls = (low_precision, []) if registry.is_oracle(backend) else _run_model(
                     model, inputs, backend, dtype, grad_output, seed)
             except Exception as exc:
                 report.checks.append(_crashed(case, dtype, backend, "output", exc))

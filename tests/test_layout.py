@@ -62,3 +62,21 @@ def test_sas_kernels_imports_nothing_of_sas():
 @pytest.mark.parametrize("module", [m for m in MODULES if m not in ("sas.check",)])
 def test_each_module_imports_alone(module):
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=ROOT)
+
+
+def test_only_sas_backends_tests_a_backend_name():
+    """Which backend runs is decided in sas/backends/ alone: no other sas module compares a value with a
+    backend's name (``x == "triton"``, ``name in ("cpp", ...)``, ``"reference" != y``)."""
+    names = {"triton", "cpp", "reference"}
+    found = []
+    for path in (ROOT / "sas").rglob("*.py"):
+        if "backends" in path.relative_to(ROOT).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            operands = [node.left, *node.comparators]
+            literals = [c.value for o in operands for c in ast.walk(o) if isinstance(c, ast.Constant)]
+            if names & {v for v in literals if isinstance(v, str)}:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, f"backend names tested outside sas/backends/: {found}"

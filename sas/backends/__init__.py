@@ -32,7 +32,7 @@ from . import fold
 from .runtime import compute_dtype, stream_of
 
 __all__ = ["Backend", "BACKEND_CHOICES", "set_backend", "get_backend", "resolve_backend", "available_backends",
-           "backend_for", "load", "replaced", "route", "route_key", "adapted_linear", "compute_dtype", "stream_of"]
+           "backend_for", "load", "replaced", "is_oracle", "uncheckable_reason", "route", "route_key", "adapted_linear", "compute_dtype", "stream_of"]
 
 BACKEND_CHOICES = ("auto", "triton", "cpp", "reference")
 
@@ -54,6 +54,21 @@ class Backend:
     #: into one total in place, the function that attaches a tensor to a sink
     #: (``sas.backends.triton.GradientSink.attach``), which ``SaSShared`` applies to the A/B it hands out.
     attach_gradient_sink: Optional[Callable]
+
+
+def is_oracle(name: str) -> bool:
+    """Whether backend ``name`` is the reference every other backend is checked against."""
+    return name == REFERENCE.name
+
+
+# Combinations a backend runs but cannot be checked in, and why (sas.testing reports them as skipped).
+_UNCHECKABLE = {("triton", "cpu", torch.bfloat16): "Triton's interpreter returns wrong bf16 tl.dot results "
+                                                   "(docs/design.md section 5); bf16 is checked on CUDA"}
+
+
+def uncheckable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why backend ``name`` cannot be checked on ``device`` in ``dtype``, or ``None`` when it can."""
+    return _UNCHECKABLE.get((name, torch.device(device).type, dtype))
 
 
 def _triton_supports(device: torch.device) -> bool:
