@@ -113,8 +113,8 @@ class SaSLinear(nn.Module):
         """Validate this call's arguments in full and pick its route (:func:`sas.backends.route`)."""
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"SaSLinear takes x of shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
-        validation.validate(x.to(dtype), weight.new_empty(()).to(dtype).expand(*x.shape[:-1], self.out_features), A, B, h,
-                 self.scale, task_ids)
+        frozen_output = weight.new_empty(()).to(dtype).expand(*x.shape[:-1], self.out_features)  # no memory
+        validation.validate(x.to(dtype), frozen_output, A, B, h, self.scale, task_ids)
         trainable_base = weight.requires_grad or (bias is not None and bias.requires_grad)
         return backends.route(backends.backend_for(x.device), self.layer_op, dtype, trainable_base, compiling,
                               torch.is_autocast_enabled(x.device.type), task_ids is not None)
