@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 import sas
 from bench.counting import count_device_ops
 from sas import functional, testing, validation
+from sas.testing import forced_backend
 
 BACKENDS = sas.available_backends("cpu")  # triton through the interpreter (tests/conftest.py)
 LAYERS = 8
@@ -119,6 +120,23 @@ def test_validation_runs_once_per_input_signature(monkeypatch):
     assert len(calls) == 4
     with pytest.raises(ValueError, match=r"in_features=64\), got \(4, 63\)"):
         model(torch.randn(4, 63))
+
+
+def test_setting_the_same_backend_again_keeps_the_cached_routes(monkeypatch):
+    """A loop of ``forced_backend`` blocks (benchmarks, ``sas.testing``) must not validate every call: the
+    routes are keyed by the setting itself, so only a different setting picks them again."""
+    model = adapted_mlp(layers=2)
+    calls = []
+    validate = validation.validate
+    monkeypatch.setattr(validation, "validate", lambda *a, **k: calls.append(1) or validate(*a, **k))
+    backend = sas.resolve_backend(torch.device("cpu"))
+    for _ in range(3):
+        with forced_backend(backend):
+            model(torch.randn(4, 64))
+    assert len(calls) == 2  # once per layer, not once per block
+    with forced_backend("reference"):
+        model(torch.randn(4, 64))
+    assert len(calls) == 4  # another setting: routes picked (and inputs checked) again
 
 
 def _grads(model):

@@ -126,11 +126,12 @@ def replaced(name: str, record: Optional[Backend]) -> Iterator[None]:
 
 def set_backend(name: Optional[str]) -> None:
     """Force a backend for every later call (``None`` or ``"auto"`` restores automatic choice)."""
-    global _backend_override, _generation
+    global _backend_override
     if name is not None and name not in BACKEND_CHOICES:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_CHOICES}")
+    # No generation bump: route_key holds the setting itself, so setting the same backend again (a loop
+    # of forced_backend blocks) keeps every layer's cached route instead of validating each call again.
     _backend_override = None if name == "auto" else name
-    _generation += 1
 
 
 def get_backend() -> str:
