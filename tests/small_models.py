@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import sas
+import sas.testing
 
 #: The Linear layers of :class:`Mlp` the merge tests adapt.
 MLP_TARGETS = ["enc.0", "enc.2", "out"]
@@ -20,6 +21,18 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.out(self.enc(x))
+
+
+def adapted_mlp(num_tasks=1, dtype=torch.float32, seed=7):
+    """:class:`Mlp` adapted on :data:`MLP_TARGETS` with an update and tasks that really differ from the base
+    and from each other (random A/B/hypernetwork, task embeddings drawn with ``seed``)."""
+    model = sas.inject(Mlp().to(dtype), sas.SaSConfig(rank=3, targets=MLP_TARGETS, num_tasks=num_tasks))
+    with torch.no_grad():
+        sas.testing.randomize_adapter(model)
+        generator = torch.Generator().manual_seed(seed)
+        for embedding in model.sas_shared.task_embeddings:
+            embedding.copy_(torch.randn(embedding.shape, generator=generator))
+    return model
 
 
 def outputs_per_task(model, x):

@@ -9,9 +9,8 @@ from torch import nn
 
 import sas
 import sas.testing
-from sas import SaSConfig
 
-from small_models import MLP_TARGETS, Mlp
+from small_models import Mlp, adapted_mlp
 
 def _frozen(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
@@ -21,18 +20,9 @@ def _same_frozen(model, frozen):
     return all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if "base_layer" in n)
 
 
-def _injected(num_tasks=1):
-    model = sas.inject(Mlp(), SaSConfig(rank=3, targets=MLP_TARGETS, num_tasks=num_tasks))
-    sas.testing.randomize_adapter(model)
-    generator = torch.Generator().manual_seed(3)
-    for embedding in model.sas_shared.task_embeddings:
-        embedding.copy_(torch.randn(embedding.shape, generator=generator))
-    return model
-
-
 def _saved_adapter(folder):
     with torch.no_grad():
-        model = _injected()
+        model = adapted_mlp(seed=3)
     sas.save_adapter(model, folder)
     return folder
 
@@ -49,7 +39,7 @@ def test_model_set_up_under_inference_mode_runs_merges_and_unmerges_exactly(tmp_
     x = torch.randn(6, 12)
     with torch.inference_mode():
         if setup == "inject":
-            model = _injected(num_tasks)
+            model = adapted_mlp(num_tasks, seed=3)
         else:
             model = sas.load_adapter(Mlp(), _saved_adapter(tmp_path / "adapter"))
         assert model.enc[0].base_layer.weight.is_inference() and model.sas_shared.up["enc_0"].is_inference()
@@ -72,7 +62,7 @@ def test_model_set_up_under_inference_mode_runs_merges_and_unmerges_exactly(tmp_
 @pytest.mark.parametrize("write", ["add_", "load_state_dict"])
 def test_a_write_to_a_merged_inference_weight_makes_unmerge_refuse(write):
     with torch.inference_mode():
-        model = _injected()
+        model = adapted_mlp(seed=3)
         sas.merge(model)
         weight = model.out.base_layer.weight
         if write == "add_":

@@ -7,24 +7,11 @@ import threading
 
 import pytest
 import torch
-from torch import nn
 
 import sas
 import sas.testing
-from sas import SaSConfig
 
-from small_models import MLP_TARGETS, Mlp, outputs_per_task
-
-def _adapted(num_tasks=1, dtype=torch.float32):
-    """An adapted Mlp whose update and tasks really differ from the base and from each other."""
-    model = sas.inject(Mlp().to(dtype), SaSConfig(rank=3, targets=MLP_TARGETS, num_tasks=num_tasks))
-    with torch.no_grad():
-        sas.testing.randomize_adapter(model)
-        generator = torch.Generator().manual_seed(7)
-        for embedding in model.sas_shared.task_embeddings:
-            embedding.copy_(torch.randn(embedding.shape, generator=generator))
-    return model
-
+from small_models import adapted_mlp, outputs_per_task
 
 def _frozen(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
@@ -38,7 +25,7 @@ def _same_frozen(model, frozen):
 
 @pytest.mark.parametrize("context", [0, torch.tensor([1, 0, 1])], ids=["int", "mixed ids"])
 def test_merge_inside_a_context_for_another_task_is_refused_and_changes_nothing(context):
-    model = _adapted(num_tasks=3)
+    model = adapted_mlp(num_tasks=3)
     frozen = _frozen(model)
     with sas.tasks(model, context):
         with pytest.raises(ValueError, match=r"refusing to merge task 2: a sas.tasks context .* open for tasks \[0"):
@@ -47,7 +34,7 @@ def test_merge_inside_a_context_for_another_task_is_refused_and_changes_nothing(
 
 
 def test_merge_inside_a_context_for_the_same_task_serves_it():
-    model = _adapted(num_tasks=3)
+    model = adapted_mlp(num_tasks=3)
     x = torch.randn(3, 12)
     expected = outputs_per_task(model, x)[1]
     with sas.tasks(model, 1):
@@ -58,7 +45,7 @@ def test_merge_inside_a_context_for_the_same_task_serves_it():
 
 
 def test_merge_is_refused_while_another_thread_holds_a_context_for_another_task():
-    model = _adapted(num_tasks=3)
+    model = adapted_mlp(num_tasks=3)
     entered, release = threading.Event(), threading.Event()
 
     def serve_task_0():
@@ -80,7 +67,7 @@ def test_merge_is_refused_while_another_thread_holds_a_context_for_another_task(
 
 
 def test_merging_another_task_while_merged_is_refused():
-    model = _adapted(num_tasks=3)
+    model = adapted_mlp(num_tasks=3)
     sas.merge(model, task=0)
     merged = _frozen(model)
     with pytest.raises(ValueError, match=r"refusing to merge task 1: the model is merged for task 0; .*unmerge"):
@@ -92,7 +79,7 @@ def test_merging_another_task_while_merged_is_refused():
 
 @pytest.mark.parametrize("num_tasks, task", [(1, None), (2, 1)])
 def test_add_task_on_a_merged_model_is_refused_and_unmerge_still_restores_the_base(num_tasks, task):
-    model = _adapted(num_tasks=num_tasks)
+    model = adapted_mlp(num_tasks=num_tasks)
     frozen = _frozen(model)
     sas.merge(model, task=task)
     parameters = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -108,7 +95,7 @@ def test_add_task_on_a_merged_model_is_refused_and_unmerge_still_restores_the_ba
 # -- an fp16 fold that overflows -------------------------------------------------------------------
 
 def test_fp16_merge_that_would_overflow_is_refused_and_the_weights_untouched():
-    model = _adapted(dtype=torch.float16)
+    model = adapted_mlp(dtype=torch.float16)
     with torch.no_grad():  # W0 near fp16's largest value, and an update pushing it past it
         model.enc[0].base_layer.weight[0, 0] = 65000.0
         model.sas_shared.down["enc_0"].fill_(1.0)
@@ -133,7 +120,7 @@ def _pickled(model):
 
 @pytest.mark.parametrize("make_copy", [copy.deepcopy, _pickled], ids=["deepcopy", "pickle"])
 def test_a_copy_of_a_merged_model_unmerges_exactly_and_on_its_own(make_copy):
-    model = _adapted(num_tasks=2)
+    model = adapted_mlp(num_tasks=2)
     frozen = _frozen(model)
     x = torch.randn(4, 12)
     sas.merge(model, task=1)
@@ -148,7 +135,7 @@ def test_a_copy_of_a_merged_model_unmerges_exactly_and_on_its_own(make_copy):
 
 
 def test_a_copy_of_a_merged_model_written_since_merge_refuses_unmerge_like_the_original():
-    model = _adapted()
+    model = adapted_mlp()
     sas.merge(model)
     with torch.no_grad():
         model.out.base_layer.weight.add_(1.0)
@@ -159,7 +146,7 @@ def test_a_copy_of_a_merged_model_written_since_merge_refuses_unmerge_like_the_o
 
 
 def test_loading_an_unmerged_state_into_a_task_merged_model_forgets_the_merged_task():
-    model = _adapted(num_tasks=2)
+    model = adapted_mlp(num_tasks=2)
     unmerged_state = copy.deepcopy(model.state_dict())
     x = torch.randn(4, 12)
     expected = outputs_per_task(model, x)
