@@ -16,6 +16,7 @@ from .io import load_adapter, save_adapter
 from .layer import SaSLinear, adapted_layers
 from .model import count_parameters, inject, merge, print_trainable_parameters, unmerge
 from .multitask import add_task, tasks
+from .penalty import pattern_penalty
 from .shared import HyperNetwork, SaSShared
 
 __version__ = "0.1.0"
@@ -24,5 +25,5 @@ __all__ = [
     "SaSConfig", "VIT_TARGETS", "BERT_LINEAR_TARGETS", "SaSLinear", "SaSShared", "HyperNetwork", "adapted_layers",
     "inject", "merge", "unmerge", "count_parameters", "print_trainable_parameters",
     "save_adapter", "load_adapter", "tasks", "add_task", "functional", "reference",
-    "set_backend", "get_backend", "resolve_backend", "available_backends",
+    "set_backend", "get_backend", "resolve_backend", "available_backends", "pattern_penalty",
 ]
