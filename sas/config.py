@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Union
 
+from .reference import QUANTIZED_INPUT_DTYPES
 from .targets import check_regex
 
 #: Targets used when none are given: the four Linear roles of every timm ViT block.
@@ -19,6 +20,9 @@ BERT_LINEAR_TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|atte
 SHARING_CHOICES = ("role", "shape", "layer")
 ACTIVATION_CHOICES = ("tanh", "relu", "gelu")
 LAYER_OP_CHOICES = ("kernels", "fold")
+#: What an adapted layer keeps of its input x for dA = du.T @ x: x itself, or an 8-bit copy
+#: (sas.reference.quantize_rows).
+SAVED_INPUT_CHOICES = ("full", *QUANTIZED_INPUT_DTYPES)
 #: Names of layer_op before they said what they are; configs saved with them still load (mapped to the new ones).
 LEGACY_LAYER_OPS = {"adapter": "kernels", "fused": "fold"}
 
@@ -89,6 +93,19 @@ class SaSConfig:
                           "whole-layer designs of sas.backends.fold, which fold the update into the weight; "
                           "design picked per shape; measured on CPU only so far). The old names 'adapter' and "
                           "'fused' are accepted and mean 'kernels' and 'fold'."})
+    saved_input: str = field(
+        default="full",
+        metadata={"help": "What each adapted layer keeps of its input x for the backward: 'full' (x itself, "
+                          "exact; the default), 'int8' (int8 plus one fp32 absmax scale per row) or 'fp8' "
+                          "(float8 e4m3 plus one fp32 scale per row), each about 1 byte per element of x "
+                          "instead of 2 or 4. Only dA = du.T @ x reads it: dx, dB and dh stay exact. Layers "
+                          "fed the same input tensor (q, k, v) keep one copy (docs/design.md, saved inputs)."})
+    train_down: bool = field(
+        default=True,
+        metadata={"help": "Whether the shared down projections A are trained. False (LoRA-FA style): A keeps "
+                          "its initial or loaded value and gets no gradient, so a layer keeps only u = x @ A.T "
+                          "(4 bytes x rank per row) instead of its input; B, the embeddings and the "
+                          "hypernetwork still train."})
     num_tasks: int = field(
         default=1,
         metadata={"help": "Number of tasks served by one model. With more than one, each task t has a learned "
@@ -131,6 +148,10 @@ class SaSConfig:
         if self.sharing == "layer" and self.share_down_by_input_dim:
             raise ValueError("share_down_by_input_dim=True contradicts sharing='layer' (no sharing)")
         self.layer_op = canonical_layer_op(self.layer_op)
+        _check_choice("saved_input", self.saved_input, SAVED_INPUT_CHOICES)
+        if not isinstance(self.train_down, bool):
+            raise ValueError(f"train_down must be a bool (true or false), "
+                             f"got {type(self.train_down).__name__} {self.train_down!r}")
         if not isinstance(self.trainable_modules, (list, tuple)) or not all(
                 isinstance(m, str) and m for m in self.trainable_modules):
             raise ValueError(f"trainable_modules must be a list of non-empty str, got {self.trainable_modules!r}")
@@ -148,6 +169,22 @@ class SaSConfig:
         all three (they all read 768-wide inputs); ``mlp.fc2`` stays frozen.
         """
         settings = dict(rank=4, targets=["attn.qkv", "attn.proj", "mlp.fc1"], share_down_by_input_dim=True)
+        settings.update(overrides)
+        return cls(**settings)
+
+    @classmethod
+    def bert_budget(cls, **overrides) -> "SaSConfig":
+        """Hugging Face BERT preset under 0.05% extra parameters (the SaS paper's budget); the BERT
+        counterpart of :meth:`vit_budget`. On all-MiniLM-L6-v2: 9,876 of 22,565,376 (0.044%).
+
+        Rank 4 on query, key, value, the attention output and the FFN's first layer (``intermediate.dense``):
+        all read hidden-wide inputs, so one A serves them, and a B per (d_in, d_out) shape is a B per output
+        width (hidden or FFN). h stays per layer. The FFN's second layer stays frozen: its input is the FFN
+        width, and an A of that width alone would cost 4 x 1,536 on MiniLM.
+        """
+        settings = dict(rank=4, sharing="shape", share_down_by_input_dim=True,
+                        targets=r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+                                r"|intermediate\.dense)")
         settings.update(overrides)
         return cls(**settings)
 

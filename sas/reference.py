@@ -15,6 +15,45 @@ import torch.nn.functional as F
 #: which is exact for it.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+#: The 8-bit copies of a layer's input a layer may keep instead of x (``SaSConfig.saved_input``), by name:
+#: the storage dtype and the largest magnitude it holds, which a row's absmax is scaled to.
+QUANTIZED_INPUT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QUANTIZED_INPUT_MAX = {"int8": 127.0, "fp8": 448.0}
+
+
+def quantize_rows(x: torch.Tensor, kind: str):
+    """The 8-bit copy of ``x`` a layer keeps for ``dA`` in mode ``kind`` ("int8" or "fp8"): ``(q, scale)``.
+
+    ``x`` is read as ``(N, d_in)`` rows (its leading dims flattened). Each row gets one float32 scale,
+    ``absmax(row) / M`` with ``M`` = 127 (int8) or 448 (float8 e4m3's largest finite value), and
+    ``q = round(x * (M / absmax(row)))`` in float32, stored as int8 or float8_e4m3fn; a row of zeros gets
+    scale 0 and q 0. ``x`` ~= ``dequantize_rows(q, scale)``, with an error of at most half a step per
+    element (a step is ``scale`` for int8; for fp8 it is 2**-3 of the element's own power of two, so small
+    values of a row keep more relative precision than with int8).
+
+    Rounding is round-to-nearest (ties to even), not stochastic. The copy is read once, by one GEMM
+    (dA = du.T @ x) that sums N products per entry, so the rounding errors of independent elements
+    average out there as noise would (measured at ViT-B shapes: cosine of dA to exact above 0.999, see
+    docs/design.md); stochastic rounding would remove a bias that is not the dominant error here, double
+    the error's variance, and need random bits in every kernel, so that the backends (and this oracle)
+    would no longer agree bit for bit. Every backend computes ``M / absmax`` and the product in float32
+    and rounds the same way, so their copies equal this function's exactly.
+    """
+    limit = QUANTIZED_INPUT_MAX[kind]
+    rows = math.prod(x.shape[:-1])
+    x2 = x.reshape(rows, x.shape[-1]).float()
+    absmax = x2.abs().amax(dim=1) if x2.shape[1] else x2.new_zeros(rows)
+    nonzero = absmax > 0
+    inverse = torch.where(nonzero, limit / torch.where(nonzero, absmax, 1.0), 0.0)
+    scaled = (x2 * inverse[:, None]).clamp_(-limit, limit)
+    q = scaled.round_().to(torch.int8) if kind == "int8" else scaled.to(torch.float8_e4m3fn)
+    return q, absmax / limit
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale`` per row (float32 product), in ``dtype``: the input :func:`quantize_rows` saved, as rows."""
+    return (q.float() * scale[:, None]).to(dtype)
+
 
 def gather_modulation(h: torch.Tensor, task_ids: Optional[torch.Tensor], rows: int) -> torch.Tensor:
     """Return the per-row modulation: ``h`` itself for ``(r,)``, ``h[task_ids]`` for ``(T, r)``.
