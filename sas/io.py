@@ -27,8 +27,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .config import SaSConfig, parse_json
-from .shared import find_shared
-from .model import SHARED_ATTRIBUTE, build_shared, inject, plan_injection
+from .model import SHARED_ATTRIBUTE, build_shared, find_adapter, inject, plan_injection
+from .scaling import adapter_kind, config_from_description
 from .targets import matches
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,8 +59,8 @@ def architecture_of(model: nn.Module) -> str:
 
 
 def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The adapter's tensors only: shared SaS tensors and any ``trainable_modules``."""
-    shared = find_shared(model)
+    """The adapter's tensors only: the owner's (SaS or scaling) and any ``trainable_modules``."""
+    shared = find_adapter(model)
     if shared is None:
         raise ValueError("model has no SaS adapter; call sas.inject first")
     prefixes = [SHARED_ATTRIBUTE + "."] + [
@@ -170,10 +170,11 @@ def save_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
     """
     directory = Path(directory)
     tensors = adapter_state_dict(model)
-    shared = find_shared(model)
+    shared = find_adapter(model)
     save_id = uuid.uuid4().hex
     meta = {
         "format_version": FORMAT_VERSION,
+        "adapter_kind": adapter_kind(shared.config),
         "architecture": architecture_of(model),
         "layers": shared.layer_names,
         "config": shared.config.to_dict(),
@@ -325,10 +326,11 @@ def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     directory = Path(directory)
     meta, tensors, source = _read_adapter(directory)
     try:
-        config = SaSConfig.from_dict(meta["config"])
+        config = config_from_description(meta)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
-    _check_sizes_against_tensors(config, meta["layers"], tensors, source)
+    if isinstance(config, SaSConfig):  # a scaling adapter has no size fields: its tensors' shapes are checked below
+        _check_sizes_against_tensors(config, meta["layers"], tensors, source)
     if config.base_model_name and config.base_model_name != architecture_of(model):
         raise ValueError(f"adapter in {directory} was made for {config.base_model_name!r}, "
                          f"not for this {architecture_of(model)!r}")

@@ -1,32 +1,39 @@
-"""Whole-model operations: inject SaS into any ``nn.Module``, merge/unmerge, count parameters."""
+"""Whole-model operations: inject an adapter (SaS, or SSL/SSB scaling) into any ``nn.Module``, merge/unmerge,
+count parameters."""
 from __future__ import annotations
 
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .config import SaSConfig
 from .targets import matches, regex_fullmatches
-from .layer import SaSLinear, adapted_layers
-from .shared import HyperNetwork, SaSShared, find_shared
+from .layer import SaSLinear
+from .shared import HyperNetwork, SaSShared
 from .multitask import check_task, refuse_open_contexts_for_other_tasks
+from .scaling import ScalingConfig, ScalingLinear, ScalingShared
+
+#: The configs :func:`inject` takes, the layers it makes, and the owner it registers as ``SHARED_ATTRIBUTE``.
+AdapterConfig = Union[SaSConfig, ScalingConfig]
+AdaptedLayer = Union[SaSLinear, ScalingLinear]
+ADAPTER_MODULES = (SaSLinear, SaSShared, HyperNetwork, ScalingLinear, ScalingShared)
 
 SHARED_ATTRIBUTE = "sas_shared"
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Where one adapted layer sits and which shared tensors it uses."""
+    """Where one adapted layer sits and which shared tensors it uses (a scaling layer uses none by key)."""
 
     name: str
     in_features: int
     out_features: int
-    down_key: str
-    up_key: str
+    down_key: Optional[str]
+    up_key: Optional[str]
     aliases: Tuple[str, ...] = ()  # other names the same nn.Linear instance is reachable under
 
 
@@ -56,7 +63,7 @@ def _linears(model: nn.Module) -> List[Tuple[nn.Linear, List[str]]]:
     return list(names.values())
 
 
-def _chosen(linears: List[Tuple[nn.Linear, List[str]]], config: SaSConfig) -> List[Tuple[nn.Linear, List[str], str]]:
+def _chosen(linears: List[Tuple[nn.Linear, List[str]]], config: AdapterConfig) -> List[Tuple[nn.Linear, List[str], str]]:
     """``(module, names, the first name that matched)`` of every targeted Linear."""
     every_name = [n for _, names in linears for n in names]
     listing = ", ".join(every_name) or "(none)"
@@ -89,13 +96,13 @@ def _refuse_weight_readers(model: nn.Module, chosen) -> None:
 
 
 def _refuse_adapted(model: nn.Module) -> None:
-    """Raise if ``model`` already holds SaS modules anywhere below it.
+    """Raise if ``model`` already holds adapter modules (SaS or scaling) anywhere below it.
 
     Adapting again would wrap the adapted layers' ``base_layer`` and the hypernetwork's own Linears
     (a regex such as ``".*"`` matches them), and an adapter cannot be extended by a second one.
     """
     found = [f"{type(module).__name__} at {name or '(the model itself)'!r}"
-             for name, module in model.named_modules() if isinstance(module, (SaSLinear, SaSShared, HyperNetwork))]
+             for name, module in model.named_modules() if isinstance(module, ADAPTER_MODULES)]
     if found:
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         raise ValueError(f"model already has SaS injected ({shown}); inject adapts a base model once and cannot add "
@@ -103,7 +110,7 @@ def _refuse_adapted(model: nn.Module) -> None:
                          f"adapted, with targets naming every layer to adapt")
 
 
-def plan_injection(model: nn.Module, config: SaSConfig) -> List[LayerPlan]:
+def plan_injection(model: nn.Module, config: AdapterConfig) -> List[LayerPlan]:
     """Which Linear layers ``config`` adapts in ``model`` and their shared keys; changes nothing.
 
     A Linear instance reachable under several names is adapted once, under all of them (one layer,
@@ -115,6 +122,9 @@ def plan_injection(model: nn.Module, config: SaSConfig) -> List[LayerPlan]:
     _refuse_weight_readers(model, matched)
     chosen = [(name, module) for module, _, name in matched]
     aliases = {name: tuple(n for n in names if n != name) for _, names, name in matched}
+    if isinstance(config, ScalingConfig):  # one scale per layer: no sharing groups
+        return [LayerPlan(name, module.in_features, module.out_features, None, None, aliases[name])
+                for name, module in chosen]
     group_of = {}
     for name, module in chosen:
         shape = (module.in_features, module.out_features)
@@ -139,7 +149,7 @@ def plan_injection(model: nn.Module, config: SaSConfig) -> List[LayerPlan]:
     return plans
 
 
-def _trainable_modules(model: nn.Module, config: SaSConfig) -> List[nn.Module]:
+def _trainable_modules(model: nn.Module, config: AdapterConfig) -> List[nn.Module]:
     """The modules ``config.trainable_modules`` names; raises for an entry that matches none."""
     modules = []
     for pattern in config.trainable_modules:
@@ -150,9 +160,12 @@ def _trainable_modules(model: nn.Module, config: SaSConfig) -> List[nn.Module]:
     return modules
 
 
-def build_shared(plans: List[LayerPlan], config: SaSConfig, device, dtype) -> SaSShared:
+def build_shared(plans: List[LayerPlan], config: AdapterConfig, device, dtype) -> Union[SaSShared, ScalingShared]:
     """The shared owner for ``plans``; on the meta device it only describes keys and shapes."""
     with torch.device(device):
+        if isinstance(config, ScalingConfig):
+            return ScalingShared(config, [p.name for p in plans],
+                                 [(p.in_features, p.out_features) for p in plans]).to(dtype=dtype)
         shared = SaSShared(
             config.rank, config.embed_dim, config.hyper_hidden, config.hyper_activation,
             down_shapes={p.down_key: p.in_features for p in plans},
@@ -165,14 +178,18 @@ def build_shared(plans: List[LayerPlan], config: SaSConfig, device, dtype) -> Sa
     return shared.to(dtype=dtype)
 
 
-def inject(model: nn.Module, config: SaSConfig) -> nn.Module:
-    """Replace every targeted ``nn.Linear`` of ``model`` by a :class:`SaSLinear`, in place.
+def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Replace every targeted ``nn.Linear`` of ``model`` by an adapted layer, in place.
 
-    Creates one :class:`SaSShared` (as ``model.sas_shared``) owning A/B per sharing
-    group, one embedding per layer and the hypernetwork; freezes every base
-    parameter; unfreezes ``config.trainable_modules``. Returns ``model``. Bad targets or
-    ``trainable_modules`` raise before the model changes.
+    With a :class:`SaSConfig` the layers are :class:`SaSLinear` and one :class:`SaSShared` (as
+    ``model.sas_shared``) owns A/B per sharing group, one embedding per layer and the hypernetwork.
+    With a :class:`ScalingConfig` they are :class:`ScalingLinear` and one :class:`ScalingShared` (under
+    the same name) owns every layer's scales. Freezes every base parameter; unfreezes
+    ``config.trainable_modules``. Returns ``model``. Bad targets or ``trainable_modules`` raise before
+    the model changes.
     """
+    if not isinstance(config, (SaSConfig, ScalingConfig)):
+        raise TypeError(f"inject takes a SaSConfig or a ScalingConfig, got {type(config).__name__}")
     plans = plan_injection(model, config)
     trainable = _trainable_modules(model, config)  # checked before the model changes
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -180,8 +197,11 @@ def inject(model: nn.Module, config: SaSConfig) -> nn.Module:
     shared = build_shared(plans, config, reference_weight.device, reference_weight.dtype)
     model.requires_grad_(False)
     for index, plan in enumerate(plans):
-        layer = SaSLinear(modules[plan.name], shared, index, plan.down_key, plan.up_key, config.scale,
-                          layer_op=config.layer_op)
+        if isinstance(config, ScalingConfig):
+            layer = ScalingLinear(modules[plan.name], shared, index)
+        else:
+            layer = SaSLinear(modules[plan.name], shared, index, plan.down_key, plan.up_key, config.scale,
+                              layer_op=config.layer_op)
         for name in (plan.name,) + plan.aliases:
             parent_name, _, child_name = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child_name, layer)
@@ -191,14 +211,28 @@ def inject(model: nn.Module, config: SaSConfig) -> nn.Module:
     return model
 
 
-def _require_adapted(model: nn.Module) -> List[SaSLinear]:
-    layers = adapted_layers(model)
+def find_adapter(model: nn.Module) -> Optional[Union[SaSShared, ScalingShared]]:
+    """The owner of ``model``'s adapter (``model.sas_shared``): SaS's or a scaling adapter's, else ``None``.
+    Both hold the ``config`` and the ``layer_names`` the adapter was built with."""
+    owner = getattr(model, SHARED_ATTRIBUTE, None)
+    return owner if isinstance(owner, (SaSShared, ScalingShared)) else None
+
+
+def _require_adapted(model: nn.Module) -> List[AdaptedLayer]:
+    layers = [m for m in model.modules() if isinstance(m, (SaSLinear, ScalingLinear))]
     if not layers:
-        raise ValueError("model has no SaSLinear layers; call sas.inject first")
+        raise ValueError("model has no adapted layers (SaSLinear or ScalingLinear); call sas.inject first")
     return layers
 
 
-def _refuse_tied_weights(model: nn.Module, layers: List[SaSLinear]) -> None:
+def _describe(layer: AdaptedLayer) -> str:
+    """How merge and unmerge name a layer in their refusals."""
+    if isinstance(layer, ScalingLinear):
+        return f"{layer.layer_index} ({layer.name})"
+    return f"{layer.layer_index} ({layer.down_key}/{layer.up_key})"
+
+
+def _refuse_tied_weights(model: nn.Module, layers: List[AdaptedLayer]) -> None:
     """Raise if a layer's frozen weight shares memory with any other tensor of the model.
 
     Merging writes into the weight in place, so a tied user (an embedding tied to an output head, or
@@ -227,7 +261,8 @@ def _refuse_tied_weights(model: nn.Module, layers: List[SaSLinear]) -> None:
 
 
 def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
-    """Fold every layer's ``s * B diag(h_l) A`` into its frozen weight (zero-overhead inference).
+    """Fold every layer's ``s * B diag(h_l) A`` into its frozen weight (zero-overhead inference); for a
+    scaling adapter, replace it by ``b[:, None] * W0 * a[None, :]`` (SSB; ``W0 * a[None, :]`` for SSL).
 
     With ``num_tasks > 1`` name the task: ``h_{task,l}`` is folded in and the merged model serves that
     task only (``task=None`` is refused; a ``sas.tasks`` context asking for another task is refused
@@ -250,7 +285,11 @@ def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
     """
     layers = _require_adapted(model)
     shared = layers[0].shared
-    task = check_task(shared, task)
+    if isinstance(shared, ScalingShared):
+        if task is not None:
+            raise ValueError(f"a {shared.kind} adapter has no tasks; merge it with task=None, got task={task!r}")
+    else:
+        task = check_task(shared, task)
     merged_for = {layer.merged_task for layer in layers if layer.merged}
     if merged_for - {task}:
         raise ValueError(f"refusing to merge task {task}: the model is merged for task {sorted(merged_for)[0]}; "
@@ -259,13 +298,13 @@ def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
     if not pending:
         warnings.warn("model is already merged; merge() did nothing", UserWarning, stacklevel=2)
         return model
-    refuse_open_contexts_for_other_tasks(shared, task)
+    if isinstance(shared, SaSShared):
+        refuse_open_contexts_for_other_tasks(shared, task)
     _refuse_tied_weights(model, pending)
     for layer in pending:
         reason = layer.merge_refusal(task)
         if reason is not None:
-            raise ValueError(f"refusing to merge: layer {layer.layer_index} ({layer.down_key}/{layer.up_key}): "
-                             f"{reason}")
+            raise ValueError(f"refusing to merge: layer {_describe(layer)}: {reason}")
     for layer in pending:
         layer.merge(task)
     return model
@@ -282,8 +321,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     for layer in layers:
         reason = layer.unmerge_refusal()
         if reason is not None:
-            raise ValueError(f"refusing to unmerge layer {layer.layer_index} ({layer.down_key}/{layer.up_key}): "
-                             f"{reason}")
+            raise ValueError(f"refusing to unmerge layer {_describe(layer)}: {reason}")
     for layer in layers:
         layer.unmerge()
     return model
@@ -308,8 +346,9 @@ def print_trainable_parameters(model: nn.Module) -> None:
     for name, shape, count in rows:
         print(f"{name:<{width}}  {shape:>12}  {count:>10,}")
     trainable, total = count_parameters(model)
-    shared = find_shared(model)
-    adapter = sum(p.numel() for p in shared.parameters()) if shared is not None else 0
+    owner = find_adapter(model)
+    adapter = sum(p.numel() for p in owner.parameters()) if owner is not None else 0
+    label = owner.kind.upper() if isinstance(owner, ScalingShared) else "SaS"
     base = total - adapter
     print(f"trainable: {trainable:,} || total: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
-          f" || SaS extra: {adapter:,} ({100 * adapter / max(base, 1):.4f}% of the base model)")
+          f" || {label} extra: {adapter:,} ({100 * adapter / max(base, 1):.4f}% of the base model)")
