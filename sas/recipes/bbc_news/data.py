@@ -5,7 +5,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -105,6 +105,31 @@ def stratified_split(labels: torch.Tensor, sizes: Dict[str, int], seed: int = 0)
     return out
 
 
+def few_shot_split(labels: torch.Tensor, test_size: int, shots: int, seed: int, split_seed: int = 0
+                   ) -> Dict[str, torch.Tensor]:
+    """``shots`` training and ``shots`` validation examples per class, drawn with ``seed``, plus the test split.
+
+    The test split is :func:`stratified_split`'s for the same ``test_size`` and ``split_seed``, which does
+    not depend on the other splits' sizes: the full job's test split. Train and validation come from the
+    rest, disjoint, each class's remaining indices shuffled with ``seed``.
+    """
+    labels = labels.cpu()
+    test = stratified_split(labels, {"test": test_size}, seed=split_seed)["test"]
+    pool = torch.ones(labels.numel(), dtype=torch.bool)
+    pool[test] = False
+    generator = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in torch.unique(labels).tolist():
+        candidates = ((labels == c) & pool).nonzero().flatten()
+        if candidates.numel() < 2 * shots:
+            raise ValueError(f"class {c} has {candidates.numel()} examples outside the test split, "
+                             f"fewer than the {2 * shots} that {shots}-shot training and validation need")
+        candidates = candidates[torch.randperm(candidates.numel(), generator=generator)]
+        train.append(candidates[:shots])
+        val.append(candidates[shots: 2 * shots])
+    return {"test": test, "val": torch.cat(val).sort().values, "train": torch.cat(train).sort().values}
+
+
 @dataclass
 class Split:
     """One split's token ids, masks and labels."""
@@ -120,9 +145,16 @@ class Split:
         return self.input_ids[index], self.attention_mask[index], self.labels[index]
 
 
-def load_splits(max_length: int, sizes: Dict[str, int], seed: int = 0) -> Tuple[Dict[str, Split], List[str]]:
-    """The tokenized corpus cut into ``sizes`` (fixed, seeded, stratified, disjoint); also the class names."""
+def load_splits(max_length: int, sizes: Dict[str, int], seed: int = 0, shots: Optional[int] = None,
+                draw_seed: int = 0) -> Tuple[Dict[str, Split], List[str]]:
+    """The tokenized corpus cut into ``sizes`` (fixed, seeded, stratified, disjoint); also the class names.
+
+    With ``shots`` the cut is :func:`few_shot_split`'s (``sizes["test"]`` test articles, ``shots`` per class
+    for train and validation drawn with ``draw_seed``)."""
     corpus = load_corpus(max_length)
-    index = stratified_split(corpus.labels, sizes, seed=seed)
+    if shots is None:
+        index = stratified_split(corpus.labels, sizes, seed=seed)
+    else:
+        index = few_shot_split(corpus.labels, sizes["test"], shots, draw_seed, split_seed=seed)
     splits = {name: Split(corpus.input_ids[i], corpus.attention_mask[i], corpus.labels[i]) for name, i in index.items()}
     return splits, corpus.classes
