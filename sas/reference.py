@@ -29,7 +29,8 @@ def quantize_rows(x: torch.Tensor, kind: str):
     ``q = round(x * (M / absmax(row)))`` in float32, stored as int8 or float8_e4m3fn; a row of zeros gets
     scale 0 and q 0. ``x`` ~= ``dequantize_rows(q, scale)``, with an error of at most half a step per
     element (a step is ``scale`` for int8; for fp8 it is 2**-3 of the element's own power of two, so small
-    values of a row keep more relative precision than with int8).
+    values of a row keep more relative precision than with int8). A row holding NaN or Inf gets a NaN
+    scale, so its dequantized values are NaN, never silently finite.
 
     Rounding is round-to-nearest (ties to even), not stochastic. The copy is read once, by one GEMM
     (dA = du.T @ x) that sums N products per entry, so the rounding errors of independent elements
@@ -44,10 +45,16 @@ def quantize_rows(x: torch.Tensor, kind: str):
     x2 = x.reshape(rows, x.shape[-1]).float()
     absmax = x2.abs().amax(dim=1) if x2.shape[1] else x2.new_zeros(rows)
     nonzero = absmax > 0
-    inverse = torch.where(nonzero, limit / torch.where(nonzero, absmax, 1.0), 0.0)
+    # A tensor divided by a tensor: `limit / tensor` is computed as limit * (1 / tensor) in PyTorch, two
+    # roundings, where the kernels divide once (IEEE division, rounded once).
+    limits = torch.full_like(absmax, limit)
+    inverse = torch.where(nonzero, limits / torch.where(nonzero, absmax, 1.0), 0.0)
     scaled = (x2 * inverse[:, None]).clamp_(-limit, limit)
     q = scaled.round_().to(torch.int8) if kind == "int8" else scaled.to(torch.float8_e4m3fn)
-    return q, absmax / limit
+    # A row holding NaN or Inf gets a NaN scale (x * 0 is NaN there), so its copy dequantizes to NaN
+    # rather than to finite values nobody asked for.
+    non_finite = (x2 * 0).sum(dim=1)
+    return q, absmax / limits + non_finite
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
