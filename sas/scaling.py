@@ -208,8 +208,12 @@ class ScalingLinear(nn.Module):
         if torch.compiler.is_compiling():  # traced: checked in the graph, nothing cached on the module
             run = self._checked_route(x, weight)
         else:  # full checks and the route once per input signature, then none
-            signature = (x.dtype, x.device, x.dim(), x.shape[-1], torch.is_autocast_enabled(x.device.type),
-                         backends.route_key())
+            try:
+                signature = (x.dtype, x.device, x.dim(), x.shape[-1], torch.is_autocast_enabled(x.device.type),
+                             backends.route_key())
+            except Exception:  # a 0-dim x has no shape[-1], a meta x no autocast state: name the problem
+                self._checked_route(x, weight)
+                raise
             if signature != self._signature:
                 self._route = self._checked_route(x, weight)
                 self._signature = signature

@@ -47,7 +47,8 @@ from torch import nn
 from . import backends as registry
 from . import functional, reference
 from .layer import SaSLinear, adapted_layers
-from .shared import find_shared
+from .scaling import ScalingLinear, ScalingShared, scaled_linear_reference, scaling_layers
+from .model import find_adapter
 
 #: A backend may be this many times less accurate than PyTorch's own computation (docs/design.md section 4).
 ERROR_FACTOR = 2.0
@@ -282,7 +283,7 @@ def classify_call(output: torch.Tensor, x, base, A, B, h, scale: float, task_ids
 @dataclass
 class _Call:
     layer: Optional[str]
-    kind: str  # classify_call's answer
+    kind: str  # classify_call's answer, or "aten" for a scaling layer's own ops
 
 
 @contextlib.contextmanager
@@ -330,6 +331,8 @@ def describe_ran(backend: str, calls: Sequence[_Call]) -> Tuple[str, bool]:
         return f"{backend} ({kinds['fallback']}/{len(calls)} calls fell back)", True
     if kinds["unverified"]:
         return f"{backend} (unverified: no custom autograd node)", False
+    if kinds["aten"] == len(calls):
+        return "aten (scaling layers)", False
     return backend, False
 
 
@@ -472,19 +475,23 @@ def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dt
     current_layer: List[Optional[str]] = [None]
     results: Dict[str, Optional[torch.Tensor]] = {}
     hooks = []
+    calls: List[_Call] = []
     for name, module in model.named_modules():
-        if isinstance(module, SaSLinear):
+        if isinstance(module, (SaSLinear, ScalingLinear)):
             def enter(_module, _args, name=name):
                 current_layer[0] = name
 
-            def leave(_module, _args, output, name=name):
+            def leave(module, _args, output, name=name):
                 key = f"layer {name}"
                 while key in results:  # a layer called again in one forward
                     key += "'"
                 results[key] = output.detach()
+                if isinstance(module, ScalingLinear):  # its own ATen ops on every backend but the reference
+                    ran_oracle = module._route is scaled_linear_reference
+                    calls.append(_Call(name, "fallback" if ran_oracle else "aten"))
             hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     try:
-        with forced_backend(backend), observe_backend(backend, current_layer) as calls:
+        with forced_backend(backend), observe_backend(backend, current_layer) as backend_calls:
             output = model(*leaves)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"compare_model needs a model returning one tensor, got {type(output).__name__}")
@@ -500,23 +507,26 @@ def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dt
             hook.remove()
     results["output"] = output.detach()
     results.update((name, grad) for (name, _), grad in zip(differentiable, grads))
-    return results, calls
+    return results, backend_calls + calls
 
 
 def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] = None,
                   grad_output: Optional[torch.Tensor] = None, case: Optional[str] = None,
                   allow_fallback: bool = False, raise_on_failure: bool = False, seed: int = 0) -> CheckReport:
-    """Compare a :class:`SaSLinear` or an adapted model on every backend with its float64 copy.
+    """Compare a :class:`SaSLinear` or an adapted model (SaS or SSL/SSB scaling) on every backend with its
+    float64 copy.
 
     Runs ``model(*inputs)`` once per backend (through :func:`sas.set_backend`, restored afterwards) in
     eval mode, and checks the output, every adapted layer's output, and the gradients of the
     floating-point inputs and of every trainable parameter (A, B, embeddings, hypernetwork, ...).
-    Freshly injected adapters have ``B = 0`` and ``h`` close to 1, which hides most kernel bugs:
-    see :func:`randomize_adapter`.
+    Freshly injected adapters have ``B = 0`` and ``h`` close to 1 (scaling adapters: every scale 1),
+    which hides most kernel bugs: see :func:`randomize_adapter`. A scaling layer runs the same ATen ops
+    on every backend but the reference, where it runs its oracle
+    (:func:`sas.scaling.scaled_linear_reference`), PyTorch's own computation of the bound.
     """
-    layers = adapted_layers(model) if not isinstance(model, SaSLinear) else [model]
+    layers = [model] if isinstance(model, SaSLinear) else adapted_layers(model) + scaling_layers(model)
     if not layers:
-        raise ValueError("model has no SaSLinear layers; call sas.inject first")
+        raise ValueError("model has no SaSLinear or ScalingLinear layers; call sas.inject first")
     if any(layer.merged for layer in layers):
         raise ValueError("model is merged, so no adapter op runs; call sas.unmerge first")
     dtype = _floating_dtype(model)
@@ -560,14 +570,20 @@ def randomize_adapter(model: nn.Module, seed: int = 0, up_std: float = 0.1, modu
     With ``B = 0`` the gradients of A and h are exactly zero and a kernel that ignores ``h`` or the
     scale gives the right answer. ``B ~ N(0, up_std^2)`` (0.1: the update is about a third of a
     timm-initialised layer's output) and hypernetwork output weights ``~ N(0, modulation_std^2)``
-    (0.5: ``h`` spreads over about 0.5..1.5) make every part of the op visible. In place; returns ``model``.
+    (0.5: ``h`` spreads over about 0.5..1.5) make every part of the op visible. A scaling adapter's
+    scales start at exactly 1, where a layer that drops one of them is still right: each becomes
+    ``1 + N(0, modulation_std^2)``. In place; returns ``model``.
     """
-    shared = model.shared if isinstance(model, SaSLinear) else find_shared(model)
+    shared = model.shared if isinstance(model, SaSLinear) else find_adapter(model)
     if shared is None:
-        raise ValueError("model has no SaS adapter; call sas.inject first")
+        raise ValueError("model has no SaS or scaling adapter; call sas.inject first")
+    if isinstance(shared, ScalingShared):
+        draws = [(scale, 1.0, modulation_std) for scale in shared.parameters()]
+    else:
+        draws = [(B, 0.0, up_std) for B in shared.up.values()] + [(shared.hyper.output.weight, 0.0, modulation_std)]
     generator = torch.Generator().manual_seed(seed)
-    for tensor, std in [(B, up_std) for B in shared.up.values()] + [(shared.hyper.output.weight, modulation_std)]:
-        tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std)
+    for tensor, mean, std in draws:
+        tensor.copy_(mean + torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std)
     return model
 
 
