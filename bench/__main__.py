@@ -1,4 +1,4 @@
-"""``python -m bench``: op, layer, model and host benchmarks; table on stdout, JSON + CSV under bench/results/."""
+"""``python -m bench``: op, layer, model, host and memory benchmarks; table on stdout, JSON + CSV under bench/results/."""
 from __future__ import annotations
 
 import argparse
@@ -6,21 +6,23 @@ from pathlib import Path
 
 import torch
 
-from . import host
+from . import host, memory
 from .cases import ALL_PROVIDERS, VIT_SHAPES
 from .run import RESULTS_DIR, collect_meta, format_table, run_benchmarks, write_results
 from .timing import TIMING_MODES
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-LEVELS = ("op", "layer", "model")  # "all" runs these; "host" runs alone (its rows have other fields)
+LEVELS = ("op", "layer", "model")  # "all" runs these; "host" and "memory" run alone (their rows have other fields)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--level", choices=LEVELS + ("all", "host"), default="all",
+    parser.add_argument("--level", choices=LEVELS + ("all", "host", "memory"), default="all",
                         help="which level to run (default all = op, layer, model; host: host time per call and "
-                             "device ops / saved bytes per adapted layer, see bench/host.py)")
+                             "device ops / saved bytes per adapted layer, see bench/host.py; memory: saved bytes "
+                             "per layer and the training step's peak, predicted and on CUDA measured, and the "
+                             "error of dA per SaS mode, see bench/memory.py and docs/memory.md)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -41,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(replay of a captured call: device time alone; CUDA only)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no case after this many seconds (the rest are recorded as skipped)")
+    parser.add_argument("--memory-parts", nargs="+", choices=memory.PARTS, default=None,
+                        help="memory level: run only these parts (default all that apply: measured needs cuda)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -53,7 +57,19 @@ def main(argv=None) -> None:
         raise SystemExit("--device cuda: no CUDA device is visible to PyTorch")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     size = "full" if args.full else "tiny" if args.tiny else "quick"
-    if args.level == "host":
+    if args.level == "memory":
+        if args.dtype is not None and DTYPES[args.dtype] != memory.AUTOCAST_DTYPE:
+            raise SystemExit(f"--level memory runs under bf16 autocast (the issue's setting), not --dtype {args.dtype}")
+        settings = memory.SIZES[size]
+        result = {"meta": collect_meta(torch.device(device), memory.AUTOCAST_DTYPE, size, ["memory"],
+                                       memory.memory_notes(device, settings), None),
+                  "rows": memory.run_memory(device, size, args.memory_parts, args.quiet, args.budget_s)}
+        summary = memory.format_memory_markdown(result)
+        print(summary)
+        paths = write_results(result, args.out, memory.MEMORY_FIELDS)
+        paths.append(paths[0].with_suffix(".md"))
+        paths[-1].write_text(summary)
+    elif args.level == "host":
         result = {"meta": collect_meta(torch.device(device), dtype, size, ["host"], host.host_notes(device), None),
                   "rows": host.run_host(device, dtype, size)}
         print(host.format_host_table(result))

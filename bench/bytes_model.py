@@ -65,3 +65,13 @@ def layer_backward_bytes(element_size: int, rows: int, d_in: int, d_out: int, ra
 def pass_bytes(forward: int, backward: int, pass_name: str) -> int:
     """Bytes of one timed pass ("forward", "backward" or "forward+backward")."""
     return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[pass_name]
+
+
+#: The 8-bit saved-input modes keep one float32 scale per row of x.
+ROW_SCALE_BYTES = 4
+
+
+def saved_adapter_bytes(rows: int, d_in: int, rank: int, x_element_bytes: int, row_scale_bytes: int = 0) -> int:
+    """Bytes an adapted layer keeps for its backward beyond the frozen layer's: x at ``x_element_bytes``
+    per element (0 when A is frozen and x is not kept), ``row_scale_bytes`` per row, and the float32 u."""
+    return rows * (d_in * x_element_bytes + row_scale_bytes) + SAVED_U_BYTES * rows * rank

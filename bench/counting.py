@@ -17,7 +17,7 @@ import collections
 import contextlib
 import os
 import sys
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -110,20 +110,25 @@ def count_device_ops(fn: Callable[[], object]) -> DeviceOps:
     return DeviceOps(sum(mode.names.values()), launches.count, names)
 
 
-def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = (),
+                on_new_storage: Optional[Callable[[torch.Tensor], None]] = None) -> int:
     """Bytes of the tensors autograd saves for the backward while ``fn()`` runs, each storage once.
 
     Tensors sharing a storage (views, or the same tensor saved by two nodes) count once, at the
     storage's size. Storages of ``exclude`` (typically the model's parameters, which stay resident
     whether saved or not) are left out, so the figure is the memory the backward adds.
+    ``on_new_storage(tensor)`` is called with the first saved tensor of each counted storage, at the
+    moment it is saved (``bench.memory`` attributes the bytes to the module running then).
     """
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
     seen = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
+        if storage.data_ptr() not in excluded and storage.data_ptr() not in seen:
             seen[storage.data_ptr()] = storage  # held, so no later tensor can reuse its address
+            if on_new_storage is not None:
+                on_new_storage(tensor)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
