@@ -7,9 +7,12 @@ a lent GPU shows correctness before speed:
    (its JSON report lands beside the results);
 2. ``make test-gpu``: the CUDA tests;
 3. the host level (``--level host``): host us per call and the structural counts;
-4. the op level, timed eager and as CUDA-graph replay (device time without host work);
-5. the layer level at the issue's ViT-B shapes and 25,216 rows (batch 128), eager and CUDA graph;
-6. the model level, ViT-B/16 at batch 128: eager and ``torch.compile`` training steps (SaS, PEFT LoRA,
+4. the memory level's GPU parts (``--level memory``): the training step's measured peak at ViT-B/16
+   batch 128 for the frozen model, SaS in every mode and PEFT LoRA, and dA's error per SaS mode (the
+   CPU-counted parts are exact on any machine and take minutes on one thread: run them on CPU);
+5. the op level, timed eager and as CUDA-graph replay (device time without host work);
+6. the layer level at the issue's ViT-B shapes and 25,216 rows (batch 128), eager and CUDA graph;
+7. the model level, ViT-B/16 at batch 128: eager and ``torch.compile`` training steps (SaS, PEFT LoRA,
    the frozen floor), eager inference.
 
 The whole run is held to ``--deadline-s`` (default 520 s, under the 9 minutes an H100 run may take):
@@ -43,6 +46,8 @@ LAYER_ROWS = 197 * 128
 LAYER_PROVIDERS = ("sas", "sas-fused", "reference", "peft-lora", "frozen")
 MODEL_PROVIDERS = ("sas", "reference", "peft-lora", "frozen", "sas-compiled", "peft-lora-compiled", "frozen-compiled")
 MODEL_BATCH = 128
+# The memory level's parts a run of the suite takes: on CPU (the --tiny smoke test) no peak is measured.
+MEMORY_PARTS = {"cuda": ("measured", "dA"), "cpu": ("dA",)}
 
 
 @dataclass
@@ -66,6 +71,9 @@ def default_steps(device: str, tiny: bool, out: Path) -> List[Step]:
                        "--json", str(out / f"check_{device}.json")], timeout_s=120),
         Step("test-gpu", ["make", "--no-print-directory", "test-gpu", f"PYTHON={py}"], timeout_s=300),
         Step("host", bench + ["--level", "host"], timeout_s=90),
+        # Six ViT-B builds and two batch-128 steps each, then one forward and 16 layer steps for dA.
+        Step("memory", bench + ["--level", "memory", "--memory-parts", *MEMORY_PARTS[device]],
+             timeout_s=100, budget_s=70),
         Step("op", bench + ["--level", "op", *graph, *shape(OP_SHAPES)], timeout_s=140, budget_s=90),
         Step("layer", bench + ["--level", "layer", *graph, *shape(LAYER_SHAPES),
                                *([] if tiny else ["--rows", str(LAYER_ROWS)]),

@@ -210,11 +210,12 @@ def test_suite_reports_each_step_and_goes_on_after_failures(tmp_path):
 
 def test_suite_steps_cover_the_gpu_run():
     steps = suite.default_steps("cuda", tiny=False, out=suite.RESULTS_DIR)
-    assert [s.name for s in steps] == ["check", "test-gpu", "host", "op", "layer", "model"]
+    assert [s.name for s in steps] == ["check", "test-gpu", "host", "memory", "op", "layer", "model"]
     assert steps[0].argv[1:6] == ["-m", "sas.check", "--device", "cuda", "--quick"]  # correctness first
     assert steps[1].argv[:3] == ["make", "--no-print-directory", "test-gpu"]
     by_name = {s.name: " ".join(s.argv) for s in steps}
     assert "--timing eager cuda-graph" in by_name["op"] and "--timing eager cuda-graph" in by_name["layer"]
     assert "sas-compiled" in by_name["model"] and "frozen-compiled" in by_name["model"]
+    assert "--level memory --memory-parts measured dA" in by_name["memory"]
     assert sum(s.timeout_s for s in steps) >= suite.DEFAULT_DEADLINE_S  # the deadline is what binds
     assert suite.DEFAULT_DEADLINE_S < 9 * 60
