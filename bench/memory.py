@@ -140,7 +140,8 @@ def build_training(config: str, settings: MemorySettings, device: torch.device) 
     def step(images, labels):
         loss = F.cross_entropy(forward(images).float(), labels)
         if optimizer is None:
-            torch.autograd.grad(loss, [tokens["patch_embed"]])
+            # Popped, not read: a tensor kept to the next step would be in that step's memory.
+            torch.autograd.grad(loss, [tokens.pop("patch_embed")])
             return
         loss.backward()
         optimizer.step()
