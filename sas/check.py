@@ -4,12 +4,15 @@ Sweeps a grid of op calls (odd sizes, ranks 1..64, leading dims, non-contiguous 
 per-task modulations) in every dtype the device supports, on every backend present, compares the
 output and all gradients with :mod:`sas.testing`, prints a table and a one-line verdict, and exits
 non-zero on any mismatch, error or silent fallback. ``--model NAME`` checks a whole adapted timm model
-(random weights) instead. Examples::
+(random weights) instead. ``--adapter ssl|ssb`` checks the SSL/SSB scaling adapters instead of SaS: the
+grid's shapes (odd sizes, leading dims, strided inputs, zero rows) as one scaled Linear each, or the model
+with its targets scaled, the scales drawn away from 1. Examples::
 
     python -m sas.check                       # the full grid on the default device
     python -m sas.check --quick --json out.json
     python -m sas.check --model vit_base_patch16_224 --device cuda
     python -m sas.check --triton-interpret    # CPU: include the Triton kernels through the interpreter
+    python -m sas.check --adapter ssb --quick
 """
 from __future__ import annotations
 
@@ -23,14 +26,17 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from . import backends
 from .config import VIT_TARGETS, SaSConfig
 from .model import inject, plan_injection
+from .scaling import SCALING_KINDS, ScalingConfig
 from .testing import CheckReport, OpCase, compare_model, compare_op, randomize_adapter
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ADAPTERS = ("sas",) + SCALING_KINDS
 
 # Rows <= 300 and dims <= 257 keep Triton's interpreter (docs/design.md section 5) within the time a
 # self-test should take; the sizes straddle the kernels' power-of-two blocks.
@@ -118,13 +124,21 @@ def _check_device(parser: argparse.ArgumentParser, name: str) -> None:
         parser.error(f"--device {name!r}: cannot allocate on it ({str(exc).splitlines()[0]})")
 
 
-def _check_model(parser: argparse.ArgumentParser, name: str, targets: Optional[str]) -> None:
+def model_config(adapter: str, targets: Optional[str]):
+    """The config ``--model`` injects: ``adapter``'s, on ``--targets`` (default: the ViT roles)."""
+    names = targets.split(",") if targets else list(VIT_TARGETS)
+    if adapter in SCALING_KINDS:
+        return ScalingConfig(kind=adapter, targets=names)
+    return SaSConfig(targets=names, scale=MODEL_SCALE)
+
+
+def _check_model(parser: argparse.ArgumentParser, name: str, targets: Optional[str], adapter: str) -> None:
     import timm
 
     if not timm.is_model(name):
         parser.error(f"--model {name!r}: not a timm model name (see timm.list_models())")
     try:
-        config = SaSConfig(targets=targets.split(",") if targets else list(VIT_TARGETS), scale=MODEL_SCALE)
+        config = model_config(adapter, targets)
     except ValueError as exc:
         parser.error(f"--targets {targets!r}: {exc}")
     try:
@@ -173,6 +187,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="check this whole timm model (random weights, SaS injected) instead of the op grid")
     parser.add_argument("--targets", default=None,
                         help="comma-separated Linear names or suffixes to adapt with --model (default: the ViT roles)")
+    parser.add_argument("--adapter", default="sas", choices=ADAPTERS,
+                        help="which adapter to check: SaS (default) or the SSL/SSB scaling adapters")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the --model input (default 1)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the full report as JSON")
     parser.add_argument("--allow-fallback", action="store_true",
@@ -194,7 +210,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.targets is not None and not args.model:
         parser.error("--targets only applies with --model")
     if args.model:
-        _check_model(parser, args.model, args.targets)
+        _check_model(parser, args.model, args.targets, args.adapter)
     if args.json:
         _check_json_path(parser, args.json)
     return args
@@ -205,17 +221,34 @@ def check_grid(device: torch.device, dtypes: List[str], args, progress):
     tasks = [(case, dtype) for case in op_cases(args.quick) for dtype in dtypes]
     for index, (case, dtype) in enumerate(progress(tasks, desc="sas.check", unit="case")):
         inputs = case.make_inputs(DTYPES[dtype], device, seed=args.seed + index)
+        if args.adapter in SCALING_KINDS:
+            report.extend(_check_scaled_case(case, inputs["x"], args, seed=args.seed + index))
+            continue
         report.extend(compare_op(**inputs, backends=args.backend, case=case.describe(),
                                  allow_fallback=args.allow_fallback, seed=args.seed + index))
     return report
 
 
+def _check_scaled_case(case: OpCase, x: torch.Tensor, args, seed: int) -> CheckReport:
+    """One grid case for a scaling adapter: a Linear of the case's shape (with a bias on every other seed),
+    scaled and randomized, checked on ``x`` as the case laid it out (strided where the case is)."""
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(case.d_in, case.d_out, bias=seed % 2 == 0)
+    with torch.no_grad():
+        for parameter in linear.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * max(case.d_in, 1) ** -0.5)
+    model = inject(nn.Sequential(linear), ScalingConfig(kind=args.adapter, targets=["0"]))
+    randomize_adapter(model, seed=seed).to(x.device, x.dtype)
+    name = f"{args.adapter} [{'x'.join(map(str, case.leading + (case.d_in,)))}->{case.d_out}" + \
+           (" strided]" if case.noncontiguous or case.column_slices else "]")
+    return compare_model(model, x, backends=args.backend, case=name, allow_fallback=args.allow_fallback, seed=seed)
+
+
 def check_model(device: torch.device, dtypes: List[str], args, progress):
     import timm  # only the model check needs it, and importing it costs about a second
 
-    targets = args.targets.split(",") if args.targets else list(VIT_TARGETS)
     torch.manual_seed(args.seed)
-    model = inject(timm.create_model(args.model, pretrained=False), SaSConfig(targets=targets, scale=MODEL_SCALE))
+    model = inject(timm.create_model(args.model, pretrained=False), model_config(args.adapter, args.targets))
     randomize_adapter(model, seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     images = torch.randn((args.batch,) + tuple(model.pretrained_cfg["input_size"]), generator=generator)

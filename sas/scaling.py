@@ -168,7 +168,7 @@ class ScalingLinear(nn.Module):
         object.__setattr__(self, "shared", shared)  # referenced, not registered: each scale is saved once
         self.layer_index = layer_index
         self._signature: Optional[tuple] = None  # the last input signature forward() validated and routed
-        self._route = None  # scaled_linear, or the reference when the reference backend is in force
+        self._route = None  # scaled_linear, or the oracle where the reference backend is forced
         # Merge state, kept as SaSLinear keeps it (the bookkeeping methods below are SaSLinear's own).
         self.register_buffer("sas_merged", torch.zeros((), dtype=torch.bool, device=base_layer.weight.device))
         self._merged = False
@@ -221,8 +221,9 @@ class ScalingLinear(nn.Module):
         return run(x, weight, bias, input_scale, output_scale)
 
     def _checked_route(self, x: torch.Tensor, weight: torch.Tensor):
-        """Validate ``x`` against the frozen layer and pick the route: the reference backend runs the
-        oracle, every other backend the fast path (plain ATen ops, the same on every device)."""
+        """Validate ``x`` against the frozen layer and pick the route: the oracle where the reference backend
+        is forced (``sas.set_backend("reference")``, ``SAS_BACKEND=reference``), else the fast path (plain
+        ATen ops, the same on every device and backend, also where no kernel backend is built)."""
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ScalingLinear takes x of shape (..., in_features={self.in_features}), "
                              f"got {tuple(x.shape)}")
@@ -232,7 +233,7 @@ class ScalingLinear(nn.Module):
             raise ValueError(f"device mismatch: x is on {x.device} but ScalingLinear's weights are on "
                              f"{weight.device}")
         backends.compute_dtype(x, weight)  # outside autocast x must have the weight's dtype
-        if backends.is_oracle(backends.resolve_backend(x.device)):
+        if backends.is_oracle(backends.get_backend()):
             return scaled_linear_reference
         return scaled_linear
 

@@ -293,7 +293,7 @@ def observe_backend(name: str, current_layer: Optional[List[Optional[str]]] = No
     ``current_layer`` is a one-item list holding the name of the layer running, set by model hooks.
     """
     calls: List[_Call] = []
-    if registry.is_oracle(name):
+    if registry.is_oracle(name) or name == "auto":  # "auto": no one backend's op to watch
         yield calls
         return
     record = registry.load(name)
@@ -465,12 +465,37 @@ def _floating_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+def _scale_gradient_terms(layer: ScalingLinear, x: torch.Tensor, grad: torch.Tensor, names: Dict[int, str],
+                          terms: Dict[str, torch.Tensor]) -> None:
+    """Add one call's share of the rule's ``T`` for the gradients of ``layer``'s scales to ``terms``.
+
+    ``da_j = sum_n x_nj sum_i g_ni b_i W_ij`` and ``db_i = sum_n g_ni sum_j a_j x_nj W_ij`` each sum
+    rows * width products, most of which cancel (the module docstring's case): T is the sum of their
+    absolute values, the computation on ``|x|``, ``|g|``, ``|a|``, ``|b|``, ``|W|``, as for an op call.
+    """
+    input_scale, output_scale = (None if s is None else s.detach().abs().double() for s in layer.scales())
+    weight = layer.base_layer.weight.detach().abs().double()
+    x = x.detach().abs().double().reshape(-1, layer.in_features)
+    grad = grad.detach().abs().double().reshape(-1, layer.out_features)
+    upstream = grad if output_scale is None else grad * output_scale
+    shares = [(layer.scales()[0], (x * (upstream @ weight)).sum(0))]
+    if output_scale is not None:
+        shares.append((layer.scales()[1], (grad * ((x * input_scale) @ weight.T)).sum(0)))
+    for scale, share in shares:
+        key = f"grad {names[id(scale)]}"
+        terms[key] = terms[key] + share if key in terms else share
+
+
 def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dtype,
-               grad_output: Optional[torch.Tensor], seed: int) -> Tuple[Dict[str, Optional[torch.Tensor]], List[_Call]]:
+               grad_output: Optional[torch.Tensor], seed: int, terms: Optional[Dict[str, torch.Tensor]] = None
+               ) -> Tuple[Dict[str, Optional[torch.Tensor]], List[_Call]]:
     """Output, every adapted layer's output and every gradient of ``model`` on ``backend``.
 
     Without ``grad_output`` the upstream gradient is standard normal drawn from ``seed``: equal in every run.
+    With ``terms`` (a dict, filled in), also the size of the terms each scaling adapter's scale
+    gradient sums (:func:`_scale_gradient_terms`).
     """
+    names = {id(p): n for n, p in model.named_parameters()}
     leaves = [_leaf(t, dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
     current_layer: List[Optional[str]] = [None]
     results: Dict[str, Optional[torch.Tensor]] = {}
@@ -481,7 +506,7 @@ def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dt
             def enter(_module, _args, name=name):
                 current_layer[0] = name
 
-            def leave(module, _args, output, name=name):
+            def leave(module, args, output, name=name):
                 key = f"layer {name}"
                 while key in results:  # a layer called again in one forward
                     key += "'"
@@ -489,6 +514,9 @@ def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dt
                 if isinstance(module, ScalingLinear):  # its own ATen ops on every backend but the reference
                     ran_oracle = module._route is scaled_linear_reference
                     calls.append(_Call(name, "fallback" if ran_oracle else "aten"))
+                    if terms is not None and output.requires_grad:
+                        output.register_hook(
+                            lambda grad, layer=module, x=args[0]: _scale_gradient_terms(layer, x, grad, names, terms))
             hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     try:
         with forced_backend(backend), observe_backend(backend, current_layer) as backend_calls:
@@ -522,7 +550,9 @@ def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] =
     Freshly injected adapters have ``B = 0`` and ``h`` close to 1 (scaling adapters: every scale 1),
     which hides most kernel bugs: see :func:`randomize_adapter`. A scaling layer runs the same ATen ops
     on every backend but the reference, where it runs its oracle
-    (:func:`sas.scaling.scaled_linear_reference`), PyTorch's own computation of the bound.
+    (:func:`sas.scaling.scaled_linear_reference`), PyTorch's own computation of the bound. The
+    rounding unit of a scale's gradient is taken at the size of the terms it sums, as for an op call
+    (:func:`_scale_gradient_terms`); every other tensor's at its own largest value.
     """
     layers = [model] if isinstance(model, SaSLinear) else adapted_layers(model) + scaling_layers(model)
     if not layers:
@@ -537,10 +567,16 @@ def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] =
     try:
         exact_model = copy.deepcopy(model).to(torch.float64)
         oracle = registry.REFERENCE.name
-        exact, _ = _run_model(exact_model, inputs, oracle, torch.float64, grad_output, seed)
+        terms: Dict[str, torch.Tensor] = {}
+        exact, _ = _run_model(exact_model, inputs, oracle, torch.float64, grad_output, seed, terms)
         del exact_model
         low_precision, _ = _run_model(model, inputs, oracle, dtype, grad_output, seed)
         report = CheckReport(allow_fallback=allow_fallback)
+        if backends is None and scaling_layers(model):
+            # Scaling layers run their fast path on every backend but the reference. "auto", the setting a
+            # model trains under, is checked too: it runs that path also where no other backend is built or
+            # checkable in this dtype (the interpreted Triton backend in bf16).
+            backends = registry.available_backends(device) + ["auto"]
         for backend in _checkable_backends(report, backends, case, device, dtype):
             try:
                 got, calls = (low_precision, []) if registry.is_oracle(backend) else _run_model(
@@ -557,7 +593,7 @@ def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] =
                     layer = tensor[len("layer "):].rstrip("'")
                     ran = describe_ran(backend, [c for c in calls if c.layer == layer])
                 report.checks.append(check_tensor(case, backend, ran, tensor, got.get(tensor), value,
-                                                  low_precision[tensor]))
+                                                  low_precision[tensor], terms.get(tensor)))
     finally:
         model.train(was_training)
     return report.raise_if_failed() if raise_on_failure else report

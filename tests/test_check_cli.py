@@ -34,6 +34,19 @@ def test_seeds_at_both_ends_of_the_range_run(seed, capsys):
     assert "sas.check: PASS" in capsys.readouterr().out
 
 
+def test_an_unknown_adapter_is_bad_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        check.parse_args(["--adapter", "ia3"])
+    assert exit_info.value.code == 2 and "argument --adapter: invalid choice: 'ia3'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("adapter", ["ssl", "ssb"])
+def test_the_scaling_adapters_grid_passes_and_checks_their_fast_path(adapter, capsys):
+    assert check.main(["--quick", "--adapter", adapter, "--dtype", "fp32,bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "sas.check: PASS" in out and f"{adapter} [0x64->48]" in out and "aten (scaling layers)" in out
+
+
 def test_a_report_that_cannot_be_written_after_the_run_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "reports"
     folder.mkdir()

@@ -133,8 +133,21 @@ def test_the_check_catches_a_fast_path_that_drops_the_output_scale(monkeypatch):
         return F.linear(x * input_scale, weight, bias)
 
     monkeypatch.setattr(scaling, "scaled_linear", without_output_scale)
-    report = compare_model(scaled_mlp("ssb"), torch.randn(5, 12), backends=["cpp"])
+    report = compare_model(scaled_mlp("ssb"), torch.randn(5, 12))
     assert not report.passed and any(c.status == "FAIL" for c in report.checks)
+
+
+def test_the_fast_path_runs_and_is_checked_where_only_the_reference_backend_is_built(monkeypatch):
+    model = scaled_mlp("ssl")
+    monkeypatch.setattr(sas.backends, "available_backends", lambda device: ["reference"])
+    report = compare_model(model, torch.randn(3, 12))
+    assert report.passed and {(c.backend, c.ran) for c in report.checks} == \
+           {("reference", "reference"), ("auto", "aten (scaling layers)")}
+    model(torch.randn(3, 12))
+    assert model.out._route is scaling.scaled_linear  # training never runs the oracle unless it is forced
+    with forced_backend("reference"):
+        model(torch.randn(3, 12))
+        assert model.out._route is scaling.scaled_linear_reference
 
 
 @pytest.mark.parametrize("kind", KINDS)
