@@ -54,25 +54,61 @@ def test_split_is_deterministic_disjoint_and_stratified(corpus):
 
 
 def test_quick_run_lowers_the_loss_and_writes_the_documented_files(tmp_path):
-    result = compare.main(["--quick", "--methods", "head-only", "sas", "--out", str(tmp_path), "--quiet"])
+    # sas-mpcd is rank-8 SaS trained with the diagonal pattern penalty: the sas path plus the penalty's.
+    result = compare.main(["--quick", "--methods", "head-only", "sas-mpcd", "--out", str(tmp_path), "--quiet",
+                           "--threads", "1"])
     for run in result["runs"]:
         assert run["train_losses"][-1] < run["train_losses"][0], run
         assert run["val_loss"] < run["val_loss_before"], run
 
     (json_path,) = tmp_path.glob("*accuracy*.json")
     rows = json.loads(json_path.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["head-only", "sas"]
+    assert [r["method"] for r in rows] == ["head-only", "sas-mpcd"]
     for row in rows:
         assert list(row) == compare.ROW_FIELDS
         assert 0 <= row["accuracy_mean"] <= 100 and row["accuracy_std"] >= 0
         assert isinstance(row["trainable_params"], int) and row["trainable_params"] > 0
         assert row["adapter_bytes"] > 0 and row["epoch_time_s"] > 0
     head, sas_row = rows
+    assert head["best_penalty_coef"] is None and sas_row["best_penalty_coef"] == QUICK.penalty_coefs["sas-mpcd"][0]
+    assert result["runs"][1]["penalty_coef"] == sas_row["best_penalty_coef"]
     assert head["trainable_params"] == 384 * 5 + 5 and head["adapter_params"] == 0
     assert sas_row["adapter_params"] == sas_row["trainable_params"] - head["trainable_params"] > 0
     suffixes = {p.suffix for p in tmp_path.iterdir()}
     assert suffixes == {".json", ".csv", ".md", ".png"}
-    assert "| sas |" in (json_path.with_suffix(".md")).read_text()
+    assert "| sas-mpcd |" in (json_path.with_suffix(".md")).read_text()
+
+
+def test_few_shot_draw_is_k_per_class_seeded_and_keeps_the_full_jobs_test_split(corpus):
+    full = data.stratified_split(corpus.labels, {"test": 445, "val": 220, "train": 320}, seed=0)
+    draw = data.few_shot_split(corpus.labels, 445, shots=4, seed=3)
+    assert torch.equal(draw["test"], full["test"])
+    assert torch.equal(draw["train"], data.few_shot_split(corpus.labels, 445, shots=4, seed=3)["train"])
+    assert not torch.equal(draw["train"], data.few_shot_split(corpus.labels, 445, shots=4, seed=4)["train"])
+    for name in ("train", "val"):
+        assert torch.bincount(corpus.labels[draw[name]], minlength=5).tolist() == [4] * 5
+    assert torch.cat(list(draw.values())).unique().numel() == 445 + 2 * 20  # disjoint
+    with pytest.raises(ValueError, match="fewer than"):
+        data.few_shot_split(corpus.labels, 445, shots=200, seed=0)
+
+
+def test_quick_few_shot_run_and_merging_pieces(tmp_path):
+    result = compare.main(["--quick", "--shots", "2", "--methods", "head-only", "--out", str(tmp_path),
+                           "--tag", "piece", "--quiet", "--threads", "1"])
+    assert result["meta"]["settings"]["shots"] == 2 and result["meta"]["settings"]["train_size"] == 10
+    (path,) = tmp_path.glob("*_accuracy_2shot_quick_piece.json")
+
+    # A second piece of the same setting (its method renamed) merges; rows follow METHODS order.
+    other = json.loads(path.read_text())
+    other["rows"][0]["method"] = "sas"
+    merged = compare.merge_results([other, result])
+    assert [r["method"] for r in merged["rows"]] == ["head-only", "sas"]
+    assert len(merged["runs"]) == 2 and len(merged["meta"]["sources"]) == 2
+    with pytest.raises(ValueError, match="more than one"):
+        compare.merge_results([result, result])
+    other["meta"]["settings"]["shots"] = None
+    with pytest.raises(ValueError, match="different settings.*shots"):
+        compare.merge_results([result, other])
 
 
 def _run_job(args, out):

@@ -350,7 +350,8 @@ def merge_results(results: List[Dict]) -> Dict:
     first = results[0]["meta"]["settings"]
     for result in results[1:]:
         settings = result["meta"]["settings"]
-        differ = [k for k in COMPARABLE_SETTINGS if settings.get(k) != first.get(k)]
+        # Compared as JSON: a result read from its file holds lists where one in memory holds tuples.
+        differ = [k for k in COMPARABLE_SETTINGS if json.dumps(settings.get(k)) != json.dumps(first.get(k))]
         if differ:
             raise ValueError(f"cannot merge results run with different settings: {differ} "
                              f"({[settings.get(k) for k in differ]} vs {[first.get(k) for k in differ]})")
