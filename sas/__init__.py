@@ -11,7 +11,7 @@ Public API::
     with sas.tasks(model, task_ids): model(x)      # SaSConfig(num_tasks=T): one task per batch element
 """
 from . import functional, reference
-from .config import BERT_LINEAR_TARGETS, VIT_TARGETS, SaSConfig
+from .config import BERT_LINEAR_TARGETS, LLAMA_TARGETS, VIT_TARGETS, SaSConfig
 from .backends import available_backends, get_backend, resolve_backend, set_backend
 from .io import load_adapter, save_adapter
 from .layer import SaSLinear, adapted_layers
@@ -28,5 +28,5 @@ __all__ = [
     "inject", "merge", "unmerge", "count_parameters", "print_trainable_parameters",
     "save_adapter", "load_adapter", "tasks", "add_task", "functional", "reference",
     "set_backend", "get_backend", "resolve_backend", "available_backends", "pattern_penalty",
-    "ScalingConfig", "ScalingLinear", "ScalingShared",
+    "ScalingConfig", "ScalingLinear", "ScalingShared", "LLAMA_TARGETS",
 ]

@@ -17,6 +17,13 @@ VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 #: the pattern anchors on the layer index to keep them apart (PEFT takes the same full-match regex).
 BERT_LINEAR_TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 
+#: Every Linear of a LLaMA-style decoder block (LLaMA, Mistral, Qwen2 and Gemma name them so): attention's
+#: q/k/v/o projections and the gated MLP's gate/up/down. Each suffix is a role, so with sharing="role" (the
+#: default) the q_proj of every block shares one A and one B, and so on: 7 sharing groups, each layer keeping
+#: its own h. Under grouped-query attention k_proj and v_proj are narrower than q_proj; being roles of their
+#: own, they never need splitting by shape. The LM head (lm_head) stays frozen.
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 SHARING_CHOICES = ("role", "shape", "layer")
 ACTIVATION_CHOICES = ("tanh", "relu", "gelu")
 LAYER_OP_CHOICES = ("kernels", "fold")

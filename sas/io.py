@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from ._sharding import refuse_partial_or_duplicate_save
 from .config import SaSConfig, parse_json
 from .model import SHARED_ATTRIBUTE, build_shared, find_adapter, inject, plan_injection
 from .scaling import adapter_kind, config_from_description
@@ -170,6 +171,7 @@ def save_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
     """
     directory = Path(directory)
     tensors = adapter_state_dict(model)
+    refuse_partial_or_duplicate_save(model, tensors)
     shared = find_adapter(model)
     save_id = uuid.uuid4().hex
     meta = {

@@ -14,6 +14,7 @@ from .config import SaSConfig
 from .targets import matches, regex_fullmatches
 from .layer import SaSLinear
 from .shared import HyperNetwork, SaSShared
+from ._sharding import refuse_sharded_weights
 from .multitask import check_task, refuse_open_contexts_for_other_tasks
 from .scaling import ScalingConfig, ScalingLinear, ScalingShared
 
@@ -284,6 +285,7 @@ def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
       unmerged (its pre-merge weights are not in the state), it serves merged inference.
     """
     layers = _require_adapted(model)
+    refuse_sharded_weights(layers, "merge")
     shared = layers[0].shared
     if isinstance(shared, ScalingShared):
         if task is not None:
@@ -318,6 +320,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     merge, so that what merge remembered no longer describes it.
     """
     layers = [layer for layer in _require_adapted(model) if layer.merged]
+    refuse_sharded_weights(layers, "unmerge")
     for layer in layers:
         reason = layer.unmerge_refusal()
         if reason is not None:

@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_run import run_processes
 
 import sas
 from sas import SaSConfig
@@ -34,25 +34,20 @@ def _adapter_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, rendezvous, out_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        model = _build_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        images, labels = _batch(model)
-        shard = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
-        torch.nn.functional.cross_entropy(ddp(images[shard]), labels[shard]).backward()
-        if rank == 0:
-            torch.save(_adapter_grads(model), out_path)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, out_path):
+    model = _build_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    images, labels = _batch(model)
+    shard = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
+    torch.nn.functional.cross_entropy(ddp(images[shard]), labels[shard]).backward()
+    if rank == 0:
+        torch.save(_adapter_grads(model), out_path)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_ddp_two_processes_match_one_process(tmp_path):
     out_path = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), out_path), nprocs=WORLD_SIZE, join=True)
+    run_processes(_worker, tmp_path, out_path, world_size=WORLD_SIZE)
     distributed = torch.load(out_path)
 
     model = _build_model()
