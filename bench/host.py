@@ -6,20 +6,22 @@ is host work: Python, autograd, dispatch and launches. Three kinds of row:
 * **host time** (``unit`` "us"): microseconds per call, for ``op forward`` (no grad), ``op
   forward+backward`` and ``layer forward+backward``. Providers: ``sas`` (the public op, one row per
   available backend), ``sas-inject`` (``sas.inject`` on a one-Linear model, called through the model so
-  the hypernetwork runs as in training), ``sas-layer`` (``SaSLinear.from_linear`` alone), ``frozen``
-  (the ``nn.Linear``), ``lora`` (a frozen Linear plus a hand-written LoRA in plain torch, same rank)
-  and ``peft-lora`` (when PEFT is installed). Every timing is a block of calls with no device sync
+  the hypernetwork runs as in training), ``sas-layer`` (``SaSLinear.from_linear`` alone), ``ssl`` and
+  ``ssb`` (``sas.inject`` with a ``ScalingConfig``: the scaling adapters, plain ATen ops on every
+  backend), ``frozen`` (the ``nn.Linear``), ``lora`` (a frozen Linear plus a hand-written LoRA in plain
+  torch, same rank) and ``peft-lora`` (when PEFT is installed). Every timing is a block of calls with no device sync
   inside, divided by the calls; blocks of all providers of a pass alternate, and the median over the
   blocks is reported, so load on a shared machine hits every provider alike. On CPU the run uses one
   thread (``torch.set_num_threads(1)``), so the proxy does not depend on how many cores are free.
-* **ratio** (``unit`` "x"): ``sas-inject`` / ``sas-layer`` layer forward+backward over ``lora``'s, the
-  median of the per-round ratios of one run (the issue's target: at most 1.3x).
+* **ratio** (``unit`` "x"): ``sas-inject`` / ``sas-layer`` / ``ssl`` / ``ssb`` layer forward+backward over
+  ``lora``'s, the median of the per-round ratios of one run (the issues' target: at most 1.3x).
 * **counts** (``unit`` "ops", "launches", "bytes"), from one forward+backward of an N-layer MLP
   (default 8 Linear layers, the injected one sharing A/B across layers):
   ``extra_ops_per_layer`` (device ops plus Triton launches, minus the frozen MLP's, divided by N: see
   :func:`bench.counting.count_device_ops`), ``launches_per_layer``, ``ops_per_layer`` (the frozen row:
   its absolute count), and ``saved_bytes_per_layer`` (what autograd keeps for the backward, parameters
-  excluded: :func:`bench.counting.saved_bytes`).
+  excluded: :func:`bench.counting.saved_bytes`). For ``ssl``/``ssb`` also ``merged_extra_ops_per_layer``:
+  device ops of the merged model's forward beyond the unadapted model's (0: merged inference costs the same).
 
 Triton on CPU runs only under ``TRITON_INTERPRET=1`` (set before import): its counts are exact, its host
 times are the interpreter's and are not representative.
@@ -46,8 +48,11 @@ HOST_FIELDS = ["level", "case", "pass", "shape", "d_in", "d_out", "rows", "rank"
 
 HOST_PASSES = ("op forward", "op forward+backward", "layer forward+backward")
 COUNT_PASS = "MLP forward+backward"
-LAYER_PROVIDERS = ("sas-inject", "sas-layer", "frozen", "lora", "peft-lora")
+SCALING_PROVIDERS = ("ssl", "ssb")
+LAYER_PROVIDERS = ("sas-inject", "sas-layer") + SCALING_PROVIDERS + ("frozen", "lora", "peft-lora")
 SAS_LAYER_PROVIDERS = ("sas-inject", "sas-layer")
+#: Providers whose per-layer ratio to the hand LoRA is reported (the frozen Linear's too, for scale).
+RATIO_PROVIDERS = SAS_LAYER_PROVIDERS + SCALING_PROVIDERS + ("frozen",)
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,8 @@ def adapted_model(provider: str, layers: int, d_in: int, d_out: int, rank: int, 
         if layers != 1:
             raise ValueError("sas-layer is one standalone SaSLinear")
         return sas.SaSLinear.from_linear(model[0], rank=rank)
+    elif provider in SCALING_PROVIDERS:
+        model = sas.inject(model, sas.ScalingConfig(kind=provider, targets=r"\d+"))
     elif provider == "lora":
         model = nn.Sequential(*[HandLoRALinear(linear, rank) for linear in model])
     elif provider == "peft-lora":
@@ -267,7 +274,7 @@ def _timing_rows(settings, dtype, pass_name, fns: Dict[tuple, Callable], device)
     if pass_name == "layer forward+backward" and ("lora", "torch") in fns:
         lora = samples["lora|torch"]
         for (provider, backend) in fns:
-            if provider in SAS_LAYER_PROVIDERS or provider == "frozen":
+            if provider in RATIO_PROVIDERS:
                 ratios = [a / b for a, b in zip(samples[f"{provider}|{backend}"], lora)]
                 rows.append(_row(settings, dtype, pass_name, provider, backend, "ratio_vs_lora", "x",
                                  samples=ratios, note="median of per-round ratios to lora, same run"))
@@ -283,7 +290,7 @@ def mlp_timing_rows(settings: HostSettings, device, dtype, backends: List[str]) 
     s, n = settings, settings.layers
     x = torch.randn(s.rows, s.d_in, device=device, dtype=dtype, requires_grad=True)
     fns = {}
-    for provider in ("sas-inject", "lora", "frozen"):
+    for provider in ("sas-inject",) + SCALING_PROVIDERS + ("lora", "frozen"):
         model = adapted_model(provider, n, s.d_in, s.d_out, s.rank, device, dtype)
         step = forward_backward(model, x, [p for p in model.parameters() if p.requires_grad])
         for backend in (backends if provider == "sas-inject" else ["torch"]):
@@ -317,7 +324,7 @@ def count_rows(settings: HostSettings, device, dtype, backends: List[str]) -> Li
     input_bytes = x.numel() * x.element_size()
     rows = []
     frozen_total = None
-    for provider in ("frozen", "sas-inject", "lora", "peft-lora"):
+    for provider in ("frozen", "sas-inject") + SCALING_PROVIDERS + ("lora", "peft-lora"):
         try:
             model = adapted_model(provider, n, s.d_in, s.d_out, s.rank, device, dtype)
         except ImportError as exc:
@@ -334,6 +341,25 @@ def count_rows(settings: HostSettings, device, dtype, backends: List[str]) -> Li
             rows += counted
             if provider == "frozen":
                 frozen_total = total
+    return rows + merged_count_rows(settings, device, dtype)
+
+
+def merged_count_rows(settings: HostSettings, device, dtype) -> List[Dict]:
+    """Device ops per layer of each scaling adapter's merged forward (no grad) beyond the unadapted MLP's."""
+    s, n = settings, settings.layers
+    x = torch.randn(s.rows, s.d_in, device=device, dtype=dtype)
+
+    def forward_ops(model: nn.Module) -> int:
+        with torch.no_grad():
+            model(x)  # first call: routes and caches
+            return counting.count_device_ops(lambda: model(x)).total
+
+    unadapted = forward_ops(_mlp(n, s.d_in, device, dtype))
+    rows = []
+    for provider in SCALING_PROVIDERS:
+        model = sas.merge(adapted_model(provider, n, s.d_in, s.d_out, s.rank, device, dtype))
+        rows.append(_row(s, dtype, "merged forward", provider, "torch", "merged_extra_ops_per_layer", "ops",
+                         (forward_ops(model) - unadapted) / n, layers=n))
     return rows
 
 

@@ -104,6 +104,15 @@ def test_host_level_tiny_run_writes_the_documented_rows(tmp_path, capsys):
         assert counts[("sas-inject", backend, "saved_bytes_per_layer")] > 0  # the layer input, for dA
         launches = counts[("sas-inject", backend, "launches_per_layer")]
         assert launches > 0 if backend == "triton" else launches == 0
+    # The scaling adapters: their ops per layer (SSL: x * a, then dx = du * a and da = sum(du * x); SSB also
+    # the output scale, its add of the bias and their backward), a ratio row, and a merged forward that
+    # costs what the unadapted model's does.
+    for provider, extra_ops in {"ssl": 4, "ssb": 9}.items():
+        assert ("layer forward+backward", provider, "torch") in timed
+        assert (provider, "torch") in ratios
+        assert counts[(provider, "torch", "extra_ops_per_layer")] == extra_ops
+        merged = [r for r in ok if r["provider"] == provider and r["metric"] == "merged_extra_ops_per_layer"]
+        assert [r["value"] for r in merged] == [0]
     csv_lines = json_path.with_suffix(".csv").read_text().splitlines()
     assert csv_lines[1].split(",") == host.HOST_FIELDS and len(csv_lines) == len(rows) + 2
 

@@ -137,6 +137,28 @@ def test_the_check_catches_a_fast_path_that_drops_the_output_scale(monkeypatch):
     assert not report.passed and any(c.status == "FAIL" for c in report.checks)
 
 
+def test_randomize_adapter_moves_every_scale_away_from_one():
+    model = scaled_mlp("ssb", seed=3)
+    scales = torch.cat([p.detach() for p in model.sas_shared.parameters()])
+    assert scales.numel() == 89 and (scales != 1).all() and 0.3 < scales.std() < 0.7
+
+
+def test_a_scale_gradients_rounding_unit_is_taken_at_the_size_of_the_terms_it_sums():
+    model = randomize_adapter(sas.inject(nn.Sequential(nn.Linear(5, 4)), sas.ScalingConfig(kind="ssb", targets=["0"])))
+    x, grad_output = torch.randn(3, 5), torch.randn(3, 4, dtype=torch.float64)
+    report = compare_model(model, x, backends=["reference"], grad_output=grad_output)
+    a, b = (s.detach().double() for s in model[0].scales())
+    weight = model[0].base_layer.weight.detach().double()
+    # |da_j| <= sum_{n,i} |x_nj g_ni b_i W_ij|, |db_i| <= sum_{n,j} |g_ni a_j x_nj W_ij|
+    terms = {"input_scale": torch.einsum("nj,ni,i,ij->j", x.double().abs(), grad_output.abs(), b.abs(), weight.abs()),
+             "output_scale": torch.einsum("ni,j,nj,ij->i", grad_output.abs(), a.abs(), x.double().abs(), weight.abs())}
+    eps = torch.finfo(torch.float32).eps
+    for name, size in terms.items():
+        check = next(c for c in report.checks if c.tensor == f"grad sas_shared.{name}.0")
+        assert size.max().item() > 1.0  # the terms (never below |grad|), not the floor of 1, set it
+        assert check.bound == pytest.approx(2 * check.torch_error + eps * size.max().item(), rel=1e-12)
+
+
 def test_the_fast_path_runs_and_is_checked_where_only_the_reference_backend_is_built(monkeypatch):
     model = scaled_mlp("ssl")
     monkeypatch.setattr(sas.backends, "available_backends", lambda device: ["reference"])
