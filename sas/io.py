@@ -351,6 +351,16 @@ def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
             expected.update({_injected_name(f"{name}.{k}", layer_names): v for k, v in module.state_dict().items()})
             expected.update({f"{n}.sas_merged": torch.zeros((), dtype=torch.bool)
                              for n in layer_names if n == name or n.startswith(name + ".")})
+    _check_tensors(tensors, expected)
+    inject(model, config)
+    # Through load_state_dict, so each layer's merged flag is set together with its weight.
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def _check_tensors(tensors: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless ``tensors`` has exactly the keys of ``expected``, each of its shape and of a
+    dtype that loads into it, and no SaS tensor holding NaN or Inf."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -371,7 +381,28 @@ def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     bad = non_finite_tensor(tensors)
     if bad is not None:
         raise ValueError(f"tensor {bad[0]!r} in {WEIGHTS_NAME} holds {bad[1]}; refusing to load it")
-    inject(model, config)
-    # Through load_state_dict, so each layer's merged flag is set together with its weight.
+
+
+def load_adapter_weights(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
+    """Load the tensors of the adapter saved in ``directory`` into ``model``, already adapted with that adapter
+    (the same config and layers), in place: resuming a training run (``sas.trainer.SaSTrainer``), or the
+    adapter of a model sharded by ``sas.distributed.shard``. Checked as :func:`load_adapter` checks; a
+    refusal leaves the model untouched."""
+    directory = Path(directory)
+    meta, tensors, source = _read_adapter(directory)
+    owner = find_adapter(model)
+    if owner is None:
+        raise ValueError("model has no adapter to load into; load into the base model with sas.load_adapter")
+    try:
+        config = config_from_description(meta)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    if config.to_dict() != owner.config.to_dict() or meta["layers"] != owner.layer_names:
+        raise ValueError(f"adapter in {directory} is not this model's adapter (another config or other layers); "
+                         f"load it into the base model with sas.load_adapter")
+    if any(getattr(module, "merged", False) for module in model.modules()):
+        raise ValueError("model is merged: its frozen weights hold the current adapter's update, which loading "
+                         "another would leave stale; call sas.unmerge(model) first")
+    _check_tensors(tensors, adapter_state_dict(model))
     model.load_state_dict(tensors, strict=False)
     return model

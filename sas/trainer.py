@@ -1,0 +1,54 @@
+"""``SaSTrainer``: a ``transformers.Trainer`` whose checkpoints hold the SaS adapter, not the whole model.
+
+Use it as the ``Trainer`` itself, on a model :func:`sas.inject` adapted::
+
+    sas.inject(model, sas.SaSConfig(targets=sas.LLAMA_TARGETS))
+    trainer = SaSTrainer(model=model, args=TrainingArguments(...), train_dataset=...)
+    trainer.train()                                   # checkpoint-N/ holds adapter_config.json +
+    trainer.train(resume_from_checkpoint=True)        # adapter_model.safetensors, optimizer, scheduler, RNG
+
+Every checkpoint folder, and ``trainer.save_model()``, is a folder :func:`sas.load_adapter` loads into the base
+model (as PEFT's ``Trainer`` support saves a LoRA adapter). Resuming loads the saved adapter into the adapted
+model in place, then the ``Trainer`` restores the optimizer, scheduler and RNG states as usual. It overrides
+the ``Trainer``'s ``_save``, ``_load_from_checkpoint`` and ``_load_best_model``, the methods through which
+the ``Trainer`` treats PEFT models alike (tested with transformers 5.23).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from .io import adapter_state_dict, load_adapter_weights, save_adapter
+
+__all__ = ["SaSTrainer"]
+
+
+class SaSTrainer(Trainer):
+    """A ``transformers.Trainer`` that saves and resumes the SaS adapter of its model (see the module's text)."""
+
+    def _adapted_model(self) -> nn.Module:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        adapter_state_dict(model)  # raises, naming the fix, for a model without an adapter
+        return model
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        # state_dict is the whole model's, which the Trainer passes under DeepSpeed; the adapter is saved instead.
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_adapter(self._adapted_model(), output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: Union[str, Path], model: Optional[nn.Module] = None) -> None:
+        load_adapter_weights(self._adapted_model() if model is None else model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_adapter_weights(self._adapted_model(), self.state.best_model_checkpoint)
