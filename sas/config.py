@@ -65,8 +65,39 @@ def parse_json(text: Union[str, bytes], source) -> object:
         raise ValueError(f"{source} is nested too deeply to be a SaS adapter config") from None
 
 
+class JsonConfig:
+    """The JSON round trip of an adapter config dataclass (``SaSConfig``, ``sas.ScalingConfig``): unknown
+    fields and non-objects are refused with the class's name; values are checked by the class itself."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        name = cls.__name__
+        if not isinstance(data, dict):
+            raise ValueError(f"a {name} must be given as a JSON object (dict), got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {name} fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: Optional[Union[str, Path]] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: Union[str, Path]):
+        candidate = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        text = candidate.read_text() if candidate is not None else str(text_or_path)
+        return cls.from_dict(parse_json(text, candidate or f"{cls.__name__} JSON"))
+
+
 @dataclass
-class SaSConfig:
+class SaSConfig(JsonConfig):
     """Configuration of a SaS adapter (docs/design.md §1).
 
     Every field's ``metadata["help"]`` says what it does; ``__post_init__``
@@ -194,29 +225,3 @@ class SaSConfig:
                                 r"|intermediate\.dense)")
         settings.update(overrides)
         return cls(**settings)
-
-    # -- JSON ------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SaSConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"a SaSConfig must be given as a JSON object (dict), got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SaSConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self, path: Optional[Union[str, Path]] = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: Union[str, Path]) -> "SaSConfig":
-        candidate = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
-        text = candidate.read_text() if candidate is not None else str(text_or_path)
-        return cls.from_dict(parse_json(text, candidate or "SaSConfig JSON"))

@@ -13,10 +13,8 @@ the state_dict keys work as for SaS.
 """
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -24,14 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
-from .config import VIT_TARGETS, SaSConfig, _check_choice, parse_json
+from .config import VIT_TARGETS, JsonConfig, SaSConfig, _check_choice
 from .layer import (SaSLinear, _merged_flag_follows_weight, _sync_merged_flag, _writable, _write_stamp)
 
 SCALING_KINDS = ("ssl", "ssb")
 
 
 @dataclass
-class ScalingConfig:
+class ScalingConfig(JsonConfig):
     """Configuration of an SSL or SSB adapter (docs/subspace.md).
 
     Every field's ``metadata["help"]`` says what it does; ``__post_init__`` rejects bad values with a
@@ -57,32 +55,6 @@ class ScalingConfig:
         common = SaSConfig(targets=self.targets, trainable_modules=self.trainable_modules,
                            base_model_name=self.base_model_name)
         self.targets, self.trainable_modules = common.targets, common.trainable_modules
-
-    # -- JSON ------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ScalingConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"a ScalingConfig must be given as a JSON object (dict), got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ScalingConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self, path: Optional[Union[str, Path]] = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: Union[str, Path]) -> "ScalingConfig":
-        candidate = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
-        text = candidate.read_text() if candidate is not None else str(text_or_path)
-        return cls.from_dict(parse_json(text, candidate or "ScalingConfig JSON"))
 
 
 # ------------------------------------------------------------------------------------------ the maths

@@ -2,6 +2,7 @@
 inject, forward and every gradient against the float64 oracle on every backend (fp32/fp16/bf16 and
 autocast, by the tolerance rule of docs/design.md), merge/unmerge, save/load, and the usual input checks."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -44,7 +45,7 @@ def by_hand(model, x):
 
 def test_every_config_field_has_help_and_json_round_trips(tmp_path):
     config = sas.ScalingConfig(kind="ssb", targets=r".*\.fc\d", trainable_modules=("head",), base_model_name="vit")
-    assert all(f.metadata.get("help") for f in scaling.fields(sas.ScalingConfig))
+    assert all(f.metadata.get("help") for f in dataclasses.fields(sas.ScalingConfig))
     assert sas.ScalingConfig.from_json(config.to_json()) == config
     config.to_json(tmp_path / "c.json")
     assert sas.ScalingConfig.from_json(tmp_path / "c.json") == config
