@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="start no case after this many seconds (the rest are recorded as skipped)")
     parser.add_argument("--memory-parts", nargs="+", choices=memory.PARTS, default=None,
                         help="memory level: run only these parts (default all that apply: measured needs cuda)")
+    parser.add_argument("--memory-configs", nargs="+", choices=memory.CONFIGS, default=None,
+                        help="memory level: only these configurations (default all; ratios need frozen); the "
+                             "result files then name them")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -61,9 +64,11 @@ def main(argv=None) -> None:
         if args.dtype is not None and DTYPES[args.dtype] != memory.AUTOCAST_DTYPE:
             raise SystemExit(f"--level memory runs under bf16 autocast (the issue's setting), not --dtype {args.dtype}")
         settings = memory.SIZES[size]
-        result = {"meta": collect_meta(torch.device(device), memory.AUTOCAST_DTYPE, size, ["memory"],
+        label = "memory" if not args.memory_configs else "-".join(["memory"] + args.memory_configs)
+        result = {"meta": collect_meta(torch.device(device), memory.AUTOCAST_DTYPE, size, [label],
                                        memory.memory_notes(device, settings), None),
-                  "rows": memory.run_memory(device, size, args.memory_parts, args.quiet, args.budget_s)}
+                  "rows": memory.run_memory(device, size, args.memory_parts, args.quiet, args.budget_s,
+                                            configs=args.memory_configs)}
         summary = memory.format_memory_markdown(result)
         print(summary)
         paths = write_results(result, args.out, memory.MEMORY_FIELDS)

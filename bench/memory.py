@@ -438,19 +438,22 @@ def default_parts(device: torch.device) -> Tuple[str, ...]:
 
 
 def run_memory(device: str, size: str = "quick", parts: Optional[List[str]] = None, quiet: bool = False,
-               budget_s: Optional[float] = None, settings: Optional[MemorySettings] = None) -> List[Dict]:
-    """Every memory-level row. ``parts`` defaults to all that apply to ``device`` (``measured``: CUDA only);
-    with ``budget_s``, no configuration starts after that many seconds (its rows are recorded as skipped)."""
+               budget_s: Optional[float] = None, settings: Optional[MemorySettings] = None,
+               configs: Optional[List[str]] = None) -> List[Dict]:
+    """Every memory-level row. ``parts`` defaults to all that apply to ``device`` (``measured``: CUDA only),
+    ``configs`` to :data:`CONFIGS` (ratios need ``frozen`` among them); with ``budget_s``, no configuration
+    starts after that many seconds (its rows are recorded as skipped)."""
     device = torch.device(device)
     settings = settings or SIZES[size]
     parts = list(parts or default_parts(device))
-    unknown = sorted(set(parts) - set(PARTS))
+    configs = list(configs or CONFIGS)
+    unknown = sorted(set(parts) - set(PARTS)) + sorted(set(configs) - set(CONFIGS))
     if unknown:
-        raise ValueError(f"unknown memory parts {unknown}; known: {PARTS}")
+        raise ValueError(f"unknown memory parts or configs {unknown}; known: {PARTS} and {CONFIGS}")
     if "measured" in parts and device.type != "cuda":
         raise ValueError("the measured part needs --device cuda (CPU keeps no allocator peak)")
-    jobs = [(part, config) for part in ("saved", "peak", "measured") if part in parts for config in CONFIGS]
-    jobs += [("dA", config) for config in SAS_MODES if "dA" in parts]
+    jobs = [(part, config) for part in ("saved", "peak", "measured") if part in parts for config in configs]
+    jobs += [("dA", config) for config in configs if config in SAS_MODES and "dA" in parts]
     started = time.perf_counter()
     rows: List[Dict] = []
     peaks: Dict[str, Dict[str, int]] = {"peak": {}, "measured": {}}

@@ -82,7 +82,8 @@ def test_predict_peak_extrapolates_every_point_of_the_timeline():
 
 def test_dA_error_rows_are_finite_and_a_mode_missing_from_the_config_is_skipped(monkeypatch):
     monkeypatch.setitem(memory.SAS_MODES, "sas-bogus", {"no_such_field": 1})
-    rows = memory.run_memory("cpu", "tiny", parts=["dA"], quiet=True)
+    monkeypatch.setattr(memory, "CONFIGS", memory.CONFIGS + ("sas-bogus",))
+    rows = memory.run_memory("cpu", "tiny", parts=["dA"], quiet=True, configs=["sas", "sas-bogus"])
     skipped = [r for r in rows if r["config"] == "sas-bogus"]
     assert [r["status"] for r in skipped] == ["skipped"] and "no_such_field" in skipped[0]["error"]
     cosines = [r["value"] for r in rows if r["config"] == "sas" and r["metric"] == "dA_cosine"]
@@ -93,7 +94,7 @@ def test_dA_error_rows_are_finite_and_a_mode_missing_from_the_config_is_skipped(
 def test_bad_requests_are_refused():
     with pytest.raises(ValueError, match="needs --device cuda"):
         memory.run_memory("cpu", "tiny", parts=["measured"])
-    with pytest.raises(ValueError, match="unknown memory parts"):
+    with pytest.raises(ValueError, match="unknown memory parts or configs"):
         memory.run_memory("cpu", "tiny", parts=["bogus"])
     with pytest.raises(SystemExit, match="bf16 autocast"):
         bench_main(["--level", "memory", "--device", "cpu", "--dtype", "fp16", "--tiny"])
