@@ -130,3 +130,12 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     torch.testing.assert_close(two["train_losses"], one["train_losses"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(two["val_loss"], one["val_loss"], rtol=1e-4, atol=1e-5)
     assert two["val_accuracy"] == one["val_accuracy"] and two["test_accuracy"] == one["test_accuracy"]
+    # --fsdp: the frozen encoder sharded by FSDP2, the adapter replicated with its gradients averaged as DDP
+    # averages them (sas.distributed.shard): the DDP result, to the same rounding.
+    fsdp = _run_job(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", COMPARE, "--fsdp"],
+                    tmp_path / "fsdp")
+    (sharded,) = fsdp["runs"]
+    assert fsdp["meta"]["fsdp"] and not ddp["meta"]["fsdp"]
+    torch.testing.assert_close(sharded["train_losses"], two["train_losses"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sharded["val_loss"], two["val_loss"], rtol=1e-4, atol=1e-5)
+    assert sharded["val_accuracy"] == two["val_accuracy"] and sharded["test_accuracy"] == two["test_accuracy"]

@@ -252,7 +252,7 @@ def collect_meta(settings: Settings, methods: List[str], world: World, wall_s: f
         "git_commit": commit,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "argv": sys.argv[1:], "world_size": world.size, "cpu_threads": torch.get_num_threads(),
-        "methods": methods, "settings": asdict(settings), "wall_s": wall_s,
+        "fsdp": world.fsdp, "methods": methods, "settings": asdict(settings), "wall_s": wall_s,
         "notes": ["learning rate picked on validation with the first seed; test scored only at the picked rate",
                   "trainable_params include the head (384x5+5 = 1,925); adapter_params exclude it",
                   "peak_rss_mib: process peak resident memory during a run (Linux VmHWM, reset per run)",
@@ -394,6 +394,9 @@ def main(argv=None) -> Dict:
                         help=f"folder for JSON/CSV/table/plot (default: {RESULTS_DIR} under the current folder)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the frozen encoder with FSDP2, the adapter replicated "
+                             "(sas.distributed.shard) instead of DDP; SaS and scaling methods only")
     parser.add_argument("--threads", type=int,
                         help="torch threads per process (default: cores / processes; on a machine shared with "
                              "other jobs 1 thread avoids OpenMP spinning: measured 2-10x faster steps at load 6)")
@@ -414,7 +417,7 @@ def main(argv=None) -> Dict:
     if args.seeds:
         overrides["seeds"] = tuple(args.seeds)
     settings = replace(settings, **overrides)
-    world = init_world()
+    world = init_world(args.fsdp)
     try:
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world.size))
         result = run_job(settings, args.methods, world, args.quiet)

@@ -140,17 +140,19 @@ def sas_config(method: str = "sas") -> sas.SaSConfig:
 class World:
     rank: int = 0
     size: int = 1
+    #: Shard the frozen encoder with FSDP2 (sas.distributed.shard) instead of replicating the model with DDP.
+    fsdp: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def init_world() -> World:
-    """Join the process group when launched by torchrun (gloo: the job runs on CPU)."""
+def init_world(fsdp: bool = False) -> World:
+    """Join the process group when launched by torchrun (gloo: the job runs on CPU); ``fsdp``: see ``World``."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
-        return World(dist.get_rank(), dist.get_world_size())
+        return World(dist.get_rank(), dist.get_world_size(), fsdp)
     return World()
 
 
@@ -241,7 +243,15 @@ def train(model: nn.Module, method: str, lr: float, seed: int, settings: Setting
     total = steps_per_epoch * settings.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule(step, total, max(1, int(settings.warmup_fraction * total))))
-    net = nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
+    if world.fsdp:  # the adapter's gradients are averaged as DDP averages them, so the loss below stays right
+        import sas.distributed
+
+        if sas.model.find_adapter(model) is None:
+            raise ValueError(f"--fsdp shards models with a SaS or scaling adapter (sas.distributed.shard); "
+                             f"{method!r} has none: run it without --fsdp (DDP)")
+        net = sas.distributed.shard(model)
+    else:
+        net = nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
 
     before = evaluate(model, splits["val"], world, settings.eval_batch)
     order = torch.Generator().manual_seed(seed)
