@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -195,9 +196,42 @@ struct Weights {
   Modulation modulation;
 };
 
+// Rows [row0, row0 + count) of x as their 8-bit copy (sas.reference.quantize_rows): per row, the absmax
+// scaled to the kind's largest value (127, or 448 for e4m3), rounded to nearest even, and the fp32 scale.
+// The rows were just read by the block's u = x @ A.T, so they come from cache. A row holding NaN or Inf
+// gets a NaN scale (v * 0 is NaN there), as in the oracle; the divisions are IEEE, rounded once, as its.
+template <typename T>
+void quantize_block(const T* x, int64_t x_stride, int64_t row0, int64_t count, int64_t d_in, const SavedCopy& copy) {
+  const float limit = copy.kind == kSavedInt8 ? 127.0f : 448.0f;
+  float* scales = copy.scale.mutable_data_ptr<float>() + row0;
+  for (int64_t i = 0; i < count; ++i) {
+    const T* row = x + i * x_stride;
+    float absmax = 0.0f, non_finite = 0.0f;
+    for (int64_t j = 0; j < d_in; ++j) {
+      const float v = static_cast<float>(row[j]);
+      absmax = std::max(absmax, std::fabs(v));
+      non_finite += v * 0.0f;
+    }
+    const float inverse = absmax > 0.0f ? limit / absmax : 0.0f;
+    scales[i] = absmax / limit + non_finite;
+    const int64_t offset = (row0 + i) * d_in;
+    if (copy.kind == kSavedInt8) {
+      int8_t* q = copy.q.mutable_data_ptr<int8_t>() + offset;
+      for (int64_t j = 0; j < d_in; ++j) {
+        q[j] = static_cast<int8_t>(std::nearbyint(std::clamp(static_cast<float>(row[j]) * inverse, -limit, limit)));
+      }
+    } else {
+      c10::Float8_e4m3fn* q = copy.q.mutable_data_ptr<c10::Float8_e4m3fn>() + offset;
+      for (int64_t j = 0; j < d_in; ++j) {
+        q[j] = c10::Float8_e4m3fn(std::clamp(static_cast<float>(row[j]) * inverse, -limit, limit));
+      }
+    }
+  }
+}
+
 template <typename T>
 void forward_kernel(const Weights& w, int64_t rows, const T* x, int64_t x_stride, const T* base, int64_t base_stride,
-                    T* y, float* u) {
+                    T* y, float* u, const SavedCopy* copy) {
   const int64_t rank = w.rank;
   at::parallel_for(0, ceil_div(rows, kRowsPerBlock), 1, [&](int64_t first_block, int64_t last_block) {
     std::vector<float> modulated(kRowsPerBlock * rank);  // s * u * h of the block's rows
@@ -205,6 +239,7 @@ void forward_kernel(const Weights& w, int64_t rows, const T* x, int64_t x_stride
       const int64_t row0 = block * kRowsPerBlock;
       const int64_t count = std::min(kRowsPerBlock, rows - row0);
       dot_block(x + row0 * x_stride, x_stride, count, w.A, w.d_in, rank, u + row0 * rank);
+      if (copy) quantize_block(x + row0 * x_stride, x_stride, row0, count, w.d_in, *copy);
       for (int64_t i = 0; i < count; ++i) {
         const int64_t n = row0 + i;
         const float* u_row = u + n * rank;
@@ -221,22 +256,26 @@ void forward_kernel(const Weights& w, int64_t rows, const T* x, int64_t x_stride
 }
 
 // Fills grad_x and, per row chunk c, partial_A[c] (rank, d_in), partial_Bt[c] (rank, d_out)
-// and partial_h[c] (tasks, rank); the caller sums the partials over c.
-template <typename T>
+// and partial_h[c] (tasks, rank); the caller sums the partials over c. x holds what the forward kept of the
+// input, in S: x itself (S = T), or its 8-bit copy with x_scale the per-row scales, which go into the
+// coefficients (du) so the copy's values are widened exactly; without `with_A` (no x kept) there is no dA:
+// x and partial_A are not touched.
+template <typename T, typename S>
 void backward_kernel(const Weights& w, int64_t rows, int64_t num_chunks, const T* grad_y, int64_t g_stride,
-                     const T* x, int64_t x_stride, const float* u, int64_t tasks, T* grad_x, float* partial_A,
-                     float* partial_Bt, float* partial_h) {
+                     bool with_A, const S* x, int64_t x_stride, const float* x_scale, const float* u, int64_t tasks,
+                     T* grad_x, float* partial_A, float* partial_Bt, float* partial_h) {
   const int64_t rank = w.rank;
   const int64_t num_blocks = ceil_div(rows, kRowsPerBlock);
   at::parallel_for(0, num_chunks, 1, [&](int64_t first_chunk, int64_t last_chunk) {
     std::vector<float> modulated(kRowsPerBlock * rank);  // s * u * h
     std::vector<float> grad_u(kRowsPerBlock * rank);     // du = s * (g @ B) * h
+    std::vector<float> scaled_grad_u(x_scale ? kRowsPerBlock * rank : 0);  // du times each row's scale
     for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
-      float* sum_A = partial_A + chunk * rank * w.d_in;
+      float* sum_A = with_A ? partial_A + chunk * rank * w.d_in : nullptr;
       float* sum_Bt = partial_Bt + chunk * rank * w.d_out;
       float* sum_h = partial_h + chunk * tasks * rank;
       // Zeroed here, by the thread that fills them, rather than by a separate parallel fill.
-      std::fill(sum_A, sum_A + rank * w.d_in, 0.0f);
+      if (sum_A) std::fill(sum_A, sum_A + rank * w.d_in, 0.0f);
       std::fill(sum_Bt, sum_Bt + rank * w.d_out, 0.0f);
       std::fill(sum_h, sum_h + tasks * rank, 0.0f);
       for (int64_t block = chunk * num_blocks / num_chunks; block < (chunk + 1) * num_blocks / num_chunks; ++block) {
@@ -255,12 +294,21 @@ void backward_kernel(const Weights& w, int64_t rows, int64_t num_chunks, const T
             gB[k] = w.scale * gB[k] * h[k];  // now du
           }
         }
+        const float* coefficients_A = grad_u.data();
+        if (x_scale) {
+          for (int64_t i = 0; i < count; ++i) {
+            for (int64_t k = 0; k < rank; ++k) scaled_grad_u[i * rank + k] = grad_u[i * rank + k] * x_scale[row0 + i];
+          }
+          coefficients_A = scaled_grad_u.data();
+        }
         for_each_rank_tile(rank, [&](auto tile, int64_t first) {
           constexpr int R = decltype(tile)::value;
           accumulate_outer<R>(sum_Bt + first * w.d_out, modulated.data() + first, rank, grad_y + row0 * g_stride,
                               g_stride, count, w.d_out);
-          accumulate_outer<R>(sum_A + first * w.d_in, grad_u.data() + first, rank, x + row0 * x_stride, x_stride,
-                              count, w.d_in);
+          if (with_A) {
+            accumulate_outer<R>(sum_A + first * w.d_in, coefficients_A + first, rank, x + row0 * x_stride, x_stride,
+                                count, w.d_in);
+          }
         });
         for (int64_t col0 = 0; col0 < w.d_in; col0 += kColumnsPerChunk) {
           const int64_t width = std::min(kColumnsPerChunk, w.d_in - col0);
@@ -305,6 +353,19 @@ void dispatch_kernel_dtype(at::ScalarType dtype, Fn&& fn) {
       return fn(c10::Half{});
     default:
       TORCH_CHECK(false, "sas: no CPU kernel for dtype ", dtype);
+  }
+}
+
+// Calls fn(S{}) with the element type of what the forward kept of x: x's own type T, or an 8-bit copy.
+template <typename T, typename Fn>
+void dispatch_saved_dtype(at::ScalarType saved, Fn&& fn) {
+  switch (saved) {
+    case at::kChar:
+      return fn(int8_t{});
+    case at::kFloat8_e4m3fn:
+      return fn(c10::Float8_e4m3fn{});
+    default:
+      return fn(T{});
   }
 }
 
@@ -378,7 +439,8 @@ PreparedWeights prepare_weights(const at::Tensor& A, const at::Tensor& B, const 
 
 std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x_in, const at::Tensor& base_in,
                                                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& h,
-                                                   double scale, const std::optional<at::Tensor>& task_ids) {
+                                                   double scale, const std::optional<at::Tensor>& task_ids,
+                                                   const SavedCopy* copy) {
   constexpr const char* op = "sas::cpu_adapter_forward";
   TORCH_CHECK(base_in.dim() == 2 && x_in.dim() == 2 && base_in.size(0) == x_in.size(0), op,
               ": x (rows, d_in) and base (rows, d_out) must be 2-D with equal rows, got ", x_in.sizes(), " and ",
@@ -395,53 +457,82 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x_in, const
   dispatch_kernel_dtype(x.scalar_type(), [&](auto element) {
     using T = decltype(element);
     forward_kernel<T>(weights.view, rows, x.const_data_ptr<T>(), x.stride(0), base.const_data_ptr<T>(),
-                      base.stride(0), y.mutable_data_ptr<T>(), u.mutable_data_ptr<float>());
+                      base.stride(0), y.mutable_data_ptr<T>(), u.mutable_data_ptr<float>(), copy);
   });
   return {y, u};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& B,
-    const at::Tensor& h, const at::Tensor& u_in, double scale, const std::optional<at::Tensor>& task_ids) {
+    const at::Tensor& grad_y_in, const std::optional<at::Tensor>& x_kept, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& h, const at::Tensor& u_in, double scale, const std::optional<at::Tensor>& task_ids,
+    const std::optional<at::Tensor>& x_scale_in) {
   constexpr const char* op = "sas::cpu_adapter_backward";
-  TORCH_CHECK(grad_y_in.dim() == 2 && x_in.dim() == 2 && grad_y_in.size(0) == x_in.size(0), op,
-              ": grad_y (rows, d_out) and x (rows, d_in) must be 2-D with equal rows, got ", grad_y_in.sizes(),
-              " and ", x_in.sizes());
-  TORCH_CHECK(grad_y_in.scalar_type() == x_in.scalar_type() && grad_y_in.device().is_cpu(), op,
-              ": grad_y must be a CPU tensor of x's dtype");
-  check_operands(op, x_in, A, B, h, task_ids, grad_y_in.size(1));
-  TORCH_CHECK(u_in.dim() == 2 && u_in.size(0) == x_in.size(0) && u_in.size(1) == A.size(0) &&
+  TORCH_CHECK(grad_y_in.dim() == 2, op, ": grad_y must be 2-D (rows, d_out), got ", grad_y_in.sizes());
+  TORCH_CHECK(grad_y_in.device().is_cpu(), op, ": expects CPU tensors, got grad_y on ", grad_y_in.device());
+  TORCH_CHECK(A.dim() == 2, op, ": A must be (rank, d_in), got ", A.sizes());
+  const int64_t rows = grad_y_in.size(0), d_in = A.size(1);
+  // Checked as the forward's x would be: grad_y carries the compute dtype, x may be an 8-bit copy.
+  check_operands(op, grad_y_in.new_empty({}).expand({rows, d_in}), A, B, h, task_ids, grad_y_in.size(1));
+  const bool quantized = x_scale_in.has_value();
+  if (x_kept) {
+    const at::Tensor& kept = *x_kept;
+    const at::ScalarType expected = quantized ? kept.scalar_type() : grad_y_in.scalar_type();
+    TORCH_CHECK(kept.dim() == 2 && kept.size(0) == rows && kept.size(1) == d_in && kept.device().is_cpu() &&
+                    kept.scalar_type() == expected,
+                op, ": x must be the CPU (rows=", rows, ", d_in=", d_in, ") input of grad_y's dtype or its 8-bit copy, got ",
+                kept.sizes(), " ", kept.scalar_type());
+    TORCH_CHECK(!quantized || kept.scalar_type() == at::kChar || kept.scalar_type() == at::kFloat8_e4m3fn, op,
+                ": with x_scale, x must be an int8 or float8_e4m3fn copy, got ", kept.scalar_type());
+  }
+  TORCH_CHECK(!quantized || (x_kept && x_scale_in->dim() == 1 && x_scale_in->size(0) == rows &&
+                             x_scale_in->scalar_type() == at::kFloat),
+              op, ": x_scale must be the float32 (rows=", rows, ",) scales of the 8-bit copy x");
+  TORCH_CHECK(u_in.dim() == 2 && u_in.size(0) == rows && u_in.size(1) == A.size(0) &&
                   u_in.scalar_type() == at::kFloat,
               op, ": u must be the float32 (rows, rank) tensor saved by the forward, got ", u_in.sizes(), " ",
               u_in.scalar_type());
   const at::Tensor grad_y = with_unit_column_stride(grad_y_in);
-  const at::Tensor x = with_unit_column_stride(x_in);
+  // An 8-bit copy is made contiguous by the forward; x itself is read through its row stride.
+  const at::Tensor x = x_kept ? (quantized ? x_kept->contiguous() : with_unit_column_stride(*x_kept)) : at::Tensor();
+  const at::Tensor x_scale = quantized ? x_scale_in->contiguous() : at::Tensor();
   const at::Tensor u = u_in.contiguous();
-  const int64_t rows = x.size(0), rank = A.size(0), d_in = x.size(1), d_out = grad_y.size(1);
+  const int64_t rank = A.size(0), d_out = grad_y.size(1);
   const int64_t tasks = h.dim() == 2 ? h.size(0) : 1;
   PreparedWeights weights = prepare_weights(A, B, h, scale, task_ids, rows);
   const int64_t num_chunks = std::clamp<int64_t>(ceil_div(rows, kRowsPerBlock), 1, kMaxRowChunks);
-  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
-  at::Tensor partial_A = at::empty({num_chunks, rank, d_in}, f32);
+  const at::TensorOptions f32 = grad_y.options().dtype(at::kFloat);
+  at::Tensor partial_A = at::empty({x.defined() ? num_chunks : 0, rank, d_in}, f32);
   at::Tensor partial_Bt = at::empty({num_chunks, rank, d_out}, f32);
   at::Tensor partial_h = at::empty({num_chunks, tasks, rank}, f32);
-  at::Tensor grad_x = at::empty({rows, d_in}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  dispatch_kernel_dtype(x.scalar_type(), [&](auto element) {
+  at::Tensor grad_x = at::empty({rows, d_in}, grad_y.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::ScalarType dtype = grad_y.scalar_type();
+  dispatch_kernel_dtype(dtype, [&](auto element) {
     using T = decltype(element);
-    backward_kernel<T>(weights.view, rows, num_chunks, grad_y.const_data_ptr<T>(), grad_y.stride(0),
-                       x.const_data_ptr<T>(), x.stride(0), u.const_data_ptr<float>(), tasks,
-                       grad_x.mutable_data_ptr<T>(), partial_A.mutable_data_ptr<float>(),
-                       partial_Bt.mutable_data_ptr<float>(), partial_h.mutable_data_ptr<float>());
+    dispatch_saved_dtype<T>(x.defined() ? x.scalar_type() : dtype, [&](auto saved) {
+      using S = decltype(saved);
+      backward_kernel<T, S>(weights.view, rows, num_chunks, grad_y.const_data_ptr<T>(), grad_y.stride(0),
+                            x.defined(), x.defined() ? x.const_data_ptr<S>() : nullptr, x.defined() ? x.stride(0) : 0,
+                            quantized ? x_scale.const_data_ptr<float>() : nullptr, u.const_data_ptr<float>(), tasks,
+                            grad_x.mutable_data_ptr<T>(), partial_A.mutable_data_ptr<float>(),
+                            partial_Bt.mutable_data_ptr<float>(), partial_h.mutable_data_ptr<float>());
+    });
   });
-  const at::ScalarType dtype = x.scalar_type();
-  at::Tensor grad_A = sum_partials(partial_A).view({rank, d_in}).to(dtype);
+  at::Tensor grad_A = x.defined() ? sum_partials(partial_A).view({rank, d_in}).to(dtype)
+                                  : at::empty({0, d_in}, A.options());
   at::Tensor grad_B = sum_partials(partial_Bt).view({rank, d_out}).t().to(dtype).contiguous();
   at::Tensor grad_h = sum_partials(partial_h).view(h.sizes()).to(dtype);
   return {grad_x, grad_A, grad_B, grad_h};
 }
 
+// The op's schema has no copy argument: the layer ops (layer_cpu.cpp) write copies.
+std::tuple<at::Tensor, at::Tensor> adapter_forward_op(const at::Tensor& x, const at::Tensor& base, const at::Tensor& A,
+                                                      const at::Tensor& B, const at::Tensor& h, double scale,
+                                                      const std::optional<at::Tensor>& task_ids) {
+  return adapter_forward(x, base, A, B, h, scale, task_ids);
+}
+
 TORCH_LIBRARY_IMPL(sas, CPU, m) {
-  m.impl("cpu_adapter_forward", &adapter_forward);
+  m.impl("cpu_adapter_forward", &adapter_forward_op);
   m.impl("cpu_adapter_backward", &adapter_backward);
 }
 

@@ -89,9 +89,13 @@ using AdaptedLinearForward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor
                                                                 const std::optional<at::Tensor>&, const at::Tensor&,
                                                                 const at::Tensor&, const at::Tensor&, double,
                                                                 const std::optional<at::Tensor>&);
+using QuantizedForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, double, const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
 using AdapterBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    double, const std::optional<at::Tensor>&);
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 using HyperForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, int64_t);
@@ -106,6 +110,11 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 
 const c10::TypedOperatorHandle<AdaptedLinearForward>& adapted_linear_forward_op() {
   static const auto op = find_op<AdaptedLinearForward>("sas::cpu_adapted_linear_forward");
+  return op;
+}
+
+const c10::TypedOperatorHandle<QuantizedForward>& quantized_forward_op() {
+  static const auto op = find_op<QuantizedForward>("sas::cpu_adapted_linear_quantized_forward");
   return op;
 }
 
@@ -141,45 +150,94 @@ at::Tensor layer_by_aten(const at::Tensor& x, const at::Tensor& weight, const at
   return y2.reshape(with_last(x, weight.size(0)));
 }
 
+// What both layer nodes record beside their saved tensors: the scale, x's shape, and which gradients are
+// needed. bias and task_ids are optional arguments: an absent one is no input of the node, so input edge
+// numbers shift; which gradients are needed is recorded by argument instead of read from the edges.
+void record_layer(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& h, double scale) {
+  ctx->saved_data["scale"] = scale;
+  ctx->saved_data["x_shape"] = c10::List<int64_t>(x.sizes().vec());
+  ctx->saved_data["needs"] = c10::List<bool>({x.requires_grad(), false, false, A.requires_grad(), B.requires_grad(),
+                                              h.requires_grad()});
+}
+
+// The backward of both layer nodes, from what they saved: [kept x or copy, copy's scales, u, weight, bias, A,
+// B, h, task_ids], the first two undefined where not kept (the full node keeps x only when A needs a
+// gradient: only dA reads it).
+variable_list layer_backward(AutogradContext* ctx, const variable_list& grad_outputs, size_t num_inputs) {
+  const variable_list saved = ctx->get_saved_variables();
+  const at::Tensor &kept = saved[0], &x_scale = saved[1], &u = saved[2], &weight = saved[3], &bias = saved[4];
+  const at::Tensor &A = saved[5], &B = saved[6], &h = saved[7], &task_ids = saved[8];
+  const double scale = ctx->saved_data["scale"].toDouble();
+  const c10::List<bool> recorded = ctx->saved_data["needs"].toBoolList();
+  const std::vector<bool> needs(recorded.begin(), recorded.end());
+  const c10::List<int64_t> x_shape = ctx->saved_data["x_shape"].toIntList();
+  const std::vector<int64_t> x_sizes(x_shape.begin(), x_shape.end());
+  variable_list grads(num_inputs);
+  if (at::GradMode::is_enabled()) {  // double backward
+    TORCH_CHECK(kept.defined() && !x_scale.defined(),
+                "a double backward (create_graph=True) recomputes the adapted layer from its input, which this layer "
+                "did not keep: its A gets no gradient (SaSConfig.train_down=False) or it kept an 8-bit copy "
+                "(SaSConfig.saved_input='int8' or 'fp8'); use train_down=True and saved_input='full' for "
+                "higher-order gradients");
+    const variable_list inputs = {kept, weight, bias, A, B, h};
+    const variable_list got = differentiate({layer_by_aten(kept, weight, bias, A, B, h, scale, task_ids)},
+                                            {grad_outputs[0]}, inputs, needs);
+    std::copy(got.begin(), got.end(), grads.begin());
+    return grads;
+  }
+  const int64_t rows = u.size(0);
+  const at::Tensor g2 = grad_outputs[0].reshape({rows, weight.size(0)});
+  const std::optional<at::Tensor> x_rows =
+      kept.defined() ? std::optional<at::Tensor>(kept.reshape({rows, A.size(1)})) : std::nullopt;
+  auto [dx2, dA, dB, dh] =
+      adapter_backward_op().call(g2, x_rows, A, B, h, u, scale, optional_of(task_ids), optional_of(x_scale));
+  if (needs[0]) grads[0] = dx2.addmm_(g2, weight).view(x_sizes);
+  if (needs[3]) grads[3] = dA;
+  if (needs[4]) grads[4] = dB;
+  if (needs[5]) grads[5] = dh;
+  return grads;
+}
+
 struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
-  // bias and task_ids are optional arguments: an absent one is no input of the node, so input edge
-  // numbers shift; which gradients are needed is recorded by argument instead of read from the edges.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                             const at::Tensor& h, double scale, const std::optional<at::Tensor>& task_ids) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, u] = adapted_linear_forward_op().call(x, weight, bias, A, B, h, scale, task_ids);
-    ctx->save_for_backward({x, u, weight, bias.value_or(at::Tensor()), A, B, h, task_ids.value_or(at::Tensor())});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["needs"] = c10::List<bool>({x.requires_grad(), false, false, A.requires_grad(), B.requires_grad(),
-                                                h.requires_grad()});
+    ctx->save_for_backward({A.requires_grad() ? x : at::Tensor(), at::Tensor(), u, weight,
+                            bias.value_or(at::Tensor()), A, B, h, task_ids.value_or(at::Tensor())});
+    record_layer(ctx, x, A, B, h, scale);
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &u = saved[1], &weight = saved[2], &bias = saved[3];
-    const at::Tensor &A = saved[4], &B = saved[5], &h = saved[6], &task_ids = saved[7];
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const c10::List<bool> recorded = ctx->saved_data["needs"].toBoolList();
-    const std::vector<bool> needs(recorded.begin(), recorded.end());
-    variable_list grads(8);
-    if (at::GradMode::is_enabled()) {  // double backward
-      const variable_list inputs = {x, weight, bias, A, B, h};
-      const variable_list got = differentiate({layer_by_aten(x, weight, bias, A, B, h, scale, task_ids)},
-                                              {grad_outputs[0]}, inputs, needs);
-      std::copy(got.begin(), got.end(), grads.begin());
-      return grads;
-    }
-    const int64_t rows = u.size(0);
-    const at::Tensor g2 = grad_outputs[0].reshape({rows, weight.size(0)});
-    auto [dx2, dA, dB, dh] =
-        adapter_backward_op().call(g2, x.reshape({rows, x.size(-1)}), A, B, h, u, scale, optional_of(task_ids));
-    if (needs[0]) grads[0] = dx2.addmm_(g2, weight).view(x.sizes());
-    if (needs[3]) grads[3] = dA;
-    if (needs[4]) grads[4] = dB;
-    if (needs[5]) grads[5] = dh;
-    return grads;
+    return layer_backward(ctx, grad_outputs, 8);
+  }
+};
+
+// The layer keeping the 8-bit copy of x (kind: SavedKind) instead of x: its own, written by the forward op
+// while it reads x, or x_q/x_scale, the copy another layer already made of the same input. Returns
+// (y, x_q, x_scale), the copy it made (empty when given one: an op's output may not alias its input),
+// non-differentiable, so that the caller can hand it to such layers.
+struct QuantizedAdaptedLinear : public torch::autograd::Function<QuantizedAdaptedLinear> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                               const at::Tensor& h, double scale, const std::optional<at::Tensor>& task_ids,
+                               int64_t kind, const std::optional<at::Tensor>& x_q,
+                               const std::optional<at::Tensor>& x_scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, u, q, q_scale] = quantized_forward_op().call(x, weight, bias, A, B, h, scale, task_ids, kind, x_q, x_scale);
+    ctx->save_for_backward({x_q.value_or(q), x_scale.value_or(q_scale), u, weight, bias.value_or(at::Tensor()), A, B,
+                            h, task_ids.value_or(at::Tensor())});
+    record_layer(ctx, x, A, B, h, scale);
+    ctx->mark_non_differentiable({q, q_scale});
+    ctx->set_materialize_grads(false);  // no zeros made for the copy's (absent) gradients
+    return {y, q, q_scale};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return layer_backward(ctx, grad_outputs, 11);
   }
 };
 
@@ -187,6 +245,14 @@ at::Tensor adapted_linear_autograd(const at::Tensor& x, const at::Tensor& weight
                                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& h, double scale,
                                    const std::optional<at::Tensor>& task_ids) {
   return AdaptedLinear::apply(x, weight, bias, A, B, h, scale, task_ids);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_linear_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& h, double scale, const std::optional<at::Tensor>& task_ids, int64_t kind,
+    const std::optional<at::Tensor>& x_q, const std::optional<at::Tensor>& x_scale) {
+  const variable_list out = QuantizedAdaptedLinear::apply(x, weight, bias, A, B, h, scale, task_ids, kind, x_q, x_scale);
+  return {out[0], out[1], out[2]};
 }
 
 // Below autograd: y (x's leading dims) and u (rows, rank).
@@ -198,6 +264,37 @@ std::tuple<at::Tensor, at::Tensor> adapted_linear_forward_cpu(const at::Tensor& 
   const at::Tensor x2 = x.reshape({rows, x.size(-1)});
   auto [y2, u] = adapter_forward(x2, at::linear(x2, weight, bias), A, B, h, scale, task_ids);
   return {x.dim() == 2 ? y2 : y2.view(with_last(x, weight.size(0))), u};
+}
+
+// Below autograd: y, u and the 8-bit copy of x of `kind` with its row scales, written by the adapter
+// kernel while it reads x; given x_q and x_scale (a copy already made of this input), no copy is made and
+// the last two are empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantized_linear_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& h, double scale, const std::optional<at::Tensor>& task_ids, int64_t kind,
+    const std::optional<at::Tensor>& x_q, const std::optional<at::Tensor>& x_scale) {
+  constexpr const char* op = "sas::cpu_adapted_linear_quantized";
+  TORCH_CHECK(kind == kSavedInt8 || kind == kSavedFp8, op, ": saved_input must be ", int64_t{kSavedInt8},
+              " (int8) or ", int64_t{kSavedFp8}, " (fp8), got ", kind);
+  const int64_t rows = leading_rows(x), d_in = x.size(-1);
+  const at::ScalarType q_dtype = kind == kSavedInt8 ? at::kChar : at::kFloat8_e4m3fn;
+  TORCH_CHECK(x_q.has_value() == x_scale.has_value(), op, ": give both x_q and x_scale, or neither");
+  const at::Tensor x2 = x.reshape({rows, d_in});
+  if (x_q) {
+    TORCH_CHECK(x_q->dim() == 2 && x_q->size(0) == rows && x_q->size(1) == d_in && x_q->scalar_type() == q_dtype &&
+                    x_q->is_contiguous() && x_scale->dim() == 1 && x_scale->size(0) == rows &&
+                    x_scale->scalar_type() == at::kFloat,
+                op, ": x_q must be a contiguous (", rows, ", ", d_in, ") ", q_dtype, " copy with float32 (", rows,
+                ",) x_scale; got ", x_q->sizes(), " ", x_q->scalar_type(), " and ", x_scale->sizes(), " ",
+                x_scale->scalar_type());
+    auto [y2, u] = adapter_forward(x2, at::linear(x2, weight, bias), A, B, h, scale, task_ids);
+    return {x.dim() == 2 ? y2 : y2.view(with_last(x, weight.size(0))), u, x_q->new_empty({0, d_in}),
+            x_scale->new_empty({0})};
+  }
+  const SavedCopy copy{kind, at::empty({rows, d_in}, x.options().dtype(q_dtype)),
+                       at::empty({rows}, x.options().dtype(at::kFloat))};
+  auto [y2, u] = adapter_forward(x2, at::linear(x2, weight, bias), A, B, h, scale, task_ids, &copy);
+  return {x.dim() == 2 ? y2 : y2.view(with_last(x, weight.size(0))), u, copy.q, copy.scale};
 }
 
 // Below autograd (no gradient wanted).
@@ -338,6 +435,7 @@ at::Tensor hypernetwork_cpu(const at::Tensor& embeddings, const at::Tensor& w1, 
 TORCH_LIBRARY_IMPL(sas, CPU, m) {
   m.impl("cpu_adapted_linear", &adapted_linear_cpu);
   m.impl("cpu_adapted_linear_forward", &adapted_linear_forward_cpu);
+  m.impl("cpu_adapted_linear_quantized_forward", &quantized_linear_forward_cpu);
   m.impl("cpu_hypernetwork", &hypernetwork_cpu);
   m.impl("cpu_hypernetwork_forward", &hypernetwork_forward_cpu);
   m.impl("cpu_hypernetwork_backward", &hypernetwork_backward_cpu);
@@ -345,6 +443,7 @@ TORCH_LIBRARY_IMPL(sas, CPU, m) {
 
 TORCH_LIBRARY_IMPL(sas, Autograd, m) {
   m.impl("cpu_adapted_linear", &adapted_linear_autograd);
+  m.impl("cpu_adapted_linear_quantized", &quantized_linear_autograd);
   m.impl("cpu_hypernetwork", &hypernetwork_autograd);
 }
 

@@ -17,9 +17,11 @@ TORCH_LIBRARY(sas, m) {
       "cpu_adapter_forward(Tensor x, Tensor base, Tensor A, Tensor B, Tensor h, float scale, Tensor? task_ids)"
       " -> (Tensor y, Tensor u)");
   // -> gradients of x, A, B and h (the gradient of base is grad_y itself).
+  // x is what the forward kept of the input: x itself, its 8-bit copy (int8 or float8_e4m3fn, with x_scale the
+  // float32 scale of each row), or None, and then no dA is computed (grad_A is empty, (0, d_in)).
   m.def(
-      "cpu_adapter_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor h, Tensor u, float scale,"
-      " Tensor? task_ids) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_h)");
+      "cpu_adapter_backward(Tensor grad_y, Tensor? x, Tensor A, Tensor B, Tensor h, Tensor u, float scale,"
+      " Tensor? task_ids, Tensor? x_scale=None) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_h)");
   // The whole adapted layer, x (..., d_in) -> x @ weight.T + bias + scale * ((x @ A.T) * h) @ B.T, with its
   // autograd in C++ (layer_cpu.cpp); weight and bias are frozen (no gradient).
   m.def(
@@ -30,6 +32,18 @@ TORCH_LIBRARY(sas, m) {
   m.def(
       "cpu_adapted_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor h, float scale,"
       " Tensor? task_ids) -> (Tensor y, Tensor u)");
+  // The whole adapted layer keeping, for dA, the 8-bit copy of x (saved_input 1: int8, 2: float8 e4m3, one
+  // float32 scale per row) instead of x: its own, written while the forward reads x, or x_q/x_scale, the copy
+  // another layer made of the same input. Returns the copy it made (not differentiable) beside y, to hand on;
+  // given x_q and x_scale it makes none, and returns empty tensors in their place.
+  m.def(
+      "cpu_adapted_linear_quantized(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor h, float scale,"
+      " Tensor? task_ids, int saved_input, Tensor? x_q, Tensor? x_scale) -> (Tensor y, Tensor x_q, Tensor x_scale)");
+  // Its forward below autograd: y, u and the copy.
+  m.def(
+      "cpu_adapted_linear_quantized_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor h,"
+      " float scale, Tensor? task_ids, int saved_input, Tensor? x_q, Tensor? x_scale)"
+      " -> (Tensor y, Tensor u, Tensor x_q, Tensor x_scale)");
   // h = 1 + w2 act(w1 e + b1) + b2 for every row of embeddings; activation 0 tanh, 1 relu, 2 gelu.
   m.def("cpu_hypernetwork(Tensor embeddings, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int activation) -> Tensor");
   // Its forward and backward below autograd: the forward also returns the pre-activation and the

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -23,6 +24,7 @@ typedef uint32_t Bits32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 typedef int32_t Mask32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef uint16_t Bits16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef _Float16 Half16 __attribute__((vector_size(kLanes * sizeof(_Float16))));
+typedef int8_t Int8x16 __attribute__((vector_size(kLanes * sizeof(int8_t))));
 
 inline Vec splat(float value) { return Vec{} + value; }
 
@@ -46,6 +48,19 @@ inline Vec load(const c10::Half* src) {
   Half16 raw;
   std::memcpy(&raw, src, sizeof raw);
   return __builtin_convertvector(raw, Vec);
+}
+
+// The 8-bit copies of a layer input (saved_input): exact widening, read only by the backward's dA.
+inline Vec load(const int8_t* src) {
+  Int8x16 raw;
+  std::memcpy(&raw, src, sizeof raw);
+  return __builtin_convertvector(raw, Vec);
+}
+
+inline Vec load(const c10::Float8_e4m3fn* src) {
+  Vec v;
+  for (int64_t i = 0; i < kLanes; ++i) v[i] = static_cast<float>(src[i]);
+  return v;
 }
 
 inline void store(float* dst, Vec v) { std::memcpy(dst, &v, sizeof v); }

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _task_state, backends, validation
-from .config import canonical_layer_op
+from .config import SAVED_INPUT_CHOICES, _check_choice, canonical_layer_op
 from .shared import SaSShared
 
 
@@ -24,7 +24,8 @@ class SaSLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, shared: SaSShared, layer_index: int,
-                 down_key: str, up_key: str, scale: float, owns_shared: bool = False, layer_op: str = "kernels"):
+                 down_key: str, up_key: str, scale: float, owns_shared: bool = False, layer_op: str = "kernels",
+                 saved_input: Optional[str] = None):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"SaSLinear wraps nn.Linear, got {type(base_layer).__name__}")
@@ -38,6 +39,10 @@ class SaSLinear(nn.Module):
         self.up_key = up_key
         self.scale = float(scale)
         self.layer_op = canonical_layer_op(layer_op)  # "kernels" or "fold": see SaSConfig.layer_op
+        if saved_input is None:  # the shared owner's config decides (inject), else the exact default
+            saved_input = shared.config.saved_input if shared.config is not None else "full"
+        _check_choice("saved_input", saved_input, SAVED_INPUT_CHOICES)
+        self.saved_input = saved_input  # what the backward keeps of x: see SaSConfig.saved_input
         self._signature: Optional[tuple] = None  # the last input signature forward() validated and routed
         self._route = None  # what runs for that signature
         # Merge state (see merge). The flag is a persistent buffer so it travels with the weights in a
@@ -52,13 +57,19 @@ class SaSLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 8, scale: float = 1.0, embed_dim: int = 8,
-                    hyper_hidden: int = 32, hyper_activation: str = "tanh", layer_op: str = "kernels") -> "SaSLinear":
-        """A standalone adapted layer that owns its own A, B and hypernetwork (for single-layer use)."""
+                    hyper_hidden: int = 32, hyper_activation: str = "tanh", layer_op: str = "kernels",
+                    saved_input: str = "full", train_down: bool = True) -> "SaSLinear":
+        """A standalone adapted layer that owns its own A, B and hypernetwork (for single-layer use);
+        ``saved_input`` and ``train_down`` as in :class:`sas.SaSConfig`."""
+        if not isinstance(train_down, bool):
+            raise TypeError(f"train_down must be a bool, got {type(train_down).__name__} {train_down!r}")
         shared = SaSShared(rank, embed_dim, hyper_hidden, hyper_activation,
                            {"layer": linear.in_features}, {"layer": linear.out_features}, 1)
         shared.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        shared.down.requires_grad_(train_down)
         linear.requires_grad_(False)
-        return cls(linear, shared, 0, "layer", "layer", scale, owns_shared=True, layer_op=layer_op)
+        return cls(linear, shared, 0, "layer", "layer", scale, owns_shared=True, layer_op=layer_op,
+                   saved_input=saved_input)
 
     @property
     def in_features(self) -> int:
@@ -94,7 +105,7 @@ class SaSLinear(nn.Module):
             else:  # full checks and the route once per input signature, then none
                 signature = (x.dtype, x.device, x.dim(), x.shape[-1], dtype, h.shape, task_ids is None,
                              weight.requires_grad, bias is not None and bias.requires_grad,
-                             torch.is_autocast_enabled(x.device.type), backends.route_key())
+                             torch.is_autocast_enabled(x.device.type), self.saved_input, backends.route_key())
                 if signature != self._signature:
                     self._route = self._checked_route(x, weight, bias, A, B, h, task_ids, dtype, False)
                     self._signature = signature
@@ -117,7 +128,8 @@ class SaSLinear(nn.Module):
         validation.validate(x.to(dtype), frozen_output, A, B, h, self.scale, task_ids)
         trainable_base = weight.requires_grad or (bias is not None and bias.requires_grad)
         return backends.route(backends.backend_for(x.device), self.layer_op, dtype, trainable_base, compiling,
-                              torch.is_autocast_enabled(x.device.type), task_ids is not None)
+                              torch.is_autocast_enabled(x.device.type), task_ids is not None, self.saved_input,
+                              self.shared.saved_inputs)
 
     def _input_problem(self, x) -> Optional[Exception]:
         """The ``TypeError``/``ValueError`` naming ``x`` when it cannot be this layer's input, else ``None``."""
@@ -252,7 +264,7 @@ class SaSLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.A.shape[0]}, "
                 f"layer={self.layer_index}, down={self.down_key!r}, up={self.up_key!r}, scale={self.scale}, "
-                f"op={self.layer_op}, "
+                f"op={self.layer_op}, saved_input={self.saved_input}, "
                 f"merged={self.merged}")
 
 

@@ -70,9 +70,7 @@ def gather_modulation(h: torch.Tensor, task_ids: Optional[torch.Tensor], rows: i
     """
     if h.dim() == 1:
         return h
-    if task_ids.numel() != rows:
-        task_ids = task_ids.repeat_interleave(rows // task_ids.numel())
-    return h.index_select(0, task_ids.reshape(-1))
+    return h.index_select(0, _row_task_ids(task_ids.reshape(-1), rows))
 
 
 def sas_adapter(
@@ -110,6 +108,64 @@ def reference_linear(x, weight, bias, A, B, h, scale, task_ids=None):
     return sas_adapter(x.to(base.dtype), base, A, B, h, scale, task_ids)
 
 
+class _QuantizedInputAdapter(torch.autograd.Function):
+    """:func:`sas_adapter` keeping the 8-bit copy of x (:func:`quantize_rows`) instead of x: the oracle of
+    ``SaSConfig.saved_input``. dx, dB and dh are those of :func:`sas_adapter` (they read A, B, h and u,
+    which is kept); dA reads the dequantized copy. Computed in float32 for half inputs, as the reference."""
+
+    @staticmethod
+    def forward(ctx, x, base, A, B, h, scale, task_ids, kind, copy):
+        q, qscale = copy if copy is not None else quantize_rows(x, kind)
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        rows = math.prod(x.shape[:-1])
+        u = x.reshape(rows, x.shape[-1]).to(compute) @ A.to(compute).t()
+        ctx.save_for_backward(q, qscale, u, A, B, h, task_ids)
+        ctx.scale, ctx.compute, ctx.x_shape, ctx.x_dtype = scale, compute, x.shape, x.dtype
+        y = sas_adapter(x, base, A, B, h, scale, task_ids)
+        if copy is not None:  # made by another layer: only a copy made here is handed back
+            return y, None, None
+        ctx.mark_non_differentiable(q, qscale)
+        ctx.set_materialize_grads(False)  # no zeros made for the copy's (absent) gradients
+        return y, q, qscale
+
+    @staticmethod
+    def backward(ctx, g, _grad_q, _grad_scale):
+        q, qscale, u, A, B, h, task_ids = ctx.saved_tensors
+        needs_x, needs_base, needs_A, needs_B, needs_h = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            check_input_kept(None)
+        compute, s = ctx.compute, ctx.scale
+        g2 = g.reshape(u.shape[0], -1).to(compute)
+        modulation = gather_modulation(h.to(compute), task_ids, u.shape[0])
+        g_up = g2 @ B.to(compute)
+        du = s * g_up * modulation
+        dx = (du @ A.to(compute)).to(ctx.x_dtype).reshape(ctx.x_shape) if needs_x else None
+        dA = (du.t() @ dequantize_rows(q, qscale, compute)).to(A.dtype) if needs_A else None
+        dB = (g2.t() @ (s * u * modulation)).to(B.dtype) if needs_B else None
+        dh = None
+        if needs_h:
+            per_row = s * g_up * u
+            dh = per_row.sum(0) if h.dim() == 1 else torch.zeros_like(h, dtype=compute).index_add_(
+                0, _row_task_ids(task_ids, u.shape[0]), per_row)
+            dh = dh.to(h.dtype)
+        return dx, g if needs_base else None, dA, dB, dh, None, None, None, None
+
+
+def _row_task_ids(task_ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """One task id per row (``task_ids`` may hold one per leading-batch element)."""
+    return task_ids if task_ids.numel() == rows else task_ids.repeat_interleave(rows // task_ids.numel())
+
+
+def quantized_input_linear(x, weight, bias, A, B, h, scale, task_ids, kind, copy):
+    """:func:`reference_linear` keeping an 8-bit copy of ``kind`` of x (or ``copy``, one already made of the
+    same input) instead of x: ``(y, q, scale)``, ``q`` and ``scale`` the copy this call made (``None`` when it
+    made none). The oracle of the backends' layers of the same name."""
+    base = F.linear(x, weight, bias)
+    if not (torch.is_grad_enabled() and A.requires_grad):  # only dA reads x: nothing to keep
+        return sas_adapter(x.to(base.dtype), base, A, B, h, scale, task_ids), None, None
+    return _QuantizedInputAdapter.apply(x.to(base.dtype), base, A, B, h, scale, task_ids, kind, copy)
+
+
 def regrad(fn, inputs, needs, grad_output, *args, create_graph: bool = True):
     """Gradients of ``fn(*inputs, *args)`` for ``grad_output`` with respect to the inputs flagged in
     ``needs`` (``None`` for the others), computed under autograd.
@@ -124,3 +180,14 @@ def regrad(fn, inputs, needs, grad_output, *args, create_graph: bool = True):
         wanted = [t for t, need in zip(inputs, needs) if need]
         grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=create_graph) if wanted else ())
     return [next(grads) if need else None for need in needs]
+
+
+def check_input_kept(x: Optional[torch.Tensor]) -> None:
+    """Raise for a double backward through a layer that kept no full-precision input ``x`` (``None``):
+    differentiating its gradients again (:func:`regrad`) recomputes the layer from ``x``."""
+    if x is None:
+        raise RuntimeError(
+            "a double backward (create_graph=True) recomputes the adapted layer from its input, which this layer "
+            "did not keep: its A gets no gradient (SaSConfig.train_down=False) or it kept an 8-bit copy "
+            "(SaSConfig.saved_input='int8' or 'fp8'); use train_down=True and saved_input='full' for "
+            "higher-order gradients")

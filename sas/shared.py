@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -144,6 +145,8 @@ class SaSShared(nn.Module):
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
             self.down[key] = nn.Parameter(weight)
         self.up = nn.ParameterDict({key: nn.Parameter(torch.zeros(d_out, rank)) for key, d_out in up_shapes.items()})
+        if config is not None and not config.train_down:  # LoRA-FA style: A stays as initialized or loaded
+            self.down.requires_grad_(False)
         self.embeddings = nn.Parameter(torch.randn(num_layers, embed_dim))
         self.hyper = HyperNetwork(embed_dim, hyper_hidden, rank, hyper_activation)
         self.task_embeddings = nn.ParameterList(
@@ -151,11 +154,14 @@ class SaSShared(nn.Module):
 
         # Per-dtype cache of h (and of A/B cast to another dtype): see layer_tensors.
         self._cache: Dict[tuple, _CacheEntry] = {}
+        # The last 8-bit copy of a layer input (SaSConfig.saved_input), for the next layer fed the same tensor.
+        self.saved_inputs = SavedInputCopies()
 
     def __getstate__(self):
         # Cached tensors carry autograd graphs, which copy.deepcopy and pickle refuse; they are rebuilt on use.
         state = self.__dict__.copy()
         state["_cache"] = {}
+        state["saved_inputs"] = SavedInputCopies()  # weak references, which pickle refuses
         return state
 
     def forward(self, inputs):
@@ -261,6 +267,44 @@ class SaSShared(nn.Module):
         if table is not None:
             return table.to(dtype).unbind(0)
         return _ModulationTable.apply(activation, dtype, versions, *sources).unbind(0)
+
+
+class SavedInputCopies:
+    """The 8-bit copy (``SaSConfig.saved_input``) of the last layer input one was made of, so that the
+    layers fed the same tensor (q, k and v of a block, called one after another) keep ONE copy between
+    them, as they keep one saved x in the full mode.
+
+    One slot, keyed on the input tensor itself (a weak reference, so a dead input never matches a new
+    tensor at its address), its version counter (a write in place makes another input), the kind, the
+    compute dtype and the CUDA stream. The slot holds the copy weakly too: it lives exactly as long as a
+    layer's saved tensors keep it (the backward, or checkpointing's discarding of saved tensors, frees it),
+    and no copy outlives its backward because of this cache.
+    """
+
+    __slots__ = ("_key", "_input", "_q", "_scale")
+
+    def __init__(self) -> None:
+        self._key, self._input, self._q, self._scale = None, None, None, None
+
+    @staticmethod
+    def _key_of(x: torch.Tensor, kind: str, dtype: torch.dtype):
+        try:
+            version = x._version
+        except RuntimeError:  # an inference tensor: no version counter, so no way to see writes; not shared
+            return None
+        return id(x), version, kind, dtype, backends.runtime.stream_of(x)
+
+    def get(self, x: torch.Tensor, kind: str, dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(q, scale)`` made of this very ``x`` (same object, unchanged) in ``kind`` and ``dtype``, or ``None``."""
+        if self._key is None or self._input() is not x or self._key != self._key_of(x, kind, dtype):
+            return None
+        q, scale = self._q(), self._scale()
+        return None if q is None or scale is None else (q, scale)
+
+    def put(self, x: torch.Tensor, kind: str, dtype: torch.dtype, q: torch.Tensor, scale: torch.Tensor) -> None:
+        key = self._key_of(x, kind, dtype)
+        if key is not None:
+            self._key, self._input, self._q, self._scale = key, weakref.ref(x), weakref.ref(q), weakref.ref(scale)
 
 
 def _inference_stamp(tensors) -> tuple:

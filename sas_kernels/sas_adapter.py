@@ -117,6 +117,23 @@ TASK_BLOCK: tl.constexpr = tl.constexpr(16)
 # Split counters the rows kernel zeroes per store (see _sas_backward_rows_kernel).
 COUNTER_BLOCK: tl.constexpr = tl.constexpr(128)
 
+# What a layer keeps of its input x for dA (SaSConfig.saved_input, sas.reference.quantize_rows): the
+# forward kernel's SAVE_X writes an 8-bit copy, the weights kernel's SAVED_X says what its x_ptr holds.
+# NONE: nothing (A gets no gradient: the weights kernel computes no dA). The fp8 copy travels as its uint8
+# bits, encoded and decoded here with integer ops: Triton's own float8e4nv casts need sm_89 and are wrong
+# under the interpreter (-31.1 became -16), while these run everywhere and round exactly as PyTorch does.
+SAVED_FULL: tl.constexpr = tl.constexpr(0)
+SAVED_INT8: tl.constexpr = tl.constexpr(1)
+SAVED_FP8: tl.constexpr = tl.constexpr(2)
+SAVED_NONE: tl.constexpr = tl.constexpr(3)
+#: SaSConfig.saved_input's 8-bit kinds -> (SAVE_X/SAVED_X code, storage dtype of the copy as the kernels see it).
+SAVED_KINDS = {"int8": (SAVED_INT8.value, torch.int8), "fp8": (SAVED_FP8.value, torch.uint8)}
+# The largest magnitude of each 8-bit kind, which a row's absmax is scaled to (QUANTIZED_INPUT_MAX).
+INT8_LIMIT: tl.constexpr = tl.constexpr(127.0)
+FP8_LIMIT: tl.constexpr = tl.constexpr(448.0)
+# Adding and subtracting 1.5 * 2**23 rounds an fp32 of magnitude below 2**22 to an integer, ties to even.
+ROUNDING_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+
 
 def _config(block_m: int, block_d: int, num_warps: int, num_stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=num_warps, num_stages=num_stages)
@@ -147,8 +164,9 @@ def fitting_configs(configs, rank_pad: int, element_size: int):
 def prune_configs(configs, named_args, **kwargs):
     """Autotune hook over :func:`fitting_configs`."""
     rank_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
-    first_pointer = named_args["x_ptr"] if "x_ptr" in named_args else named_args["g_ptr"]
-    fitting = fitting_configs(configs, rank_pad, first_pointer.element_size())
+    # The compute dtype's operand: g where the kernel reads it (the weights kernel's x may be an 8-bit copy).
+    operand = named_args["g_ptr"] if "g_ptr" in named_args else named_args["x_ptr"]
+    fitting = fitting_configs(configs, rank_pad, operand.element_size())
     return fitting if AUTOTUNE else fitting[:1]
 
 
@@ -175,29 +193,83 @@ def _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_
     return hm.to(tl.float32)  # one return: Triton unifies the types of every return statement
 
 
+@triton.jit
+def _round_to_integer(v):
+    """fp32 ``v`` (|v| < 2**22) rounded to the nearest integer, ties to even (as ``torch.round``)."""
+    return (v + ROUNDING_MAGIC) - ROUNDING_MAGIC
+
+
+@triton.jit
+def _encode_fp8(v):
+    """The float8 e4m3fn bits (uint8) of fp32 ``v`` with |v| <= 448, rounded to nearest even as PyTorch's
+    ``.to(torch.float8_e4m3fn)``: normal values keep 3 mantissa bits of the fp32 pattern (the carry of
+    the rounding increment may step the exponent), values below 2**-6 are multiples of 2**-9."""
+    bits = v.to(tl.uint32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    magnitude = bits & 0x7FFFFFFF
+    rounded = magnitude + 0x7FFFF + ((magnitude >> 20) & 1)
+    normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
+    subnormal = _round_to_integer(tl.abs(v) * 512.0).to(tl.uint32)
+    return (sign | tl.where(magnitude >= 0x3C800000, normal, subnormal)).to(tl.uint8)  # 0x3C800000 = 2**-6
+
+
+@triton.jit
+def _decode_saved(q, SAVED_X: tl.constexpr):
+    """The fp32 values of an 8-bit copy's tile (before its row scale): int8 as is, fp8 from its bits."""
+    if SAVED_X == SAVED_INT8:
+        value = q.to(tl.float32)
+    else:
+        b = q.to(tl.uint32)
+        exponent = (b >> 3) & 15
+        normal = (((b & 0x80) << 24) | ((exponent + 120) << 23) | ((b & 7) << 20)).to(tl.float32, bitcast=True)
+        subnormal = (b & 7).to(tl.float32) * 0.001953125  # 2**-9
+        value = tl.where(exponent > 0, normal, tl.where((b & 0x80) != 0, -subnormal, subnormal))
+    return value
+
+
+@triton.jit
+def _quantize_tile(x, inverse, SAVE_X: tl.constexpr):
+    """A tile of x as its 8-bit copy: x * (limit / absmax of its row), clamped, rounded (quantize_rows)."""
+    limit = INT8_LIMIT if SAVE_X == SAVED_INT8 else FP8_LIMIT
+    scaled = tl.minimum(tl.maximum(x.to(tl.float32) * inverse[:, None], -limit), limit)
+    if SAVE_X == SAVED_INT8:
+        q = _round_to_integer(scaled).to(tl.int8)
+    else:
+        q = _encode_fp8(scaled)
+    return q
+
+
 @_autotune
 @triton.jit
 def _sas_forward_kernel(
     # pointers
-    x_ptr, base_ptr, a_ptr, b_ptr, h_ptr, task_ptr, y_ptr, u_ptr,
+    x_ptr, base_ptr, a_ptr, b_ptr, h_ptr, task_ptr, y_ptr, u_ptr, q_ptr, qscale_ptr,
     # sizes
     rows, d_in, d_out, rank, rows_per_task, n_tasks,
     # strides (elements): x, base and y rows have a unit-stride last dim (the launcher's as_rows); A, B
     # and h are read through both strides (a stride of 1 is specialized by Triton, so the usual
-    # contiguous case compiles to unit-stride loads)
+    # contiguous case compiles to unit-stride loads); the 8-bit copy q is contiguous (rows, d_in)
     stride_xm, stride_basem, stride_ym, stride_ar, stride_ak, stride_bn, stride_br, stride_ht, stride_hr,
     scale,
     # meta
-    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, SAVE_U: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, SAVE_U: tl.constexpr, SAVE_X: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One block of rows: u = x @ A.T (fp32), v = s * u * h, y = base + v @ B.T; y stored once."""
+    """One block of rows: u = x @ A.T (fp32), v = s * u * h, y = base + v @ B.T; y stored once. With
+    SAVE_X (SAVED_INT8 or SAVED_FP8) also the 8-bit copy of x and its fp32 row scales (quantize_rows):
+    the row absmax is taken while x is read for u, and the copy is written from a second sweep over the
+    block's rows, which this program has just read (BLOCK_M x d_in, 96 KiB at ViT-B fc1 in bf16: from
+    L2, not memory). No extra launch, no extra read of x from memory."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < rows
     offs_r = tl.arange(0, R_PAD)
     rank_mask = offs_r < rank
 
     u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # 0 for a finite row, NaN for a row holding NaN or Inf (x * 0 is NaN there): added to the scale, so
+    # such a row's copy dequantizes to NaN instead of silently to finite values (tl.max drops NaN).
+    non_finite = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_D):
         offs_k = k0 + tl.arange(0, BLOCK_D)
         k_mask = offs_k < d_in
@@ -206,8 +278,23 @@ def _sas_forward_kernel(
         a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                       mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
         u += tl.dot(x, a_t, input_precision=DOT_PRECISION)
+        if SAVE_X != SAVED_FULL:
+            absmax = tl.maximum(absmax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+            non_finite += tl.sum(x.to(tl.float32) * 0.0, axis=1)
     if SAVE_U:
         tl.store(u_ptr + offs_m[:, None] * rank + offs_r[None, :], u, mask=row_mask[:, None] & rank_mask[None, :])
+    if SAVE_X != SAVED_FULL:
+        limit = INT8_LIMIT if SAVE_X == SAVED_INT8 else FP8_LIMIT
+        # div_rn: IEEE division rounded once, as the oracle's; Triton's fp32 `/` is approximate on CUDA.
+        limits = tl.full((BLOCK_M,), limit, tl.float32)
+        inverse = tl.where(absmax > 0, tl.math.div_rn(limits, tl.where(absmax > 0, absmax, 1.0)), 0.0)
+        tl.store(qscale_ptr + offs_m, tl.math.div_rn(absmax, limits) + non_finite, mask=row_mask)
+        for k0 in range(0, d_in, BLOCK_D):
+            offs_k = k0 + tl.arange(0, BLOCK_D)
+            tile_mask = row_mask[:, None] & (offs_k < d_in)[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=tile_mask, other=0.0)
+            tl.store(q_ptr + offs_m[:, None] * d_in + offs_k[None, :], _quantize_tile(x, inverse, SAVE_X),
+                     mask=tile_mask)
 
     hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks, stride_ht,
                           stride_hr, HAS_TASKS)
@@ -324,11 +411,14 @@ def _store_reduced(acc, out_ptr, partial_ptr, partials_base, counter_index, offs
 
 
 @triton.jit
-def _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, partials_base, da_ptr, tile, split, block,
+def _da_tile(x_ptr, xscale_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, partials_base, da_ptr, tile, split, block,
              row_start, row_end, d_in, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_xm, stride_ht,
-             stride_hr, scale, R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr,
-             ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Columns ``block`` of dA = (s * gB * h).T @ x over the rows of one split."""
+             stride_hr, scale, compute_dtype: tl.constexpr, R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr,
+             ONE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr, SAVED_X: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Columns ``block`` of dA = (s * gB * h).T @ x over the rows of one split. From an 8-bit copy (SAVED_X
+    SAVED_INT8/SAVED_FP8) x = q * scale per row: the tile of q is decoded in registers (int8 and e4m3
+    values are exact in fp16, bf16 and fp32) and the row scale goes into du, the small operand."""
     offs_r = tl.arange(0, R_PAD)
     rank_mask = offs_r < rank
     offs_k = block * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -341,10 +431,13 @@ def _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, partials_base, da_ptr,
                      mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
         hm = _load_modulation(h_ptr, task_ptr, offs_m, row_mask, offs_r, rank_mask, rows_per_task, n_tasks,
                               stride_ht, stride_hr, HAS_TASKS)
-        du = (gb * hm * scale).to(x_ptr.dtype.element_ty)
+        du = gb * hm * scale
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += tl.dot(tl.trans(du), x, input_precision=DOT_PRECISION)
+                    mask=row_mask[:, None] & k_mask[None, :], other=0)
+        if SAVED_X != SAVED_FULL:
+            du = du * tl.load(xscale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
+            x = _decode_saved(x, SAVED_X).to(compute_dtype)
+        acc += tl.dot(tl.trans(du.to(compute_dtype)), x, input_precision=DOT_PRECISION)
     _store_reduced(acc, da_ptr, partial_ptr, partials_base, tile, offs_r[:, None] * d_in + offs_k[None, :],
                    rank_mask[:, None] & k_mask[None, :], split, n_splits, split_stride, ONE_SPLIT, ACCUMULATE)
 
@@ -406,7 +499,7 @@ def _dh_tile(gb_ptr, u_ptr, task_ptr, partial_ptr, partials_base, dh_ptr, tile, 
 @triton.jit
 def _sas_backward_weights_kernel(
     # pointers
-    x_ptr, g_ptr, u_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, da_ptr, db_ptr, dh_ptr,
+    x_ptr, xscale_ptr, g_ptr, u_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, da_ptr, db_ptr, dh_ptr,
     # sizes
     rows, d_in, d_out, rank, rows_per_task, n_tasks, rows_per_split, n_splits,
     # strides (x and g rows have a unit-stride last dim; dA, dB and dh are contiguous)
@@ -414,14 +507,17 @@ def _sas_backward_weights_kernel(
     scale,
     # meta
     R_PAD: tl.constexpr, HAS_TASKS: tl.constexpr, ONE_SPLIT: tl.constexpr, ACCUMULATE_DA: tl.constexpr,
-    ACCUMULATE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACCUMULATE_DB: tl.constexpr, SAVED_X: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """The weight gradients, one program per (tile, row split), tiles in grid order: the d_in column
     blocks of dA, the d_out row blocks of dB, then the task blocks of dh. One launch instead of one
-    kernel per gradient: dA and dB read the same kind of tiles and differ only in the wide operand."""
+    kernel per gradient: dA and dB read the same kind of tiles and differ only in the wide operand.
+    ``x_ptr`` holds what the layer kept of x (SAVED_X): x itself, its 8-bit copy with ``xscale_ptr`` the
+    row scales, or nothing (SAVED_NONE: no dA tiles)."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    in_blocks = tl.cdiv(d_in, BLOCK_D)
+    in_blocks = 0 if SAVED_X == SAVED_NONE else tl.cdiv(d_in, BLOCK_D)
     out_blocks = tl.cdiv(d_out, BLOCK_D)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, rows)
@@ -429,10 +525,10 @@ def _sas_backward_weights_kernel(
     # the n_splits of them, the int32 tile counters the rows kernel zeroed.
     split_stride = rank * (d_in + d_out + n_tasks)
     if tile < in_blocks:
-        _da_tile(x_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, partial_ptr, da_ptr, tile, split, tile,
+        _da_tile(x_ptr, xscale_ptr, gb_ptr, h_ptr, task_ptr, partial_ptr, partial_ptr, da_ptr, tile, split, tile,
                  row_start, row_end, d_in, rank, rows_per_task, n_tasks, n_splits, split_stride, stride_xm,
-                 stride_ht, stride_hr, scale, R_PAD, HAS_TASKS, ONE_SPLIT, ACCUMULATE_DA, DOT_PRECISION, BLOCK_M,
-                 BLOCK_D)
+                 stride_ht, stride_hr, scale, g_ptr.dtype.element_ty, R_PAD, HAS_TASKS, ONE_SPLIT, ACCUMULATE_DA,
+                 SAVED_X, DOT_PRECISION, BLOCK_M, BLOCK_D)
     elif tile < in_blocks + out_blocks:
         _db_tile(g_ptr, u_ptr, h_ptr, task_ptr, partial_ptr + rank * d_in, partial_ptr, db_ptr, tile, split,
                  tile - in_blocks, row_start, row_end, d_out, rank, rows_per_task, n_tasks, n_splits, split_stride,
@@ -563,15 +659,29 @@ def _device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def saved_input_buffers(kind: str, rows: int, d_in: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Empty ``(q, scale)`` of the 8-bit copy of ``kind`` ("int8", "fp8") for ``rows`` rows of ``d_in``: q in
+    the dtype of :func:`sas.reference.quantize_rows` (int8, float8_e4m3fn), scale float32 (rows,)."""
+    q = torch.empty((rows, d_in), dtype=torch.int8 if kind == "int8" else torch.float8_e4m3fn, device=device)
+    return q, torch.empty((rows,), dtype=torch.float32, device=device)
+
+
+def _kernel_view(q: torch.Tensor, kind: str) -> torch.Tensor:
+    """An 8-bit copy as the kernels address it: fp8 as its uint8 bits (see SAVED_KINDS)."""
+    return q.view(SAVED_KINDS[kind][1])
+
+
 def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
                 task_ids: Optional[torch.Tensor], scale: float, save_u: bool = True,
-                out: Optional[torch.Tensor] = None, traced: bool = False):
+                out: Optional[torch.Tensor] = None, traced: bool = False,
+                saved_input: Optional[Tuple[str, torch.Tensor, torch.Tensor]] = None):
     """y (rows, d_out) in base's dtype and u = x @ A.T (rows, r) fp32 (empty unless ``save_u``).
 
     ``x2``, ``base2`` and ``out`` are row tensors with a unit-stride last dim (:func:`as_rows`; checked);
     ``A``, ``B`` and ``h`` may have any strides. ``out=base2`` writes y over base in place (each
-    program reads its base tile before writing it). ``traced`` is for the torch.library op (see
-    :func:`_launch`).
+    program reads its base tile before writing it). ``saved_input=(kind, q, scale)``: the same launch
+    also writes x's 8-bit copy into ``q`` and ``scale`` (:func:`saved_input_buffers`), as
+    :func:`sas.reference.quantize_rows` would. ``traced`` is for the torch.library op (see :func:`_launch`).
     """
     rows, d_in = x2.shape
     d_out, rank = B.shape
@@ -579,16 +689,25 @@ def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch
     u = torch.empty((rows, rank) if save_u else (0, rank), dtype=torch.float32, device=x2.device)
     if rows == 0:
         return y, u
+    if saved_input is None:
+        save_x, q, qscale = SAVED_FULL.value, u, u  # never read
+    else:
+        kind, q, qscale = saved_input
+        save_x, q = SAVED_KINDS[kind][0], _kernel_view(q, kind)
+        if not (q.is_contiguous() and q.shape == x2.shape and qscale.shape == (rows,) and qscale.is_contiguous()):
+            raise ValueError(f"sas_kernels: the 8-bit copy must be contiguous ({rows}, {d_in}) with ({rows},) "
+                             f"scales; got {tuple(q.shape)} and {tuple(qscale.shape)}")
     _check_rows("x", x2), _check_rows("base", base2), _check_rows("out", y)
     tasks, rows_per_task, n_tasks, stride_ht, stride_hr = _task_layout(h, task_ids, rows)
     r_pad = rank_pad(rank)
     with _device_guard(x2):
         _launch(_sas_forward_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
-                (x2, base2, A, B, h, tasks, y, u,
+                (x2, base2, A, B, h, tasks, y, u, q, qscale,
                  rows, d_in, d_out, rank, rows_per_task, n_tasks,
                  x2.stride(0), base2.stride(0), y.stride(0), *A.stride(), *B.stride(), stride_ht, stride_hr,
                  scale),
-                dict(R_PAD=r_pad, HAS_TASKS=h.dim() == 2, SAVE_U=save_u, DOT_PRECISION=FP32_DOT_PRECISION),
+                dict(R_PAD=r_pad, HAS_TASKS=h.dim() == 2, SAVE_U=save_u, SAVE_X=save_x,
+                     DOT_PRECISION=FP32_DOT_PRECISION),
                 (x2.dtype, d_in, d_out, r_pad), traced, inplace=() if out is None else (6,))
     return y, u
 
@@ -596,11 +715,16 @@ def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch
 # Every BLOCK_D is at least 16 (tl.dot's minimum): a launch has at most this many tiles per 16 columns
 # of d_in or d_out, whichever config runs, so this bounds the split counters a backward needs.
 MIN_BLOCK_D = 16
-def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+def sas_backward(g2: torch.Tensor, x2: Optional[torch.Tensor], u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  h: torch.Tensor, task_ids: Optional[torch.Tensor], scale: float,
                  dx: Optional[torch.Tensor] = None, traced: bool = False,
-                 dA: Optional[torch.Tensor] = None, dB: Optional[torch.Tensor] = None):
+                 dA: Optional[torch.Tensor] = None, dB: Optional[torch.Tensor] = None,
+                 saved_input: Optional[Tuple[str, torch.Tensor]] = None):
     """(dx, dA, dB, dh) for incoming gradient g (rows, d_out); dbase is g itself. Two launches.
+
+    ``x2`` is what the forward kept of x: x itself; or, with ``saved_input=(kind, scale)``, its 8-bit copy
+    (:func:`sas_forward`'s q), dequantized in registers for dA; or ``None``, and then no dA is computed
+    (returned as ``None``): A gets no gradient, and only dA needs x.
 
     A given ``dx`` (rows, d_in), e.g. the frozen layer's ``g @ W0``, is accumulated into in place, and so
     are a given ``dA`` (rank, d_in) and ``dB`` (d_out, rank), contiguous (checked): gradients of A/B
@@ -610,22 +734,32 @@ def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.T
     rows kernel: no state outlives the call, so concurrent streams, CUDA-graph replays and traced calls
     never share one. ``traced``: see :func:`_launch`.
     """
-    rows, d_in = x2.shape
+    rows, d_in = g2.shape[0], A.shape[1]
     d_out, rank = B.shape
     accumulate_dx = dx is not None
     if dx is None:
-        dx = torch.empty((rows, d_in), dtype=x2.dtype, device=x2.device)
+        dx = torch.empty((rows, d_in), dtype=g2.dtype, device=g2.device)
+    wants_da = x2 is not None
     if rows == 0:
-        return (dx, torch.zeros_like(A) if dA is None else dA, torch.zeros_like(B) if dB is None else dB,
-                torch.zeros_like(h))
+        return (dx, (torch.zeros_like(A) if dA is None else dA) if wants_da else None,
+                torch.zeros_like(B) if dB is None else dB, torch.zeros_like(h))
+    if not wants_da:
+        saved_x, x2, xscale = SAVED_NONE.value, g2, u  # never read
+    elif saved_input is None:
+        saved_x, xscale = SAVED_FULL.value, u  # xscale never read
+    else:
+        kind, xscale = saved_input
+        saved_x, x2 = SAVED_KINDS[kind][0], _kernel_view(x2, kind)
     _check_rows("g", g2), _check_rows("x", x2), _check_rows("dx", dx)
     tasks, rows_per_task, n_tasks, stride_ht, stride_hr = _task_layout(h, task_ids, rows)
     has_tasks, r_pad, precision = h.dim() == 2, rank_pad(rank), FP32_DOT_PRECISION
-    tuning_key = (x2.dtype, d_in, d_out, r_pad)
-    device = x2.device
+    tuning_key = (g2.dtype, d_in, d_out, r_pad)
+    device = g2.device
     gb = torch.empty((rows, rank), dtype=torch.float32, device=device)
     accumulate_da, accumulate_db = dA is not None, dB is not None
-    if dA is None:
+    if not wants_da:
+        dA = gb  # never written: the weights kernel has no dA tiles
+    elif dA is None:
         dA = torch.empty((rank, d_in), dtype=A.dtype, device=device)
     else:
         _check_contiguous("dA", dA)
@@ -641,9 +775,9 @@ def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.T
         counters_start = n_counters = 0
     else:
         counters_start = splits * rank * (d_in + d_out + n_tasks)
-        n_counters = triton.cdiv(d_in, MIN_BLOCK_D) + triton.cdiv(d_out, MIN_BLOCK_D) + task_tiles
+        n_counters = triton.cdiv(d_in, MIN_BLOCK_D) * wants_da + triton.cdiv(d_out, MIN_BLOCK_D) + task_tiles
     partials = torch.empty(counters_start + n_counters, dtype=torch.float32, device=device)
-    with _device_guard(x2):
+    with _device_guard(g2):
         _launch(_sas_backward_rows_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
                 (g2, A, B, h, tasks, gb, dx, partials,
                  rows, d_in, d_out, rank, rows_per_task, n_tasks, counters_start, n_counters,
@@ -652,16 +786,16 @@ def sas_backward(g2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, A: torch.T
                 dict(R_PAD=r_pad, HAS_TASKS=has_tasks, ACCUMULATE_DX=accumulate_dx, DOT_PRECISION=precision),
                 tuning_key, traced, inplace=(6,) if accumulate_dx else ())
         _launch(_sas_backward_weights_kernel,
-                lambda meta: (triton.cdiv(d_in, meta["BLOCK_D"]) + triton.cdiv(d_out, meta["BLOCK_D"]) + task_tiles,
-                              splits),
-                (x2, g2, u, gb, h, tasks, partials, dA, dB, dh,
+                lambda meta: (triton.cdiv(d_in, meta["BLOCK_D"]) * wants_da + triton.cdiv(d_out, meta["BLOCK_D"])
+                              + task_tiles, splits),
+                (x2, xscale, g2, u, gb, h, tasks, partials, dA, dB, dh,
                  rows, d_in, d_out, rank, rows_per_task, n_tasks, per_split, splits,
                  x2.stride(0), g2.stride(0), stride_ht, stride_hr,
                  scale),
                 dict(R_PAD=r_pad, HAS_TASKS=has_tasks, ONE_SPLIT=splits == 1, ACCUMULATE_DA=accumulate_da,
-                     ACCUMULATE_DB=accumulate_db, DOT_PRECISION=precision),
-                tuning_key, traced, inplace=(7,) * accumulate_da + (8,) * accumulate_db)
-    return dx, dA, dB, dh.view(h.shape)
+                     ACCUMULATE_DB=accumulate_db, SAVED_X=saved_x, DOT_PRECISION=precision),
+                tuning_key, traced, inplace=(8,) * accumulate_da + (9,) * accumulate_db)
+    return dx, dA if wants_da else None, dB, dh.view(h.shape)
 
 
 # ----------------------------------------------------------------------------------------------

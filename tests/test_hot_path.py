@@ -73,11 +73,12 @@ def _step(model, x):
     return run
 
 
-def test_device_ops_and_launches_per_layer(backend):
+@pytest.mark.parametrize("saved_input", ["full", "int8"])
+def test_device_ops_and_launches_per_layer(backend, saved_input):
     if backend == "reference":
         pytest.skip("the reference path is the oracle, not a hot path")
     x = torch.randn(4, 64, requires_grad=True)
-    model, frozen = adapted_mlp(), mlp().requires_grad_(False)
+    model, frozen = adapted_mlp(saved_input=saved_input), mlp().requires_grad_(False)
     _step(model, x)()  # first call: validation and caches
     adapted, base = count_device_ops(_step(model, x)), count_device_ops(_step(frozen, x))
     extra_per_layer = (adapted.total - base.total) / LAYERS
@@ -85,7 +86,10 @@ def test_device_ops_and_launches_per_layer(backend):
     # No torch.library dispatch of the traceable Triton ops in eager mode: launches are direct.
     assert not [n for n in names if n.startswith(("sas::adapter_fwd", "sas::adapter_bwd"))], names
     if backend == "cpp":
-        assert names["sas::cpu_adapted_linear_forward"] == LAYERS and names["sas::cpu_adapter_backward"] == LAYERS
+        # The 8-bit copy is written by the layer's own forward op: no op of its own.
+        forward = "sas::cpu_adapted_linear_forward" if saved_input == "full" else \
+            "sas::cpu_adapted_linear_quantized_forward"
+        assert names[forward] == LAYERS and names["sas::cpu_adapter_backward"] == LAYERS
         assert names["sas::cpu_hypernetwork_forward"] == 1 and names["sas::cpu_hypernetwork_backward"] == 1
         assert extra_per_layer <= 4, names  # the target for the C++ backend
     else:

@@ -61,3 +61,13 @@ def test_untuned_mode_keeps_the_first_fitting_config(monkeypatch, rank_pad, elem
     assert kernels.prune_configs(configs, args) == fitting
     monkeypatch.setattr(kernels, "AUTOTUNE", False)
     assert kernels.prune_configs(configs, args) == fitting[:1]
+
+
+def test_saved_input_variants_compile(compiled):
+    # The 8-bit copy written by the forward (SAVE_X) and read by the weights kernel (SAVED_X), and the weights
+    # kernel without dA (train_down=False), compiled for each target within shared memory.
+    from sas_kernels.aot import SAVED_INPUT_VARIANTS
+
+    for arch, records in compiled.items():
+        variants = {r["saved_input"] for r in records if r["saved_input"] is not None}
+        assert variants == set(SAVED_INPUT_VARIANTS), (arch, variants)

@@ -11,7 +11,7 @@ A **backend** is a family of implementations of the same maths, one :class:`Back
 usable, else ``reference``. The choice can be forced with ``SAS_BACKEND=auto|triton|cpp|reference``,
 :func:`set_backend`, or a call's ``backend=`` argument; a forced backend that cannot run raises instead of
 silently falling back. A new backend is one module (exporting ``sas_adapter``, ``adapted_linear``,
-``hypernetwork`` and ``attach_gradient_sink``) and one entry of :data:`_MODULES`.
+``hypernetwork``, ``attach_gradient_sink`` and ``quantized_input_linear``) and one entry of :data:`_MODULES`.
 """
 from __future__ import annotations
 
@@ -54,6 +54,11 @@ class Backend:
     #: into one total in place, the function that attaches a tensor to a sink
     #: (``sas.backends.triton.GradientSink.attach``), which ``SaSShared`` applies to the A/B it hands out.
     attach_gradient_sink: Optional[Callable]
+    #: ``(x, weight, bias, A, B, h, scale, task_ids, kind, copy) -> (y, q, scale)``: :attr:`layer` keeping,
+    #: for dA, the 8-bit copy of x of ``kind`` (``SaSConfig.saved_input``; ``copy``: the one another layer
+    #: made of the same input, else its own) instead of x; ``q`` and ``scale`` are the copy the call made,
+    #: ``None`` when it made none (``copy`` given, or no gradient for A).
+    quantized_layer: Callable
 
 
 def is_oracle(name: str) -> bool:
@@ -82,7 +87,8 @@ def _cpp_supports(device: torch.device) -> bool:
 # The optional backends, imported lazily (a missing one costs nothing): module, devices it serves.
 _MODULES = {"triton": ("sas.backends.triton", _triton_supports), "cpp": ("sas.backends.cpp", _cpp_supports)}
 
-REFERENCE = Backend("reference", reference.sas_adapter, reference.reference_linear, None, None)
+REFERENCE = Backend("reference", reference.sas_adapter, reference.reference_linear, None, None,
+                    reference.quantized_input_linear)
 
 _loaded: Dict[str, Optional[Backend]] = {"reference": REFERENCE}
 _backend_override: Optional[str] = None
@@ -97,7 +103,7 @@ def load(name: str) -> Optional[Backend]:
         try:
             module = importlib.import_module(module_name)
             _loaded[name] = Backend(name, module.sas_adapter, module.adapted_linear,
-                                    module.hypernetwork, module.attach_gradient_sink)
+                                    module.hypernetwork, module.attach_gradient_sink, module.quantized_input_linear)
         except (ImportError, AttributeError, OSError) as exc:
             warnings.warn(f"sas: the {name!r} backend is unavailable ({exc}); using the reference path instead "
                           f"where it would have run", RuntimeWarning, stacklevel=3)
@@ -203,13 +209,36 @@ def _autocast_cast(layer, x, weight, bias, A, B, h, scale, task_ids):
                      float(scale), task_ids)
 
 
+def _keeping_copy(layer, kind, copies, x, weight, bias, A, B, h, scale, task_ids):
+    """A quantized layer (:attr:`Backend.quantized_layer`) run with the 8-bit copy of ``x`` that ``copies``
+    (``SaSShared.saved_inputs``) holds when another layer already made one of this very input (q, k and v
+    of one block), else one it makes and hands to ``copies``. Under autocast the inputs are cast here,
+    once, with autocast off; the copy is keyed on the caller's ``x``, before that cast."""
+    keeps = torch.is_grad_enabled() and A.requires_grad  # only dA reads x
+    copy = copies.get(x, kind, A.dtype) if keeps and copies is not None else None
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = A.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            y, q, qscale = layer(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), A, B, h,
+                                 float(scale), task_ids, kind, copy)
+    else:
+        y, q, qscale = layer(x, weight, bias, A, B, h, scale, task_ids, kind, copy)
+    if q is not None and copies is not None:
+        copies.put(x, kind, A.dtype, q, qscale)
+    return y
+
+
 def route(backend: Backend, layer_op: str, dtype: torch.dtype, trainable_base: bool, compiling: bool,
-          autocast: bool, per_element_tasks: bool) -> Callable:
+          autocast: bool, per_element_tasks: bool, saved_input: str = "full", copies=None) -> Callable:
     """What runs for one adapted layer's call, THE one table (``docs/design.md`` section 2):
 
     ==============================================  ===========================================================
     situation (first match)                         route
     ==============================================  ===========================================================
+    ``saved_input`` "int8"/"fp8", not compiling     :func:`_keeping_copy` of the quantized layer: the fold
+    and the base frozen                             design's (``layer_op="fold"``, one h), the reference's
+                                                    (``reference`` backend, float64) or the backend's own;
+                                                    ``copies`` shares one copy among layers fed one input
     ``layer_op="fold"``, one h (no per-element      :func:`sas.backends.fold.adapted_linear`: an ATen
     tasks)                                          whole-layer design (also while compiling)
     ``reference`` backend, or float64               :func:`sas.reference.reference_linear` (plain autograd;
@@ -220,8 +249,18 @@ def route(backend: Backend, layer_op: str, dtype: torch.dtype, trainable_base: b
     otherwise                                       the backend's layer op itself (one autograd node)
     ==============================================  ===========================================================
 
-    (A merged layer runs its frozen ``nn.Linear`` alone, before any route: ``SaSLinear.forward``.)
+    (A merged layer runs its frozen ``nn.Linear`` alone, before any route: ``SaSLinear.forward``.) An
+    unfrozen base weight keeps x for its own gradient anyway, so there an 8-bit copy would add memory, not
+    save it; a traced layer keeps x too (the quantized layers are not ``torch.library`` ops yet).
     """
+    if saved_input != "full" and not (compiling or trainable_base):
+        if layer_op == "fold" and not per_element_tasks:
+            layer = fold.quantized_input_linear
+        elif backend is REFERENCE or dtype not in reference.KERNEL_DTYPES:
+            layer = reference.quantized_input_linear
+        else:
+            layer = backend.quantized_layer
+        return functools.partial(_keeping_copy, layer, saved_input, copies)
     if layer_op == "fold" and not per_element_tasks:
         return functools.partial(_fold, backend.adapter)
     if backend is REFERENCE or dtype not in reference.KERNEL_DTYPES:

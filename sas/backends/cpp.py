@@ -43,8 +43,8 @@ def _forward_fake(x, base, A, B, h, scale, task_ids):
 
 
 @torch.library.register_fake("sas::cpu_adapter_backward")
-def _backward_fake(grad_y, x, A, B, h, u, scale, task_ids):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(A),
+def _backward_fake(grad_y, x, A, B, h, u, scale, task_ids, x_scale=None):
+    return (grad_y.new_empty((grad_y.shape[0], A.shape[1])), A.new_empty((0 if x is None else A.shape[0], A.shape[1])),
             B.new_empty(B.shape), torch.empty_like(h))
 
 
@@ -57,6 +57,24 @@ def _layer_fake(x, weight, bias, A, B, h, scale, task_ids):
 def _layer_forward_fake(x, weight, bias, A, B, h, scale, task_ids):
     rows = math.prod(x.shape[:-1])
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((rows, A.shape[0]), dtype=torch.float32)
+
+
+def _copy_fake(x, kind, x_q, x_scale):
+    if x_q is not None:  # a copy was given: none is made
+        return x_q.new_empty((0, x.shape[-1])), x_scale.new_empty((0,))
+    rows = math.prod(x.shape[:-1])
+    return (x.new_empty((rows, x.shape[-1]), dtype=_COPY_DTYPES[kind]), x.new_empty((rows,), dtype=torch.float32))
+
+
+@torch.library.register_fake("sas::cpu_adapted_linear_quantized")
+def _quantized_layer_fake(x, weight, bias, A, B, h, scale, task_ids, kind, x_q, x_scale):
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), *_copy_fake(x, kind, x_q, x_scale))
+
+
+@torch.library.register_fake("sas::cpu_adapted_linear_quantized_forward")
+def _quantized_layer_forward_fake(x, weight, bias, A, B, h, scale, task_ids, kind, x_q, x_scale):
+    y, u = _layer_forward_fake(x, weight, bias, A, B, h, scale, task_ids)
+    return (y, u, *_copy_fake(x, kind, x_q, x_scale))
 
 
 @torch.library.register_fake("sas::cpu_hypernetwork")
@@ -127,6 +145,24 @@ def sas_adapter(
 #: The whole adapted layer, ``(x, weight, bias, A, B, h, scale, task_ids) -> y``: the C++ op itself, with its
 #: autograd in C++, so the layer reaches the kernel with no Python in between.
 adapted_linear = torch.ops.sas.cpu_adapted_linear
+
+# SaSConfig.saved_input's 8-bit kinds -> the code of the ops' saved_input argument (csrc SavedKind), and the
+# dtype of the copy.
+_SAVED_KINDS = {"int8": 1, "fp8": 2}
+_COPY_DTYPES = {1: torch.int8, 2: torch.float8_e4m3fn}
+
+
+def quantized_input_linear(x, weight, bias, A, B, h, scale, task_ids, kind, copy):
+    """The whole layer keeping the 8-bit copy of x of ``kind`` (or ``copy``, one made of the same input) for
+    dA: ``(y, q, scale)``, through the C++ op with its autograd in C++; ``q`` and ``scale`` are the copy it
+    made, ``None`` when it made none (a ``copy`` given; or A needs no gradient, and then the plain layer op
+    runs, keeping nothing of x)."""
+    if not (torch.is_grad_enabled() and A.requires_grad):
+        return adapted_linear(x, weight, bias, A, B, h, scale, task_ids), None, None
+    y, q, qscale = torch.ops.sas.cpu_adapted_linear_quantized(x, weight, bias, A, B, h, scale, task_ids,
+                                                              _SAVED_KINDS[kind], *(copy or (None, None)))
+    return (y, q, qscale) if copy is None else (y, None, None)
+
 
 #: The C++ backward adds no gradient into a shared total: autograd sums the layers' A/B gradients.
 attach_gradient_sink = None

@@ -152,43 +152,72 @@ _HOST_FUNCTIONS = {
 
 
 class SaSLinearFunction(torch.autograd.Function):
-    """Autograd for the fused designs; ``weight``/``bias`` arrive detached (frozen)."""
+    """Autograd for the fused designs; ``weight``/``bias`` arrive detached (frozen). Returns
+    ``(y, q, scale)``: the backward keeps x only when A needs a gradient (only dA reads it), and then, with
+    ``kind`` ("int8"/"fp8", ``SaSConfig.saved_input``), its 8-bit copy instead (made by the oracle
+    :func:`sas.reference.quantize_rows`, or ``copy``, one already made of the same input), returned
+    non-differentiable so that layers fed the same input share it; ``q`` and ``scale`` are ``None`` when this
+    call made no copy."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, h, scale, design):
+    def forward(ctx, x, weight, bias, A, B, h, scale, design, kind=None, copy=None):
         forward_fn, _ = _HOST_FUNCTIONS[design]
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):  # inputs were cast already; keep exact control
             y2, u = forward_fn(x2, weight, bias, A, B, h, scale)
-        ctx.save_for_backward(x, u, weight, bias, A, B, h)
-        ctx.scale, ctx.design = scale, design
-        return _alias(y2, (*x.shape[:-1], weight.shape[0]))
+        keeps_x = ctx.needs_input_grad[3]
+        q, qscale = (copy or reference.quantize_rows(x, kind)) if keeps_x and kind is not None else (None, None)
+        ctx.save_for_backward(x if keeps_x and q is None else None, q, qscale, u, weight, bias, A, B, h)
+        ctx.scale, ctx.design, ctx.x_shape = scale, design, x.shape
+        y = _alias(y2, (*x.shape[:-1], weight.shape[0]))
+        if q is None or copy is not None:  # only a copy made here is handed back
+            return y, None, None
+        ctx.mark_non_differentiable(q, qscale)
+        ctx.set_materialize_grads(False)  # no zeros made for the copy's (absent) gradients
+        return y, q, qscale
 
     @staticmethod
-    def backward(ctx, g):
-        x, u, weight, bias, A, B, h = ctx.saved_tensors
+    def backward(ctx, g, _grad_q=None, _grad_scale=None):
+        x, q, qscale, u, weight, bias, A, B, h = ctx.saved_tensors
         needs_x, _, _, needs_A, needs_B, needs_h = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():  # create_graph=True: the host functions write into buffers (out=), so
             # differentiate the reference ops instead, with autocast off as in the forward
+            reference.check_input_kept(x)
             with torch.autocast(x.device.type, enabled=False):
                 dx, _, _, dA, dB, dh = reference.regrad(
                     reference.reference_linear, (x, weight, bias, A, B, h),
                     (needs_x, False, False, needs_A, needs_B, needs_h), g, ctx.scale)
-            return dx, None, None, dA, dB, dh, None, None
+            return dx, None, None, dA, dB, dh, None, None, None, None
         _, input_grad_fn = _HOST_FUNCTIONS[ctx.design]
         g2 = g.reshape(-1, g.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
+        if q is not None:
+            x2 = reference.dequantize_rows(q, qscale, g.dtype)
+        else:
+            x2 = None if x is None else x.reshape(-1, x.shape[-1])
         dx2, gB = input_grad_fn(g2, weight, A, B, h, ctx.scale, needs_x)
         dA, dB, dh = _adapter_grads(g2, x2, u, gB, A, h, ctx.scale, needs_A, needs_B, needs_h)
-        dx = None if dx2 is None else dx2.view(x.shape)
-        return dx, None, None, dA, dB, dh, None, None
+        dx = None if dx2 is None else dx2.view(ctx.x_shape)
+        return dx, None, None, dA, dB, dh, None, None, None, None
 
 
-def adapted_linear(x, weight, bias, A, B, h, scale, design, adapter):
+def adapted_linear(x, weight, bias, A, B, h, scale, design, adapter, kind=None, copy=None):
     """The body of :func:`sas.functional.sas_linear`, its arguments already validated: casts to the compute
     dtype, detaches a frozen ``weight``/``bias``, and runs ``design`` (``"auto"``: :func:`choose_design`).
     ``unfused``, or a ``weight``/``bias`` that requires a gradient (under grad mode), runs ``F.linear`` then
-    ``adapter`` (the kernel backend's op), whose autograd covers them."""
+    ``adapter`` (the kernel backend's op), whose autograd covers them. ``kind``/``copy``: see
+    :func:`quantized_input_linear`, which passes them."""
+    y, _, _ = _linear(x, weight, bias, A, B, h, scale, design, adapter, kind, copy)
+    return y
+
+
+def quantized_input_linear(x, weight, bias, A, B, h, scale, task_ids, kind, copy):
+    """``layer_op="fold"`` keeping an 8-bit copy of ``kind`` of x (or ``copy``) for dA, through the oracle
+    :func:`sas.reference.quantize_rows`: ``(y, q, scale)`` (see :class:`SaSLinearFunction`). A design that
+    cannot keep it (``unfused``, an unfrozen base) runs :func:`sas.reference.quantized_input_linear`."""
+    return _linear(x, weight, bias, A, B, h, scale, "auto", None, kind, copy)
+
+
+def _linear(x, weight, bias, A, B, h, scale, design, adapter, kind, copy):
     dtype = compute_dtype(x, weight)
     x, A, B, h = x.to(dtype), A.to(dtype), B.to(dtype), h.to(dtype)
     frozen = not (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
@@ -196,8 +225,12 @@ def adapted_linear(x, weight, bias, A, B, h, scale, design, adapter):
         weight, bias = weight.detach(), None if bias is None else bias.detach()
     weight = weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
+    if not (torch.is_grad_enabled() and A.requires_grad):  # no dA, so nothing of x to keep
+        kind, copy = None, None
     if design == "auto":
         design = choose_design(x.device, dtype, weight.shape[1], weight.shape[0], A.shape[0])
     if design == "unfused" or not frozen:
-        return adapter(x, F.linear(x, weight, bias), A, B, h, float(scale), None)
-    return SaSLinearFunction.apply(x, weight, bias, A, B, h, float(scale), design)
+        if kind is not None:
+            return reference.quantized_input_linear(x, weight, bias, A, B, h, scale, None, kind, copy)
+        return adapter(x, F.linear(x, weight, bias), A, B, h, float(scale), None), None, None
+    return SaSLinearFunction.apply(x, weight, bias, A, B, h, float(scale), design, kind, copy)

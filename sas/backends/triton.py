@@ -186,60 +186,117 @@ def _sinks(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple:
             sink_B if sink_B is not None and sink_B.stream == stream else None)
 
 
+def _layer_forward(ctx, x, weight, bias, A, B, h, task_ids, scale, kind, copy):
+    """The whole-layer forward of both layer nodes: y, and what the backward keeps of x saved on ``ctx``:
+    x itself (``kind`` None), its 8-bit copy (written by the forward launch, or ``copy``, the one another
+    layer already made of the same input), or nothing when A needs no gradient (only dA reads x).
+    Returns ``(y, q, scale of q)``, the last two ``None`` unless this call made an 8-bit copy."""
+    x2 = sas_kernels.as_rows(x)
+    y, y2 = _frozen_linear(x2, weight, bias, (*x.shape[:-1], weight.shape[0]))
+    keeps_x = ctx.needs_input_grad[3]
+    quantized = keeps_x and kind is not None
+    q, qscale = None, None
+    if quantized:
+        q, qscale = copy if copy is not None else kernels.saved_input_buffers(kind, *x2.shape, x.device)
+    _, u = kernels.sas_forward(x2, y2, A, B, h, task_ids, scale, True, out=y2,
+                               saved_input=(kind, q, qscale) if quantized and copy is None else None)
+    kept_x, kept_rows = (x, x2) if keeps_x and not quantized else (None, q)
+    # x itself is saved beside its row view so a double backward can differentiate through it.
+    ctx.save_for_backward(kept_x, kept_rows, qscale, u, weight, bias, A, B, h, task_ids)
+    ctx.scale, ctx.kind, ctx.sinks, ctx.x_shape = scale, kind if quantized else None, _sinks(x, A, B), x.shape
+    return (y, q, qscale) if copy is None else (y, None, None)
+
+
+def _layer_backward(ctx, g):
+    """Gradients of x, weight, bias, A, B, h (the layer nodes add ``None`` for their other inputs)."""
+    x, kept_rows, qscale, u, weight, bias, A, B, h, task_ids = ctx.saved_tensors
+    needs_x, _, _, needs_A, needs_B, needs_h = ctx.needs_input_grad[:6]
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the reference ops instead
+        reference.check_input_kept(x)
+        return reference.regrad(reference.reference_linear, (x, weight, bias, A, B, h), ctx.needs_input_grad[:6], g,
+                                ctx.scale, task_ids)
+    g2 = sas_kernels.as_rows(g)
+    if needs_x:
+        if torch.is_autocast_enabled(g2.device.type):  # a backward called under autocast: g2 @ W0 in
+            with torch.autocast(g2.device.type, enabled=False):  # the forward's dtype, as the kernels
+                dx2 = torch.mm(g2, weight)
+        else:
+            dx2 = torch.mm(g2, weight)
+    else:
+        dx2 = None
+    sink_A, sink_B = ctx.sinks
+    dx2, dA, dB, dh = kernels.sas_backward(g2, kept_rows, u, A, B, h, task_ids, ctx.scale, dx=dx2,
+                                           dA=sink_A and sink_A.current(), dB=sink_B and sink_B.current(),
+                                           saved_input=None if ctx.kind is None else (ctx.kind, qscale))
+    if sink_A is not None and dA is not None:
+        sink_A.set_current(dA)
+        dA = None
+    if sink_B is not None:
+        sink_B.set_current(dB)
+        dB = None
+    dx = dx2.view(ctx.x_shape) if needs_x else None
+    return dx, None, None, dA if needs_A else None, dB if needs_B else None, dh if needs_h else None
+
+
 class AdaptedLinearFunction(torch.autograd.Function):
     """The Triton backend's whole-layer node (the C++ backend's twin is ``csrc/layer_cpu.cpp``).
-    Inputs arrive already in the compute dtype (the caller casts)."""
+    Inputs arrive already in the compute dtype (the caller casts). Keeps x only when A needs a gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, h, task_ids, scale):
-        x2 = sas_kernels.as_rows(x)
-        y, y2 = _frozen_linear(x2, weight, bias, (*x.shape[:-1], weight.shape[0]))
-        _, u = kernels.sas_forward(x2, y2, A, B, h, task_ids, scale, True, out=y2)
-        # x itself is saved beside its row view so a double backward can differentiate through it.
-        ctx.save_for_backward(x, x2, u, weight, bias, A, B, h, task_ids)
-        ctx.scale, ctx.sinks = scale, _sinks(x, A, B)
-        return y  # not a view (see _frozen_linear): in-place ops on it are allowed
+        return _layer_forward(ctx, x, weight, bias, A, B, h, task_ids, scale, None, None)[0]  # not a view
 
     @staticmethod
     def backward(ctx, g):
-        x, x2, u, weight, bias, A, B, h, task_ids = ctx.saved_tensors
-        needs_x, _, _, needs_A, needs_B, needs_h = ctx.needs_input_grad[:6]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference ops instead
-            return (*reference.regrad(reference.reference_linear, (x, weight, bias, A, B, h),
-                                      ctx.needs_input_grad[:6], g, ctx.scale, task_ids), None, None)
-        g2 = sas_kernels.as_rows(g)
-        if needs_x:
-            if torch.is_autocast_enabled(g2.device.type):  # a backward called under autocast: g2 @ W0 in
-                with torch.autocast(g2.device.type, enabled=False):  # the forward's dtype, as the kernels
-                    dx2 = torch.mm(g2, weight)
-            else:
-                dx2 = torch.mm(g2, weight)
-        else:
-            dx2 = None
-        sink_A, sink_B = ctx.sinks
-        dx2, dA, dB, dh = kernels.sas_backward(g2, x2, u, A, B, h, task_ids, ctx.scale, dx=dx2,
-                                                   dA=sink_A and sink_A.current(), dB=sink_B and sink_B.current())
-        if sink_A is not None:
-            sink_A.set_current(dA)
-            dA = None
-        if sink_B is not None:
-            sink_B.set_current(dB)
-            dB = None
-        dx = dx2.view(x.shape) if needs_x else None
-        return (dx, None, None, dA if needs_A else None, dB if needs_B else None, dh if needs_h else None,
-                None, None)
+        return (*_layer_backward(ctx, g), None, None)
+
+
+class QuantizedInputLinearFunction(torch.autograd.Function):
+    """The whole-layer node keeping an 8-bit copy of x (``kind``: ``SaSConfig.saved_input``) instead of x:
+    returns ``(y, q, scale)``, the copy non-differentiable, so layers fed the same input pass it on
+    (``copy``) instead of each keeping their own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, h, task_ids, scale, kind, copy):
+        y, q, qscale = _layer_forward(ctx, x, weight, bias, A, B, h, task_ids, scale, kind, copy)
+        if q is not None:
+            ctx.mark_non_differentiable(q, qscale)
+        ctx.set_materialize_grads(False)  # no zeros made for the copy's (absent) gradients
+        return y, q, qscale
+
+    @staticmethod
+    def backward(ctx, g, _grad_q, _grad_scale):
+        return (*_layer_backward(ctx, g), None, None, None, None)
+
+
+def _needs_node(x, A, B, h) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or h.requires_grad)
+
+
+def _inference_layer(x, weight, bias, A, B, h, scale, task_ids):
+    """The layer with no gradient wanted: one GEMM and one launch, nothing kept (no u, no copy of x)."""
+    x2 = sas_kernels.as_rows(x)
+    y, y2 = _frozen_linear(x2, weight, bias, (*x.shape[:-1], weight.shape[0]))
+    kernels.sas_forward(x2, y2, A, B, h, task_ids, scale, False, out=y2)
+    return y
 
 
 def adapted_linear(x, weight, bias, A, B, h, scale, task_ids):
     """The whole frozen layer plus adapter, ``(x, weight, bias, A, B, h, scale, task_ids) -> y``, with
     everything already in one compute dtype and ``weight``/``bias`` frozen (see :func:`sas.backends.route`)."""
     check_rank(A.shape[0])
-    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or h.requires_grad):
+    if _needs_node(x, A, B, h):
         return AdaptedLinearFunction.apply(x, weight, bias, A, B, h, task_ids, scale)
-    x2 = sas_kernels.as_rows(x)
-    y, y2 = _frozen_linear(x2, weight, bias, (*x.shape[:-1], weight.shape[0]))
-    kernels.sas_forward(x2, y2, A, B, h, task_ids, scale, False, out=y2)
-    return y
+    return _inference_layer(x, weight, bias, A, B, h, scale, task_ids)
+
+
+def quantized_input_linear(x, weight, bias, A, B, h, scale, task_ids, kind, copy):
+    """:func:`adapted_linear` keeping an 8-bit copy of x of ``kind`` (or ``copy``, one made already):
+    ``(y, q, scale)``, ``q`` and ``scale`` the copy this call made (``None`` when it made none)."""
+    check_rank(A.shape[0])
+    if _needs_node(x, A, B, h):
+        return QuantizedInputLinearFunction.apply(x, weight, bias, A, B, h, task_ids, scale, kind, copy)
+    return _inference_layer(x, weight, bias, A, B, h, scale, task_ids), None, None
 
 
 #: The layer backward adds the layers' gradients of a shared A/B in place: the shared owner attaches them.
