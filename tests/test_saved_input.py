@@ -100,18 +100,13 @@ def assert_dA_matches_oracle(dA, x, A, B, h, g, kind, scale):
     assert_close_in_norm(dA, oracle_dA(x, A, B, h, g, kind, scale), x.dtype)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton interpreter")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kind", KINDS)
-def test_triton_writes_the_oracle_copy_in_its_forward_launch(kind, dtype):
+def check_triton_copy_and_gradients(kind, x, base, A, B, h, g):
+    """The Triton forward writes the oracle's copy in its one launch, leaving y and u as in the full mode; the
+    backward from the copy gives the full mode's dx, dB, dh and the oracle's dA. Returns (dA, full mode's dA)."""
     from sas_kernels import sas_adapter as kernels
     from sas_kernels.launch_count import count_launches
 
-    x, base, A, B, h, g = kernel_operands(dtype)
-    wide = torch.zeros(ROWS, WIDTH + 8, dtype=dtype)
-    wide[:, 3:3 + WIDTH] = x  # a column slice: x read through its row stride
-    x = wide[:, 3:3 + WIDTH]
-    q, qscale = kernels.saved_input_buffers(kind, ROWS, WIDTH, "cpu")
+    q, qscale = kernels.saved_input_buffers(kind, *x.shape, x.device)
     with count_launches() as launches:
         y, u = kernels.sas_forward(x, base, A, B, h, None, 0.5, True, saved_input=(kind, q, qscale))
     assert launches.count == 1
@@ -120,9 +115,20 @@ def test_triton_writes_the_oracle_copy_in_its_forward_launch(kind, dtype):
     y_full, u_full = kernels.sas_forward(x, base, A, B, h, None, 0.5, True)
     assert torch.equal(y, y_full) and torch.equal(u, u_full)
     dx, dA, dB, dh = kernels.sas_backward(g, q, u, A, B, h, None, 0.5, saved_input=(kind, qscale))
-    dx_full, _, dB_full, dh_full = kernels.sas_backward(g, x, u, A, B, h, None, 0.5)
+    dx_full, dA_full, dB_full, dh_full = kernels.sas_backward(g, x, u, A, B, h, None, 0.5)
     assert torch.equal(dx, dx_full) and torch.equal(dB, dB_full) and torch.equal(dh, dh_full)
-    assert_dA_matches_oracle(dA, x, A, B, h, g, kind, 0.5)
+    assert_dA_matches_oracle(*(t.cpu() for t in (dA, x, A, B, h, g)), kind, 0.5)
+    return dA, dA_full
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_writes_the_oracle_copy_in_its_forward_launch(kind, dtype):
+    x, base, A, B, h, g = kernel_operands(dtype)
+    wide = torch.zeros(ROWS, WIDTH + 8, dtype=dtype)
+    wide[:, 3:3 + WIDTH] = x  # a column slice: x read through its row stride
+    check_triton_copy_and_gradients(kind, wide[:, 3:3 + WIDTH], base, A, B, h, g)
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the C++ extension")
@@ -381,20 +387,8 @@ def test_bad_choices_are_refused():
 @pytest.mark.parametrize("d_in, d_out", [(768, 2304), (3072, 768)])  # ViT-B qkv and fc2
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_copy_and_dA_on_cuda_in_bf16(kind, d_in, d_out):
-    from sas_kernels import sas_adapter as kernels
-
-    rows, rank, dtype = 197 * 8, 8, torch.bfloat16
-    x, base, A, B, h, g = (t.cuda() for t in kernel_operands(dtype, rows, d_in, d_out, rank))
-    q, qscale = kernels.saved_input_buffers(kind, rows, d_in, "cuda")
-    y, u = kernels.sas_forward(x, base, A, B, h, None, 0.5, True, saved_input=(kind, q, qscale))
-    expected_q, expected_scale = reference.quantize_rows(x, kind)
-    assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8)) and torch.equal(qscale, expected_scale)
-    y_full, u_full = kernels.sas_forward(x, base, A, B, h, None, 0.5, True)
-    assert torch.equal(y, y_full) and torch.equal(u, u_full)
-    dx, dA, dB, dh = kernels.sas_backward(g, q, u, A, B, h, None, 0.5, saved_input=(kind, qscale))
-    dx_full, dA_full, dB_full, dh_full = kernels.sas_backward(g, x, u, A, B, h, None, 0.5)
-    assert torch.equal(dx, dx_full) and torch.equal(dB, dB_full) and torch.equal(dh, dh_full)
-    assert_dA_matches_oracle(dA.cpu(), x.cpu(), A.cpu(), B.cpu(), h.cpu(), g.cpu(), kind, 0.5)
+    operands = (t.cuda() for t in kernel_operands(torch.bfloat16, 197 * 8, d_in, d_out, 8))
+    dA, dA_full = check_triton_copy_and_gradients(kind, *operands)
     assert cosine(dA, dA_full) > 0.99
 
 
