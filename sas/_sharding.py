@@ -24,7 +24,7 @@ def is_shard(tensor: torch.Tensor) -> bool:
 
 
 def refuse_sharded_weights(layers: Iterable[nn.Module], action: str) -> None:
-    """Raise ``ValueError`` when ``action`` ("merge" or "unmerge") would write frozen weights held as FSDP shards.
+    """Raise ``ValueError`` when ``action`` ("merge", "unmerge") would write frozen weights held as FSDP shards.
 
     Folding writes the whole ``(d_out, d_in)`` update into the weight in place, and a rank holds only its
     rows; folding each rank's rows would need every rank to take part and agree on every refusal (an
@@ -33,9 +33,9 @@ def refuse_sharded_weights(layers: Iterable[nn.Module], action: str) -> None:
     sharded = [layer for layer in layers if is_shard(layer.base_layer.weight)]
     if sharded:
         raise ValueError(f"refusing to {action}: {len(sharded)} adapted layers hold their frozen weight as FSDP "
-                         f"shards (DTensor), and {action} writes the whole weight in place; {action} an unsharded model instead: "
-                         f"sas.save_adapter on rank 0, then sas.load_adapter into the unsharded base model and "
-                         f"sas.{action} there")
+                         f"shards (DTensor), and {action} writes the whole weight in place; {action} an unsharded "
+                         f"model instead: sas.save_adapter on rank 0, then sas.load_adapter into the unsharded base "
+                         f"model and sas.{action} there")
 
 
 def refuse_partial_or_duplicate_save(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:

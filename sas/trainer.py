@@ -47,7 +47,8 @@ class SaSTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: Union[str, Path], model: Optional[nn.Module] = None) -> None:
+    def _load_from_checkpoint(self, resume_from_checkpoint: Union[str, Path],
+                              model: Optional[nn.Module] = None) -> None:
         load_adapter_weights(self._adapted_model() if model is None else model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:

@@ -29,6 +29,9 @@ LR = 1e-2
 #: (name, backend, bf16 mixed precision, gradient checkpointing)
 SCENARIOS = [("cpp", "cpp", False, False), ("reference", "reference", False, False),
              ("bf16", "cpp", True, False), ("checkpointing", "cpp", False, True)]
+#: The same on two GPUs (NCCL), the Triton backend in the C++ backend's place.
+GPU_SCENARIOS = [("triton", "triton", False, False), ("reference", "reference", False, False),
+                 ("bf16", "triton", True, False), ("checkpointing", "triton", False, True)]
 # A training checkpoint of the adapter: the trainable tensors and their optimizer state (the frozen base comes
 # from its own files). strict=False lets the frozen tensors be absent when it loads; DCP's load still raises
 # for any tensor asked for that the checkpoint lacks.
@@ -80,9 +83,9 @@ def _bf16_base(model):
     return model
 
 
-def _scenario_model(backend, bf16, checkpointing, shard_it):
+def _scenario_model(backend, bf16, checkpointing, shard_it, device="cpu"):
     sas.set_backend(backend)
-    model = _adapted_llama().train()  # dropout is 0: train() only turns checkpointing on
+    model = _adapted_llama().to(device).train()  # dropout is 0: train() only turns checkpointing on
     if checkpointing:
         model.gradient_checkpointing_enable()  # non-reentrant, transformers' default
     if shard_it:
@@ -124,9 +127,7 @@ def _worker(rank, out, minilm):
     results = {}
     for name, backend, bf16, checkpointing in SCENARIOS:
         model = _scenario_model(backend, bf16, checkpointing, shard_it=True)
-        loss = _loss(model, _tokens()[rows])
-        loss.backward()
-        results[name] = {"loss": _mean_over_ranks(loss), "grads": _adapter_grads(model)}
+        results[name] = _sharded_gradients(model, rows)
         if name == "cpp":
             sharded_model = model
     sas.set_backend("auto")
@@ -194,6 +195,21 @@ def _worker(rank, out, minilm):
     torch.save(results, out / f"rank{rank}.pt")
 
 
+def _sharded_gradients(model, rows):
+    device = next(model.parameters()).device
+    loss = _loss(model, _tokens()[rows].to(device))
+    loss.backward()
+    return {"loss": _mean_over_ranks(loss).cpu(), "grads": {k: v.cpu() for k, v in _adapter_grads(model).items()}}
+
+
+def _gpu_worker(rank, out):
+    results = {}
+    for name, backend, bf16, checkpointing in GPU_SCENARIOS:
+        model = _scenario_model(backend, bf16, checkpointing, shard_it=True, device=torch.device("cuda", rank))
+        results[name] = _sharded_gradients(model, _rows(rank, dist.get_world_size()))
+    torch.save(results, out / f"rank{rank}.pt")
+
+
 def _load_training_state(model, optimizer, path):
     model_state, optimizer_state = get_state_dict(model, optimizer, options=ADAPTER_ONLY)
     state = {"model": model_state, "optimizer": optimizer_state}
@@ -226,26 +242,40 @@ def sharded_run(tmp_path_factory):
     return out, [torch.load(out / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
-@needs_gloo
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s[0] for s in SCENARIOS])
-def test_two_sharded_processes_match_one_process(sharded_run, scenario):
-    _, (first, second) = sharded_run
+def _check_against_one_process(first, second, scenario, device="cpu"):
     name, backend, bf16, checkpointing = scenario
-    single = _scenario_model(backend, bf16, checkpointing=False, shard_it=False)  # checkpointing changes nothing
+    single = _scenario_model(backend, bf16, checkpointing=False, shard_it=False, device=device)  # (changes nothing)
     try:
-        loss = _loss(single, _tokens())
+        loss = _loss(single, _tokens().to(device))
         loss.backward()
     finally:
         sas.set_backend("auto")
-    grads = _adapter_grads(single)
+    grads = {k: v.cpu() for k, v in _adapter_grads(single).items()}
     compare = _assert_same_bf16_math if bf16 else _assert_same_math
     assert set(first[name]["grads"]) == set(grads)
-    compare(first[name]["loss"], loss.detach(), "loss")
+    compare(first[name]["loss"], loss.detach().cpu(), "loss")
     for key, grad in grads.items():
         assert torch.count_nonzero(grad) > 0, key
         compare(first[name]["grads"][key], grad, key)
         # Averaged over the ranks: every replica holds the same gradient, bit for bit.
         assert torch.equal(first[name]["grads"][key], second[name]["grads"][key]), key
+
+
+@needs_gloo
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_two_sharded_processes_match_one_process(sharded_run, scenario):
+    _, (first, second) = sharded_run
+    _check_against_one_process(first, second, scenario)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="needs 2 CUDA devices and NCCL")
+def test_two_gpus_with_nccl_match_one_gpu(tmp_path):
+    run_processes(_gpu_worker, tmp_path, tmp_path, world_size=WORLD_SIZE, backend="nccl")
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE))
+    for scenario in GPU_SCENARIOS:
+        _check_against_one_process(first, second, scenario, device="cuda:0")
 
 
 @needs_gloo

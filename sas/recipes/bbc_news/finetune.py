@@ -244,12 +244,12 @@ def train(model: nn.Module, method: str, lr: float, seed: int, settings: Setting
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule(step, total, max(1, int(settings.warmup_fraction * total))))
     if world.fsdp:  # the adapter's gradients are averaged as DDP averages them, so the loss below stays right
-        import sas.distributed
+        from sas.distributed import shard  # a local name: ``import sas.distributed`` here would make ``sas`` local
 
         if sas.model.find_adapter(model) is None:
             raise ValueError(f"--fsdp shards models with a SaS or scaling adapter (sas.distributed.shard); "
                              f"{method!r} has none: run it without --fsdp (DDP)")
-        net = sas.distributed.shard(model)
+        net = shard(model)
     else:
         net = nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
 

@@ -73,7 +73,8 @@ def main(argv=None) -> Dict:
     parser.add_argument("--block", type=int, default=64, help="tokens per training row")
     parser.add_argument("--articles", type=int, default=400, help="training articles (as many are held out, at most)")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--out", type=Path, help="keep the run's checkpoints and adapter here (default: a temporary folder)")
+    parser.add_argument("--out", type=Path,
+                        help="keep the run's checkpoints and adapter here (default: a temporary folder)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     from transformers import TrainingArguments
