@@ -98,3 +98,17 @@ def test_bad_requests_are_refused():
         memory.run_memory("cpu", "tiny", parts=["bogus"])
     with pytest.raises(SystemExit, match="bf16 autocast"):
         bench_main(["--level", "memory", "--device", "cpu", "--dtype", "fp16", "--tiny"])
+
+
+def test_predict_peak_folds_scratch_allocations_repeated_per_batch_element():
+    # Batch 1 allocates and frees a 4-byte and an 8-byte scratch once, batch 2 twice (as PyTorch's CPU
+    # flash-attention backward does per batch element): folded, each run of them is one point at its highest.
+    small = memory.StepMemory(1, resident=100, timeline=[10, 14, 22, 14, 10, 30, 0])
+    large = memory.StepMemory(2, resident=110, timeline=[20, 24, 32, 24, 20, 24, 32, 24, 20, 60, 0])
+    assert memory.transient_items(small.timeline) == [("point", 10), ("run", [22]), ("point", 30), ("point", 0)]
+    assert memory.transient_items(large.timeline)[1] == ("run", [32, 32])
+    # At batch 10: resident 190; points 100, 22 + 9 * 10 = 112, 300, 0.
+    assert memory.predict_peak(small, large, 10) == 190 + 300
+    # A free that matches no allocation just before it is not folded: the structures differ, no prediction.
+    with pytest.raises(ValueError, match="different allocation sequences"):
+        memory.predict_peak(small, memory.StepMemory(2, 110, [20, 24, 32, 28, 20, 60, 0, 5]), 10)
