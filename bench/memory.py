@@ -9,8 +9,9 @@ Four parts (``--memory-parts``; docs/memory.md says what each counts and how the
   at two batch sizes: their difference is the exact bytes per image, the rest the per-step constant.
 * ``peak`` (CPU): the step's peak from every allocation and free of the CPU allocator (the profiler's
   memory events) during one training step, at two batch sizes; every point of the allocation timeline
-  is affine in the batch, so the peak at ``target_batch`` (ViT-B/16: 128) is predicted point by point,
-  and checked against a step counted at a third batch size.
+  is affine in the batch (scratch buffers allocated and freed a batch-dependent number of times folded
+  first: :func:`aligned_points`), so the peak at ``target_batch`` (ViT-B/16: 128) is predicted point by
+  point, and checked against a step counted at a third batch size.
 * ``measured`` (CUDA): the same step's peak, ``torch.cuda.max_memory_allocated``, at ``cuda_batch``.
 * ``dA``: the relative Frobenius error and cosine of ``dA`` against the float64 ``dA`` of the same
   inputs, per SaS mode, at the model's layer shapes, with inputs taken from the model's own forward.
