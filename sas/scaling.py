@@ -13,7 +13,6 @@ the state_dict keys work as for SaS.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
+from ._merge_state import MergeableLinear
 from .config import VIT_TARGETS, JsonConfig, SaSConfig, _check_choice
-from .layer import (SaSLinear, _merged_flag_follows_weight, _sync_merged_flag, _writable, _write_stamp)
 
 SCALING_KINDS = ("ssl", "ssb")
 
@@ -123,7 +122,7 @@ class ScalingShared(nn.Module):
         return (modules["input_scale"]._parameters[key], modules["output_scale"]._parameters.get(key))
 
 
-class ScalingLinear(nn.Module):
+class ScalingLinear(MergeableLinear):
     """A frozen ``nn.Linear`` (kept as ``base_layer``) with SSL or SSB scales from the shared owner:
 
     ``y = b * ((a * x) @ W0.T) + b0`` (SSB), ``y = (a * x) @ W0.T + b0`` (SSL).
@@ -141,13 +140,7 @@ class ScalingLinear(nn.Module):
         self.layer_index = layer_index
         self._signature: Optional[tuple] = None  # the last input signature forward() validated and routed
         self._route = None  # scaled_linear, or the oracle where the reference backend is forced
-        # Merge state, kept as SaSLinear keeps it (the bookkeeping methods below are SaSLinear's own).
-        self.register_buffer("sas_merged", torch.zeros((), dtype=torch.bool, device=base_layer.weight.device))
-        self._merged = False
-        self._merge_record: Optional[tuple] = None  # (weight, its _write_stamp after merge, its copy before merge)
-        self._merged_task = None  # always None: a scaling adapter has no tasks
-        self.register_load_state_dict_pre_hook(_merged_flag_follows_weight)
-        self.register_load_state_dict_post_hook(_sync_merged_flag)
+        self._init_merge_state(base_layer.weight.device)  # see MergeableLinear; no tasks: _merged_task stays None
 
     @property
     def in_features(self) -> int:
@@ -209,30 +202,14 @@ class ScalingLinear(nn.Module):
             return scaled_linear_reference
         return scaled_linear
 
-    # -- merge ---------------------------------------------------------------------------------------
-    merged = SaSLinear.merged
-    _set_merged = SaSLinear._set_merged
-    _weight_as_merged = SaSLinear._weight_as_merged
-
-    def __getstate__(self):
-        # As SaSLinear's (whose zero-argument super() cannot serve this class): a copy gets a new weight
-        # with a version counter of its own, so the record keeps whether the weight was as merge left it.
-        state = super().__getstate__()
-        if self._merge_record is not None:
-            weight, _, before = self._merge_record
-            state["_merge_record"] = (weight, self._weight_as_merged(), before)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if self._merge_record is not None:
-            weight, unchanged, before = self._merge_record
-            self._merge_record = (weight, _write_stamp(weight) if unchanged else None, before)
+    # -- merge (MergeableLinear: the copy kept at merge, the flag, unmerge) ------------------------------
 
     @torch.no_grad()
-    def _fold(self) -> Tuple[Optional[torch.Tensor], Optional[str]]:
+    def _fold(self, task: Optional[int]) -> Tuple[Optional[torch.Tensor], Optional[str]]:
         """``(the merged weight, None)``, or ``(None, why merging would refuse)``. The product is formed in
         float32 (float64 for a float64 weight), then rounded once to the weight's dtype."""
+        if task is not None:
+            return None, f"a {self.kind} adapter has no tasks; merge it with task=None, got task={task!r}"
         input_scale, output_scale = self.scales()
         if not all(torch.isfinite(s).all() for s in (input_scale, output_scale) if s is not None):
             return None, "the scales contain NaN or Inf"
@@ -245,53 +222,6 @@ class ScalingLinear(nn.Module):
                           f"{torch.finfo(weight.dtype).max:g}); keep the model unmerged or merge it in a wider "
                           f"dtype (e.g. model.float())")
         return folded, None
-
-    def merge_refusal(self, task: Optional[int] = None) -> Optional[str]:
-        """Why :meth:`merge` would refuse (``None`` when it would not)."""
-        return self._fold()[1]
-
-    @torch.no_grad()
-    def merge(self, task: Optional[int] = None) -> None:
-        """Fold the scales into ``base_layer.weight``; refuses (``ValueError``, weight untouched) non-finite
-        scales or a merged weight that overflows the weight's dtype. Keeps a copy of the weight as it was
-        (one more weight of memory while merged), so :meth:`unmerge` restores it bit for bit."""
-        if task is not None:
-            raise ValueError(f"a {self.kind} adapter has no tasks; merge it with task=None, got task={task!r}")
-        if self.merged:
-            warnings.warn("ScalingLinear is already merged; merge() did nothing", UserWarning, stacklevel=2)
-            return
-        folded, reason = self._fold()
-        if reason is not None:
-            raise ValueError(f"refusing to merge: {reason}")
-        weight = self.base_layer.weight
-        before = weight.detach().clone()
-        with _writable(weight):
-            weight.copy_(folded)
-        self._merge_record = (weight, _write_stamp(weight), before)
-        self._set_merged(True)
-
-    def unmerge_refusal(self) -> Optional[str]:
-        """Why :meth:`unmerge` would refuse (``None`` when it would not)."""
-        if not self._weight_as_merged():
-            return ("its weight before merge is not known: the merged weight was loaded (e.g. from a merged "
-                    "model's state_dict) or written since merge; load the base weights and the adapter instead")
-        return None
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Put back the copy of ``base_layer.weight`` that :meth:`merge` kept (dividing the scales out would
-        drift by rounding, and by every change of the scales made while merged)."""
-        if not self.merged:
-            warnings.warn("ScalingLinear is not merged; unmerge() did nothing", UserWarning, stacklevel=2)
-            return
-        reason = self.unmerge_refusal()
-        if reason is not None:
-            raise ValueError(f"refusing to unmerge: {reason}")
-        weight, _, before = self._merge_record
-        with _writable(weight):
-            weight.copy_(before)
-        self._merge_record = None
-        self._set_merged(False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
