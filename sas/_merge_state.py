@@ -18,6 +18,14 @@ from torch import nn
 class MergeableLinear(nn.Module):
     """Base of the adapted layers: merge/unmerge of ``base_layer.weight`` with a bit-exact restore."""
 
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
     def _init_merge_state(self, device: torch.device) -> None:
         # The flag is a persistent buffer so it travels with the weights in a state_dict: loading a merged
         # model's weights into an unmerged one must not add the update twice. forward() reads the Python

@@ -63,14 +63,6 @@ class SaSLinear(MergeableLinear):
                    saved_input=saved_input)
 
     @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
     def A(self) -> torch.Tensor:
         return self.shared.down[self.down_key]
 

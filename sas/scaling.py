@@ -143,14 +143,6 @@ class ScalingLinear(MergeableLinear):
         self._init_merge_state(base_layer.weight.device)  # see MergeableLinear; no tasks: _merged_task stays None
 
     @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
     def kind(self) -> str:
         return self.shared.kind
 
