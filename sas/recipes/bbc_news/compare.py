@@ -290,11 +290,14 @@ def plot(result: Dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in result["rows"]:
-        ax.errorbar(r["trainable_params"], r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o", capsize=3)
-        ax.annotate(r["method"], (r["trainable_params"], r["accuracy_mean"]), textcoords="offset points",
-                    xytext=(5, 5), fontsize=9)
+    # A legend, not labels beside the points: many methods share a parameter count (SaS's memory modes,
+    # the penalties) and their labels would overlap.
+    fig, ax = plt.subplots(figsize=(8.4, 4.6))
+    markers = "osD^v<>Pp*Xh"
+    for i, r in enumerate(result["rows"]):
+        ax.errorbar(r["trainable_params"], r["accuracy_mean"], yerr=r["accuracy_std"], capsize=3,
+                    fmt=markers[i % len(markers)], color=plt.cm.tab20(i % 20), label=r["method"])
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (head included, log scale)")
     ax.set_ylabel("test accuracy % (mean ± std over seeds)")
