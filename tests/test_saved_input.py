@@ -168,10 +168,13 @@ def test_opcheck_quantized_ops(kind):
     utils_forward = utils + (("test_aot_dispatch_dynamic",) if kind == "int8" else ())
     utils_reading_copy = utils_forward if kind == "int8" else ("test_faketensor", "test_autograd_registration")
     torch.library.opcheck(layer, args, test_utils=utils)
+    # The forward op runs inside the layer op's C++ autograd kernel, below autograd: it has no derivative of
+    # its own, so it is checked with inputs that need none (its backward is cpu_adapter_backward's, below).
     forward = torch.ops.sas.cpu_adapted_linear_quantized_forward.default
-    torch.library.opcheck(forward, args, test_utils=utils_forward)
+    forward_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(forward, forward_args, test_utils=utils_forward)
     q, qscale = reference.quantize_rows(x, kind)
-    torch.library.opcheck(forward, args[:9] + (q, qscale), test_utils=utils_reading_copy)
+    torch.library.opcheck(forward, forward_args[:9] + (q, qscale), test_utils=utils_reading_copy)
     u = x @ A.detach().t()
     torch.library.opcheck(torch.ops.sas.cpu_adapter_backward.default,
                           (g, q, A.detach(), B.detach(), h.detach(), u, 0.5, None, qscale), test_utils=utils_reading_copy)
