@@ -79,6 +79,25 @@ def test_quick_run_lowers_the_loss_and_writes_the_documented_files(tmp_path):
     assert "| sas-mpcd |" in (json_path.with_suffix(".md")).read_text()
 
 
+#: Trainable parameters without the head of every method, as the README's accuracy table gives them.
+ADAPTER_PARAMS = {
+    "head-only": 0, "sas": 56_136, "sas-budget": 22_212, "sas-paper": 9_876, "sas-mpco": 56_136, "sas-mpcd": 56_136,
+    "sas-int8": 56_136, "sas-fp8": 56_136, "sas-frozen-a": 28_488, "lora": 331_776, "vera": 29_952,
+    "ia3": 20_736, "ssl": 20_736, "ssb": 41_472, "ssl-kvf": 6_912, "ssb-kvf": 20_736, "full": 22_565_376,
+}
+
+
+def test_every_method_trains_with_its_documented_parameter_count():
+    assert set(ADAPTER_PARAMS) == set(compare.METHODS)
+    result = compare.main(["--quick", "--no-write", "--quiet", "--threads", "1"])
+    assert [row["method"] for row in result["rows"]] == list(compare.METHODS)
+    for row in result["rows"]:
+        assert row["adapter_params"] == ADAPTER_PARAMS[row["method"]], row["method"]
+        assert row["adapter_bytes"] > 0, row["method"]
+    for run in result["runs"]:
+        assert run["train_losses"][-1] < run["train_losses"][0], run["method"]
+
+
 def test_few_shot_draw_is_k_per_class_seeded_and_keeps_the_full_jobs_test_split(corpus):
     full = data.stratified_split(corpus.labels, {"test": 445, "val": 220, "train": 320}, seed=0)
     draw = data.few_shot_split(corpus.labels, 445, shots=4, seed=3)

@@ -130,7 +130,10 @@ def save_adapter(model: nn.Module, method: str, directory: Path) -> int:
         sas.save_adapter(model, directory)  # trainable_modules=["head"]: the head is in the file
     else:
         if method in PEFT_METHODS:
-            model.encoder.save_pretrained(str(directory))  # PEFT's own format (VeRA stores its projections)
+            # PEFT's own format (VeRA stores its projections). No embedding is adapted; with the default
+            # save_embedding_layers="auto" PEFT looks the base model up on the Hugging Face Hub (a network
+            # call at run time, which fails offline and warns).
+            model.encoder.save_pretrained(str(directory), save_embedding_layers=False)
         tensors = model.state_dict() if method == "full" else model.head.state_dict()
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "weights.safetensors"))
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
