@@ -18,6 +18,8 @@ import socket
 import stat
 import time
 import uuid
+import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple, Union
 
@@ -28,7 +30,7 @@ from torch import nn
 
 from ._sharding import refuse_partial_or_duplicate_save
 from .config import SaSConfig, parse_json
-from .model import SHARED_ATTRIBUTE, build_shared, find_adapter, inject, plan_injection
+from .model import SHARED_ATTRIBUTE, _inject, build_shared, find_adapter, plan_injection
 from .scaling import adapter_kind, config_from_description
 from .targets import matches
 
@@ -57,6 +59,72 @@ def architecture_of(model: nn.Module) -> str:
     """A name for the base architecture: timm's ``pretrained_cfg['architecture']``, else the class name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or type(model).__name__
+
+
+def base_model_name(model: nn.Module) -> Optional[str]:
+    """The name the base model was loaded under, where it knows one: transformers' ``name_or_path`` (a Hub id
+    or a folder), timm's ``pretrained_cfg`` (``hf_hub_id``, else ``architecture.tag``); else ``None``."""
+    name = getattr(model, "name_or_path", None)
+    if isinstance(name, str) and name:
+        return name
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("hf_hub_id"):
+        return cfg["hf_hub_id"]
+    if cfg.get("architecture"):
+        return ".".join(filter(None, (cfg["architecture"], cfg.get("tag"))))
+    return None
+
+
+#: Elements of each adapted base weight the fingerprint reads: this many at its start, middle and end.
+FINGERPRINT_SLICE = 8
+
+
+def base_fingerprint(weights: List[torch.Tensor]) -> Optional[str]:
+    """A cheap fingerprint of the base weights an adapter was trained on: SHA-256 (first 16 hex digits) of
+    the shape and 3 x :data:`FINGERPRINT_SLICE` fixed elements (start, middle, end) of each weight, in
+    order. The elements are rounded to bfloat16 first, so the same checkpoint loaded in float32, float16 or
+    bfloat16 gives the same fingerprint. ``None`` when a weight holds no values here (meta device, an FSDP
+    shard)."""
+    digest = hashlib.sha256()
+    for weight in weights:
+        if weight.is_meta or type(weight) not in (torch.Tensor, nn.Parameter):
+            return None
+        flat = weight.detach().reshape(-1)
+        middle = flat.numel() // 2
+        picked = torch.cat([flat[:FINGERPRINT_SLICE], flat[middle:middle + FINGERPRINT_SLICE],
+                            flat[-FINGERPRINT_SLICE:]])
+        digest.update(repr(tuple(weight.shape)).encode())
+        digest.update(picked.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _adapted_base_weights(model: nn.Module, layer_names: List[str]) -> Optional[List[torch.Tensor]]:
+    """The base weight of each of ``layer_names`` as before any merge (the copy a merge kept), in order, from
+    an adapted or a plain model; ``None`` when one is unknown (a merged state loaded)."""
+    weights = []
+    for name in layer_names:
+        module = model.get_submodule(name)
+        if not hasattr(module, "base_layer"):
+            weights.append(module.weight)
+        elif not module.merged:
+            weights.append(module.base_layer.weight)
+        elif module._merge_record is not None:
+            weights.append(module._merge_record[2])
+        else:
+            return None
+    return weights
+
+
+def _warn_other_base(meta: dict, model: nn.Module, weights: Optional[List[torch.Tensor]], directory: Path) -> None:
+    """Warn when the base weights differ from those the adapter in ``directory`` was saved with."""
+    saved = meta.get("base_model_fingerprint")
+    here = base_fingerprint(weights) if weights is not None else None
+    if isinstance(saved, str) and here is not None and saved != here:
+        saved_name = meta.get("base_model_name_or_path") or "(no name recorded)"
+        warnings.warn(f"adapter in {directory} was saved on base {saved_name!r} (weights fingerprint {saved}), but "
+                      f"this model's base {base_model_name(model) or '(no name)'!r} has fingerprint {here}: other "
+                      f"base weights, so the adapter will not give the outputs it was trained to give",
+                      UserWarning, stacklevel=3)
 
 
 def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -182,6 +250,13 @@ def save_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
         "config": shared.config.to_dict(),
         "save_id": save_id,
     }
+    name = base_model_name(model)
+    weights = _adapted_base_weights(model, shared.layer_names)
+    fingerprint = base_fingerprint(weights) if weights is not None else None
+    if name is not None:
+        meta["base_model_name_or_path"] = name
+    if fingerprint is not None:
+        meta["base_model_fingerprint"] = fingerprint
     description = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     # Own CPU copies: safetensors refuses tensors that share memory (e.g. tied trainable modules).
     tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in tensors.items()}
@@ -255,7 +330,7 @@ def _parse_description(text: Union[str, bytes], source: str) -> dict:
         raise ValueError(f"{source}: field 'config' must be a JSON object, got {type(meta['config']).__name__}")
     if not isinstance(meta["layers"], list) or not all(isinstance(n, str) for n in meta["layers"]):
         raise ValueError(f"{source}: field 'layers' must be a list of module names (str)")
-    for name in ("architecture", "save_id"):
+    for name in ("architecture", "save_id", "base_model_name_or_path", "base_model_fingerprint"):
         if not isinstance(meta.get(name, ""), str):
             raise ValueError(f"{source}: field {name!r} must be a str, got {type(meta[name]).__name__}")
     return meta
@@ -318,13 +393,23 @@ def _injected_name(key: str, layer_names: Set[str]) -> str:
     return f"{owner}.base_layer.{attribute}" if owner in layer_names else key
 
 
-def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
+def load_adapter(model: nn.Module, directory: Union[str, Path], is_trainable: bool = True) -> nn.Module:
     """Inject the adapter saved in ``directory`` into the fresh base ``model`` and load its tensors.
+
+    ``model`` must hold the base weights the adapter was trained on: the adapter stores only its own
+    tensors, and its update was learned against those weights. The save records a fingerprint of them
+    (and the base's name where the model knew it); a base with another fingerprint gets a warning naming both.
+
+    With ``is_trainable=True`` (the default) the adapter's tensors and ``trainable_modules`` require grad, as
+    after :func:`sas.inject`; with ``False`` (inference, as PEFT's ``is_trainable=False``) nothing in the model
+    requires grad and the model is put in eval mode.
 
     Raises (leaving ``model`` untouched) for a missing or corrupt file, an adapter made for another
     architecture, a config field out of range or not matching the saved tensors, any tensor whose
     name or shape does not fit, and SaS tensors holding NaN or Inf (see :func:`non_finite_tensor`).
     """
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"is_trainable must be a bool, got {type(is_trainable).__name__} {is_trainable!r}")
     directory = Path(directory)
     meta, tensors, source = _read_adapter(directory)
     try:
@@ -352,9 +437,13 @@ def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
             expected.update({f"{n}.sas_merged": torch.zeros((), dtype=torch.bool)
                              for n in layer_names if n == name or n.startswith(name + ".")})
     _check_tensors(tensors, expected)
-    inject(model, config)
+    _warn_other_base(meta, model, _adapted_base_weights(model, names), directory)
+    _inject(model, config)
     # Through load_state_dict, so each layer's merged flag is set together with its weight.
     model.load_state_dict(tensors, strict=False)
+    if not is_trainable:
+        model.requires_grad_(False)
+        model.eval()
     return model
 
 
@@ -383,11 +472,41 @@ def _check_tensors(tensors: Dict[str, torch.Tensor], expected: Dict[str, torch.T
         raise ValueError(f"tensor {bad[0]!r} in {WEIGHTS_NAME} holds {bad[1]}; refusing to load it")
 
 
+#: Config fields that say how the adapter computes or trains, not what its tensors are: an adapter saved with
+#: other values of these loads into a model's adapter (which keeps its own values).
+FIELDS_NOT_IN_TENSORS = ("saved_input", "train_down", "layer_op")
+
+
+def _structure_refusal(saved_config, saved_layers: List[str], owner) -> Optional[str]:
+    """Why an adapter saved as ``saved_config`` over ``saved_layers`` does not fit ``owner``'s tensors (naming
+    the field and both values), else ``None``."""
+    if type(saved_config) is not type(owner.config):
+        return (f"field 'adapter_kind' is {adapter_kind(saved_config)!r} in the saved adapter but "
+                f"{adapter_kind(owner.config)!r} in this model")
+    for field in fields(saved_config):
+        saved, here = getattr(saved_config, field.name), getattr(owner.config, field.name)
+        if field.name not in FIELDS_NOT_IN_TENSORS and saved != here:
+            return f"field {field.name!r} is {saved!r} in the saved adapter but {here!r} in this model"
+    if saved_layers != owner.layer_names:
+        differing = next((i for i, (a, b) in enumerate(zip(saved_layers, owner.layer_names)) if a != b), None)
+        if differing is None:
+            return (f"field 'layers' lists {len(saved_layers):,} layers in the saved adapter but "
+                    f"{len(owner.layer_names):,} in this model")
+        return (f"field 'layers' has {saved_layers[differing]!r} at position {differing} in the saved adapter but "
+                f"{owner.layer_names[differing]!r} in this model")
+    return None
+
+
 def load_adapter_weights(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
-    """Load the tensors of the adapter saved in ``directory`` into ``model``, already adapted with that adapter
-    (the same config and layers), in place: resuming a training run (``sas.trainer.SaSTrainer``), or the
-    adapter of a model sharded by ``sas.distributed.shard``. Checked as :func:`load_adapter` checks; a
-    refusal leaves the model untouched."""
+    """Load the tensors of the adapter saved in ``directory`` into ``model``, already adapted with an adapter of
+    the same structure, in place: swap in another trained adapter, resume a training run
+    (``sas.trainer.SaSTrainer``), or load the adapter of a model sharded by ``sas.distributed.shard``.
+
+    Same structure: the same adapter kind, layers and config fields, except the fields that do not change the
+    tensors (:data:`FIELDS_NOT_IN_TENSORS`: ``saved_input``, ``train_down``, ``layer_op``), where the model keeps
+    its own values. A refusal names the field and both values. Checked as :func:`load_adapter` checks (also
+    the base fingerprint, which warns); a refusal leaves the model untouched. Which tensors require grad
+    does not change."""
     directory = Path(directory)
     meta, tensors, source = _read_adapter(directory)
     owner = find_adapter(model)
@@ -397,12 +516,14 @@ def load_adapter_weights(model: nn.Module, directory: Union[str, Path]) -> nn.Mo
         config = config_from_description(meta)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
-    if config.to_dict() != owner.config.to_dict() or meta["layers"] != owner.layer_names:
-        raise ValueError(f"adapter in {directory} is not this model's adapter (another config or other layers); "
-                         f"load it into the base model with sas.load_adapter")
+    reason = _structure_refusal(config, meta["layers"], owner)
+    if reason is not None:
+        raise ValueError(f"adapter in {directory} does not fit this model's adapter: {reason}; load it into the "
+                         f"base model with sas.load_adapter")
     if any(getattr(module, "merged", False) for module in model.modules()):
         raise ValueError("model is merged: its frozen weights hold the current adapter's update, which loading "
                          "another would leave stale; call sas.unmerge(model) first")
     _check_tensors(tensors, adapter_state_dict(model))
+    _warn_other_base(meta, model, _adapted_base_weights(model, owner.layer_names), directory)
     model.load_state_dict(tensors, strict=False)
     return model

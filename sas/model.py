@@ -2,10 +2,11 @@
 count parameters."""
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from .config import SaSConfig
 from .targets import matches, regex_fullmatches
 from .layer import SaSLinear
 from .shared import HyperNetwork, SaSShared
+from ._merge_state import _writable
 from ._sharding import refuse_sharded_weights
 from .multitask import check_task, refuse_open_contexts_for_other_tasks
 from .scaling import ScalingConfig, ScalingLinear, ScalingShared
@@ -24,6 +26,14 @@ AdaptedLayer = Union[SaSLinear, ScalingLinear]
 ADAPTER_MODULES = (SaSLinear, SaSShared, HyperNetwork, ScalingLinear, ScalingShared)
 
 SHARED_ATTRIBUTE = "sas_shared"
+
+#: Half-precision base weights get a float32 adapter (see :func:`adapter_dtype`).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+#: Module names (the last part of a dotted name) of the task heads Hugging Face models create freshly
+#: initialised: ``*ForSequenceClassification``/``*ForTokenClassification``/``*ForImageClassification`` name it
+#: ``classifier`` (``score`` in the decoder families), ``*ForQuestionAnswering`` ``qa_outputs``.
+HF_TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
 
 
 @dataclass(frozen=True)
@@ -179,6 +189,19 @@ def build_shared(plans: List[LayerPlan], config: AdapterConfig, device, dtype) -
     return shared.to(dtype=dtype)
 
 
+def adapter_dtype(config: AdapterConfig, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`inject` gives a new adapter's tensors on a base of ``base_dtype``.
+
+    A SaS adapter on a float16/bfloat16 base is float32 (master weights): each layer still computes in
+    the base's dtype, ``SaSShared.layer_tensors`` casting A, B and h to it once per forward (as under
+    FSDP's mixed-precision policy), and the optimizer updates float32 values, so small steps are not
+    rounded away. A scaling adapter multiplies the input by its scales itself and keeps the base's dtype.
+    """
+    if isinstance(config, SaSConfig) and base_dtype in HALF_DTYPES:
+        return torch.float32
+    return base_dtype
+
+
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Replace every targeted ``nn.Linear`` of ``model`` by an adapted layer, in place.
 
@@ -188,14 +211,26 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     the same name) owns every layer's scales. Freezes every base parameter; unfreezes
     ``config.trainable_modules``. Returns ``model``. Bad targets or ``trainable_modules`` raise before
     the model changes.
+
+    The adapter's tensors take the base weights' dtype, except that a SaS adapter on a float16/bfloat16
+    base is float32 (:func:`adapter_dtype`). A Hugging Face model whose freshly initialised task head
+    (``classifier``, ``score``, ``qa_outputs``) is left out of ``trainable_modules`` gets a warning: the
+    head would stay at its random init.
     """
+    _inject(model, config)
+    _warn_frozen_task_head(model, config)
+    return model
+
+
+def _inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """:func:`inject` without its advice (``sas.load_adapter`` injects a saved adapter as it was trained)."""
     if not isinstance(config, (SaSConfig, ScalingConfig)):
         raise TypeError(f"inject takes a SaSConfig or a ScalingConfig, got {type(config).__name__}")
     plans = plan_injection(model, config)
     trainable = _trainable_modules(model, config)  # checked before the model changes
     modules = dict(model.named_modules(remove_duplicate=False))
     reference_weight = modules[plans[0].name].weight
-    shared = build_shared(plans, config, reference_weight.device, reference_weight.dtype)
+    shared = build_shared(plans, config, reference_weight.device, adapter_dtype(config, reference_weight.dtype))
     model.requires_grad_(False)
     for index, plan in enumerate(plans):
         if isinstance(config, ScalingConfig):
@@ -210,6 +245,22 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for module in trainable:
         module.requires_grad_(True)
     return model
+
+
+def _warn_frozen_task_head(model: nn.Module, config: AdapterConfig) -> None:
+    """Warn when a Hugging Face model's task head stays frozen: ``from_pretrained`` initialises it at random
+    (its weights are not in a base checkpoint), so a frozen one caps the adapted model at chance level."""
+    if not type(model).__module__.startswith("transformers."):
+        return
+    frozen = [name for name, module in model.named_modules()
+              if name.rpartition(".")[2] in HF_TASK_HEAD_NAMES and not isinstance(module, ADAPTER_MODULES)
+              and any(True for _ in module.parameters())
+              and not any(p.requires_grad for p in module.parameters())]
+    if frozen:
+        warnings.warn(f"{type(model).__name__}'s task head {frozen[0]!r} stays frozen: it is not in "
+                      f"trainable_modules ({config.trainable_modules}), so it keeps its random initialisation; "
+                      f"add it (trainable_modules=[{frozen[0]!r}]) unless it is trained already",
+                      UserWarning, stacklevel=3)
 
 
 def find_adapter(model: nn.Module) -> Optional[Union[SaSShared, ScalingShared]]:
@@ -328,6 +379,106 @@ def unmerge(model: nn.Module) -> nn.Module:
     for layer in layers:
         layer.unmerge()
     return model
+
+
+def merge_and_unload(model: nn.Module, task: Optional[int] = None) -> nn.Module:
+    """Fold the adapter into the frozen weights and take it out: the plain base model, for serving or export.
+
+    Every adapted layer (:class:`SaSLinear`, SSL/SSB :class:`ScalingLinear`) is replaced, under every name
+    it is reachable by, by its own ``nn.Linear`` holding ``W0 + update`` (the weight :func:`merge` writes);
+    ``model.sas_shared`` and the layers' buffers and hooks go with them. ``save_pretrained``/``state_dict``
+    then hold the keys of the unadapted architecture (``...query.weight``, not ``...base_layer.weight``), so
+    the result loads into a fresh base model (``from_pretrained``, ``load_state_dict``) with the adapted
+    outputs. ``trainable_modules`` stay as trained; which parameters require grad is left as it is.
+
+    Refused as :func:`merge` refuses, before anything changes: FSDP shards, ``task=None`` with
+    ``num_tasks > 1`` (name the task to keep), tied weights, a non-finite update or one that overflows the
+    weight's dtype. A model already merged (for this task) is unloaded as it is. Unlike :func:`merge` no
+    copy of the weights is kept: the base weights are gone; use :func:`unload` for them. Returns the model
+    (the base ``nn.Linear`` when ``model`` is itself an adapted layer).
+    """
+    layers = _require_adapted(model)
+    refuse_sharded_weights(layers, "merge_and_unload")
+    shared = layers[0].shared
+    if isinstance(shared, ScalingShared):
+        if task is not None:
+            raise ValueError(f"a {shared.kind} adapter has no tasks; call merge_and_unload with task=None, "
+                             f"got task={task!r}")
+    else:
+        task = check_task(shared, task)
+        refuse_open_contexts_for_other_tasks(shared, task)
+    merged_for = {layer._merged_task for layer in layers if layer.merged}
+    if merged_for - {task}:
+        raise ValueError(f"refusing to merge task {task}: the model is merged for task {sorted(merged_for)[0]}; "
+                         f"call sas.unmerge(model) first")
+    pending = [layer for layer in layers if not layer.merged]
+    _refuse_tied_weights(model, pending)
+    folded = []
+    for layer in pending:
+        weight, reason = layer._fold(task)
+        if reason is not None:
+            raise ValueError(f"refusing to merge: layer {_describe(layer)}: {reason}")
+        folded.append(weight)
+    with torch.no_grad():
+        for layer, weight in zip(pending, folded):
+            with _writable(layer.base_layer.weight):
+                layer.base_layer.weight.copy_(weight)
+    return _take_out_adapter(model, layers)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Take the adapter out without folding it: the base model back, its weights bit for bit as before
+    :func:`sas.inject`. Merged layers are unmerged first (refused, nothing changed, where :func:`unmerge`
+    refuses: a merged weight that was loaded, not merged here, has no known base). Each adapted layer is
+    replaced by its ``nn.Linear``; ``model.sas_shared`` is removed. Which parameters require grad is left
+    as it is. FSDP shards are refused. Returns the model (the base ``nn.Linear`` for an adapted layer)."""
+    layers = _require_adapted(model)
+    refuse_sharded_weights(layers, "unload")
+    if any(layer.merged for layer in layers):
+        unmerge(model)
+    return _take_out_adapter(model, layers)
+
+
+def _take_out_adapter(model: nn.Module, layers: List[AdaptedLayer]) -> nn.Module:
+    """Put each layer's ``base_layer`` where the layer was, under every name, and drop the shared owner."""
+    if isinstance(model, (SaSLinear, ScalingLinear)):
+        return model.base_layer
+    adapted = {id(layer) for layer in layers}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if name and id(module) in adapted:
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child_name, module.base_layer)
+    if find_adapter(model) is not None:
+        delattr(model, SHARED_ATTRIBUTE)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """A context in which ``model`` computes as its base model: every adapted layer runs its frozen
+    ``nn.Linear`` alone, so outputs equal the unadapted model's exactly (no ``sas.tasks`` context needed).
+
+    Nothing is moved or copied: the module tree, ``state_dict`` and parameters stay as they are, and on
+    exit (also on an exception) the adapter is back. A merged model is refused (its frozen weights hold
+    the update): :func:`unmerge` it first.
+    """
+    layers = _require_adapted(model)
+    if any(layer.merged for layer in layers):
+        raise ValueError("model is merged: its frozen weights hold the adapter's update, so disabling the adapter "
+                         "cannot give the base model; call sas.unmerge(model) first")
+    # An instance attribute `forward` wins over the class's for nn.Module.__call__; kept, so contexts nest.
+    previous = [(layer, layer.__dict__.get("forward")) for layer in layers]
+    for layer in layers:
+        layer.__dict__["forward"] = layer.base_layer.forward
+    try:
+        yield model
+    finally:
+        for layer, forward in previous:
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.__dict__["forward"] = forward
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
