@@ -45,10 +45,11 @@ import torch
 from torch import nn
 
 from . import backends as registry
-from . import functional, reference
+from . import functional, multitask, reference
+from .config import ACTIVATION_CHOICES, LAYER_OP_CHOICES, SAVED_INPUT_CHOICES, SHARING_CHOICES, SaSConfig
 from .layer import SaSLinear, adapted_layers
-from .scaling import ScalingLinear, ScalingShared, scaled_linear_reference, scaling_layers
-from .model import find_adapter
+from .scaling import SCALING_KINDS, ScalingConfig, ScalingLinear, ScalingShared, scaled_linear_reference, scaling_layers
+from .model import find_adapter, inject
 
 #: A backend may be this many times less accurate than PyTorch's own computation (docs/design.md section 4).
 ERROR_FACTOR = 2.0
@@ -520,9 +521,7 @@ def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dt
             hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     try:
         with forced_backend(backend), observe_backend(backend, current_layer) as backend_calls:
-            output = model(*leaves)
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"compare_model needs a model returning one tensor, got {type(output).__name__}")
+            output = _main_output(model(*leaves))
             differentiable = [(f"grad input {i}", t) for i, t in enumerate(leaves)
                               if isinstance(t, torch.Tensor) and t.requires_grad]
             differentiable += [(f"grad {n}", p) for n, p in model.named_parameters() if p.requires_grad]
@@ -538,6 +537,21 @@ def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dt
     return results, backend_calls + calls
 
 
+def _main_output(output) -> torch.Tensor:
+    """The tensor :func:`compare_model` checks: the output itself, or of a Hugging Face ``ModelOutput`` (a dict
+    of named tensors) its ``logits``, else its first tensor (``last_hidden_state``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict of its non-None fields
+        if isinstance(output.get("logits"), torch.Tensor):
+            return output["logits"]
+        first = next((value for value in output.values() if isinstance(value, torch.Tensor)), None)
+        if first is not None:
+            return first
+    raise TypeError(f"compare_model needs a model returning a tensor or a Hugging Face ModelOutput holding one, "
+                    f"got {type(output).__name__}")
+
+
 def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] = None,
                   grad_output: Optional[torch.Tensor] = None, case: Optional[str] = None,
                   allow_fallback: bool = False, raise_on_failure: bool = False, seed: int = 0) -> CheckReport:
@@ -545,7 +559,8 @@ def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] =
     float64 copy.
 
     Runs ``model(*inputs)`` once per backend (through :func:`sas.set_backend`, restored afterwards) in
-    eval mode, and checks the output, every adapted layer's output, and the gradients of the
+    eval mode, and checks the output (a tensor; of a Hugging Face ``ModelOutput``, its ``logits`` or else its
+    first tensor, e.g. ``last_hidden_state``), every adapted layer's output, and the gradients of the
     floating-point inputs and of every trainable parameter (A, B, embeddings, hypernetwork, ...).
     Freshly injected adapters have ``B = 0`` and ``h`` close to 1 (scaling adapters: every scale 1),
     which hides most kernel bugs: see :func:`randomize_adapter`. A scaling layer runs the same ATen ops
@@ -702,3 +717,187 @@ class OpCase:
             count = lead[0] if self.ids_per_batch else math.prod(lead)
             task_ids = torch.randint(0, self.tasks, (count,), generator=generator).to(device)
         return dict(x=x, base=base, A=A, B=B, h=h, scale=self.scale, task_ids=task_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# generated configurations: every config field that changes the maths, crossed pairwise
+# --------------------------------------------------------------------------------------------
+
+def pairwise(factors: Dict[str, Sequence], allowed: Optional[Callable[[dict], bool]] = None) -> List[dict]:
+    """Rows (``{factor: value}``) in which every two values of every two factors appear together at least once.
+
+    A covering array of strength 2, built greedily in a fixed order, so every run gives the same rows: each
+    row starts from the first pair not yet covered and fills the other factors, in order, with the value
+    that covers the most uncovered pairs (ties: the value used least so far, then the first). ``allowed``
+    takes a partial row (the factors chosen so far) and refuses combinations that cannot run; a pair it
+    refuses is not required. Tens of rows cover a dozen factors that a full cross would make thousands of.
+    """
+    names = list(factors)
+    choices = [list(factors[name]) for name in names]
+
+    def fits(chosen: Dict[int, int]) -> bool:
+        return allowed is None or allowed({names[i]: choices[i][v] for i, v in chosen.items()})
+
+    uncovered = {(i, a, j, b) for i in range(len(names)) for j in range(i + 1, len(names))
+                 for a in range(len(choices[i])) for b in range(len(choices[j])) if fits({i: a, j: b})}
+    used = Counter()
+    rows = []
+    while uncovered:
+        i, a, j, b = min(uncovered)
+        chosen = {i: a, j: b}
+        for k in range(len(names)):
+            if k in chosen:
+                continue
+            candidates = [v for v in range(len(choices[k])) if fits({**chosen, k: v})]
+            if not candidates:
+                raise ValueError(f"no allowed value of {names[k]!r} completes {chosen}")
+
+            def gain(v, k=k):
+                return sum((min(k, m), chosen[m] if m < k else v, max(k, m), v if m < k else chosen[m]) in uncovered
+                           for m in chosen)
+
+            chosen[k] = max(candidates, key=lambda v: (gain(v), -used[k, v], -v))
+        for k, v in chosen.items():
+            used[k, v] += 1
+        uncovered -= {(p, chosen[p], q, chosen[q]) for p in chosen for q in chosen if p < q}
+        rows.append({names[k]: choices[k][chosen[k]] for k in range(len(names))})
+    return rows
+
+
+class ProbeModel(nn.Module):
+    """Three Linears for configuration sweeps: ``first`` and ``second`` read the same input (d_in -> d_out,
+    one shape, two roles: what the sharing modes and the shared 8-bit input copy differ on) and ``third``
+    maps their product back (d_out -> d_in), so both widths are each layer's input once. ``task_ids``
+    (one per leading-batch element) runs the forward under :func:`sas.tasks`."""
+
+    LAYERS = ("first", "second", "third")
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.first, self.second = nn.Linear(d_in, d_out), nn.Linear(d_in, d_out)
+        self.third = nn.Linear(d_out, d_in)
+
+    def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with multitask.tasks(self, task_ids) if task_ids is not None else contextlib.nullcontext():
+            return self.third(torch.tanh(self.first(x)) * self.second(x))
+
+
+@dataclass(frozen=True)
+class ConfigCase:
+    """One point of a configuration sweep: an adapter config (SaS or SSL/SSB), the widths of the layers it
+    adapts, the input's leading dims and the dtype. Builds the op call (:meth:`op_case`), the standalone
+    layer (:meth:`make_layer`) and the adapted :class:`ProbeModel` (:meth:`make_model`) it describes, each
+    moved away from its init (:func:`randomize_adapter`, and distinct task embeddings) so that every
+    field shows in the outputs and gradients."""
+
+    name: str
+    config: object  # SaSConfig or ScalingConfig
+    d_in: int
+    d_out: int
+    leading: Tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def tasks(self) -> int:
+        """Number of tasks of a multi-task SaS adapter, else 0 (the op's convention, :class:`OpCase`)."""
+        return getattr(self.config, "num_tasks", 1) if getattr(self.config, "num_tasks", 1) > 1 else 0
+
+    def op_case(self) -> OpCase:
+        """The op call of the adapter's first layer: ids per leading-batch element when x has several leading dims."""
+        config = self.config
+        return OpCase(self.name, self.leading, self.d_in, self.d_out, config.rank, tasks=self.tasks,
+                      ids_per_batch=bool(self.tasks) and len(self.leading) > 1, scale=config.scale)
+
+    def make_layer(self, seed: int = 0) -> SaSLinear:
+        """A standalone :class:`SaSLinear` (d_in -> d_out) with this config's per-layer fields, in ``dtype``."""
+        config = self.config
+        torch.manual_seed(seed)
+        layer = SaSLinear.from_linear(nn.Linear(self.d_in, self.d_out), rank=config.rank, scale=config.scale,
+                                      embed_dim=config.embed_dim, hyper_hidden=config.hyper_hidden,
+                                      hyper_activation=config.hyper_activation, layer_op=config.layer_op,
+                                      saved_input=config.saved_input, train_down=config.train_down)
+        return randomize_adapter(layer, seed=seed).to(self.dtype)
+
+    def make_model(self, seed: int = 0) -> ProbeModel:
+        """A :class:`ProbeModel` adapted with the config, its task embeddings drawn apart, in ``dtype``."""
+        torch.manual_seed(seed)
+        model = inject(ProbeModel(self.d_in, self.d_out), self.config)
+        randomize_adapter(model, seed=seed)
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(seed + 1)
+            for embedding in getattr(model.sas_shared, "task_embeddings", ()):
+                embedding.copy_(torch.randn(embedding.shape, generator=generator))
+        return model.to(self.dtype)
+
+    def make_inputs(self, seed: int = 0) -> Tuple[torch.Tensor, ...]:
+        """``(x,)``, or ``(x, task_ids)`` with one id per leading-batch element for a multi-task adapter."""
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(*self.leading, self.d_in, generator=generator, dtype=torch.float64).to(self.dtype)
+        if not self.tasks:
+            return (x,)
+        return x, torch.randint(0, self.tasks, self.leading[:1], generator=generator)
+
+
+#: What a SaS configuration sweep crosses: every SaSConfig field that changes the maths, the layer widths across
+#: every kernel's tiles and chunks (Triton's 16..128-column blocks, the C++ kernels' 512-column chunks and
+#: 16-lane vectors; one width above 1,024), leading dims from one row to a few row blocks (per-row and
+#: per-batch-element task ids), and the three kernel dtypes. Rank 256 is the Triton kernels' largest; 17
+#: tasks span two of their 16-task blocks.
+SAS_CONFIG_SPACE = {
+    "shape": ((1, 17), (64, 65), (129, 48), (600, 33), (40, 1030), (513, 200)),
+    "leading": ((1,), (2, 9), (37,), (4, 33)),
+    "rank": (1, 7, 16, 256),
+    "scale": (1.0, 0.5, -1.5),
+    "hyper_activation": ACTIVATION_CHOICES,
+    "embed_dim": (1, 8),
+    "hyper_hidden": (3, 32),
+    "sharing": SHARING_CHOICES,
+    "share_down_by_input_dim": (False, True),
+    "num_tasks": (1, 3, 17),
+    "saved_input": SAVED_INPUT_CHOICES,
+    "train_down": (True, False),
+    "layer_op": LAYER_OP_CHOICES,
+    "dtype": (torch.float32, torch.bfloat16, torch.float16),
+}
+
+#: The same for SSL/SSB: the kind, which layers a list or a regex targets, widths, leading dims and dtypes.
+SCALING_CONFIG_SPACE = {
+    "kind": SCALING_KINDS,
+    "targets": (list(ProbeModel.LAYERS), ["third"], r"(first|second)"),
+    "shape": SAS_CONFIG_SPACE["shape"],
+    "leading": SAS_CONFIG_SPACE["leading"],
+    "dtype": SAS_CONFIG_SPACE["dtype"],
+}
+
+_CASE_FIELDS = ("shape", "leading", "dtype")
+
+
+def _sas_config_allowed(row: dict) -> bool:
+    return not (row.get("sharing") == "layer" and row.get("share_down_by_input_dim"))
+
+
+def _config_cases(prefix: str, make_config: Callable[[dict], object], space: Dict[str, Sequence],
+                  allowed: Optional[Callable[[dict], bool]]) -> List[ConfigCase]:
+    cases = []
+    for index, row in enumerate(pairwise(space, allowed)):
+        fields = {k: v for k, v in row.items() if k not in _CASE_FIELDS}
+        d_in, d_out = row["shape"]
+        settings = " ".join(f"{k}={v}" for k, v in fields.items())
+        name = f"{prefix}{index:02d} [{settings} {d_in}->{d_out} {row['leading']} {_dtype_name(row['dtype'])}]"
+        cases.append(ConfigCase(name, make_config(fields), d_in, d_out, row["leading"], row["dtype"]))
+    return cases
+
+
+def sas_config_cases(space: Optional[Dict[str, Sequence]] = None) -> List[ConfigCase]:
+    """The pairwise sweep of ``space`` (default :data:`SAS_CONFIG_SPACE`; its ``shape``, ``leading`` and ``dtype``
+    factors describe the case, every other factor is a :class:`sas.SaSConfig` field) targeting every layer of
+    :class:`ProbeModel`: the same cases on every run."""
+    def make_config(fields):
+        return SaSConfig(targets=list(ProbeModel.LAYERS), **fields)
+
+    return _config_cases("sas", make_config, space or SAS_CONFIG_SPACE, _sas_config_allowed)
+
+
+def scaling_config_cases(space: Optional[Dict[str, Sequence]] = None) -> List[ConfigCase]:
+    """:func:`sas_config_cases` for :class:`sas.ScalingConfig` (default :data:`SCALING_CONFIG_SPACE`)."""
+    return _config_cases("scaling", lambda fields: ScalingConfig(**fields), space or SCALING_CONFIG_SPACE, None)

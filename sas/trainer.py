@@ -12,12 +12,17 @@ model (as PEFT's ``Trainer`` support saves a LoRA adapter). Resuming loads the s
 model in place, then the ``Trainer`` restores the optimizer, scheduler and RNG states as usual. It overrides
 the ``Trainer``'s ``_save``, ``_load_from_checkpoint`` and ``_load_best_model``, the methods through which
 the ``Trainer`` treats PEFT models alike (tested with transformers 5.23).
+
+Multi-task training (``SaSConfig(num_tasks=T)``) needs no ``compute_loss`` of its own: give the dataset a
+``task_ids`` column (one int per example). The trainer keeps that column although the model's ``forward``
+does not take it, and runs each training and evaluation step inside ``sas.tasks(model, batch["task_ids"])``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -25,6 +30,10 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .io import adapter_state_dict, load_adapter_weights, save_adapter
+from .multitask import tasks
+
+#: The dataset column that names each example's task for a multi-task adapter.
+TASK_IDS_COLUMN = "task_ids"
 
 __all__ = ["SaSTrainer"]
 
@@ -36,6 +45,25 @@ class SaSTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         adapter_state_dict(model)  # raises, naming the fix, for a model without an adapter
         return model
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The model's forward does not take task_ids, so the Trainer would drop the column before batching.
+        super()._set_signature_columns_if_needed()
+        if TASK_IDS_COLUMN not in self._signature_columns:
+            self._signature_columns.append(TASK_IDS_COLUMN)
+
+    def _tasks_of(self, inputs: Dict[str, Any]):
+        """``sas.tasks`` for the batch's ``task_ids`` (taken out of ``inputs``), or a no-op context without them."""
+        task_ids = inputs.pop(TASK_IDS_COLUMN, None)
+        return contextlib.nullcontext() if task_ids is None else tasks(self._adapted_model(), task_ids)
+
+    def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], *args, **kwargs):
+        with self._tasks_of(inputs):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model: nn.Module, inputs: Dict[str, Any], *args, **kwargs):
+        with self._tasks_of(inputs):
+            return super().prediction_step(model, inputs, *args, **kwargs)
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         # state_dict is the whole model's, which the Trainer passes under DeepSpeed; the adapter is saved instead.
