@@ -1,15 +1,14 @@
-"""The hot-path measurement side: host level, op/launch/saved-bytes counters, bench.compare, bench.suite.
+"""The hot-path measurement side: host level, op/launch/saved-bytes counters, bench.compare.
 
 Counts are asserted exactly on known functions; timings never are (they depend on the machine's load).
 """
 import json
-import sys
 
 import pytest
 import torch
 
 import sas
-from bench import compare, counting, host, run, suite, timing
+from bench import compare, counting, host, run, timing
 from bench.__main__ import main as bench_main
 from sas_kernels.launch_count import record_launch
 
@@ -200,31 +199,3 @@ def test_compare_verdicts():
     assert verdicts == {"sas": "improved", "new": "only-new"}
     assert [c.verdict for c in results if c.key[0] == "host"] == ["only-old"]
     assert not any(map(compare.is_regression, results))
-
-
-# ---------------------------------------------------------------- bench.suite (make bench-gpu)
-
-def test_suite_reports_each_step_and_goes_on_after_failures(tmp_path):
-    py = sys.executable
-    steps = [suite.Step("fails", [py, "-c", "raise SystemExit(3)"], timeout_s=30),
-             suite.Step("slow", [py, "-c", "import time; time.sleep(30)"], timeout_s=0.5),
-             suite.Step("budgeted", [py, "-c", "import sys; assert sys.argv[1:] == ['--budget-s', '5']"],
-                        timeout_s=30, budget_s=5),
-             suite.Step("late", [py, "-c", "pass"], timeout_s=30)]
-    reports = suite.run_steps(steps[:3], deadline_s=60) + suite.run_steps(steps[3:], deadline_s=0)
-    assert [(r["step"], r["status"]) for r in reports] == [
-        ("fails", "failed"), ("slow", "timeout"), ("budgeted", "ok"), ("late", "not run")]
-    assert reports[0]["returncode"] == 3
-
-
-def test_suite_steps_cover_the_gpu_run():
-    steps = suite.default_steps("cuda", tiny=False, out=suite.RESULTS_DIR)
-    assert [s.name for s in steps] == ["check", "test-gpu", "host", "memory", "op", "layer", "model"]
-    assert steps[0].argv[1:6] == ["-m", "sas.check", "--device", "cuda", "--quick"]  # correctness first
-    assert steps[1].argv[:3] == ["make", "--no-print-directory", "test-gpu"]
-    by_name = {s.name: " ".join(s.argv) for s in steps}
-    assert "--timing eager cuda-graph" in by_name["op"] and "--timing eager cuda-graph" in by_name["layer"]
-    assert "sas-compiled" in by_name["model"] and "frozen-compiled" in by_name["model"]
-    assert "--level memory --memory-parts measured dA" in by_name["memory"]
-    assert sum(s.timeout_s for s in steps) >= suite.DEFAULT_DEADLINE_S  # the deadline is what binds
-    assert suite.DEFAULT_DEADLINE_S < 9 * 60

@@ -161,7 +161,8 @@ def test_out_of_range_task_ids_on_cuda_fail_without_a_host_sync():
             "ids = torch.tensor([0, 1, 5, 2], device='cuda')\n"
             "y = sas.functional.sas_adapter(x, base, A, B, h, 1.0, ids)\n"
             "torch.cuda.synchronize()\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # Well under the gpu-tests step of make bench-gpu (bench/suite.py): a hung child fails this test alone.
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "task_ids out of range" in result.stderr + result.stdout, result.stderr[-2000:]
 
 
