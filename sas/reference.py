@@ -19,6 +19,10 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: the storage dtype and the largest magnitude it holds, which a row's absmax is scaled to.
 QUANTIZED_INPUT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QUANTIZED_INPUT_MAX = {"int8": 127.0, "fp8": 448.0}
+#: The smallest scale a nonzero row gets: 2**-126, float32's smallest normal number. A row whose
+#: ``absmax / M`` is below it (absmax under 1.5e-36 for int8, 5.3e-36 for fp8) is scaled by exactly 2**126
+#: instead, so ``M / absmax`` never overflows and the scale is never subnormal (see :func:`quantize_rows`).
+QUANTIZED_SCALE_MIN = 2.0 ** -126
 
 
 def quantize_rows(x: torch.Tensor, kind: str):
@@ -31,6 +35,12 @@ def quantize_rows(x: torch.Tensor, kind: str):
     element (a step is ``scale`` for int8; for fp8 it is 2**-3 of the element's own power of two, so small
     values of a row keep more relative precision than with int8). A row holding NaN or Inf gets a NaN
     scale, so its dequantized values are NaN, never silently finite.
+
+    The scale is floored at :data:`QUANTIZED_SCALE_MIN` (2**-126): a finite row with ``absmax < M * 2**-126``
+    is quantized with the scale 2**-126 and ``x * 2**126`` (both exact powers of two, so the copy and its
+    decoding are exact products), where ``M / absmax`` would overflow to inf (q saturated, or NaN from
+    ``0 * inf``) and ``absmax / M`` would be subnormal. Such a row keeps the half-step bound with that
+    step, and adds at most 2**-127 * |du| per element to dA. Rows above the floor are unaffected.
 
     Rounding is round-to-nearest (ties to even), not stochastic. The copy is read once, by one GEMM
     (dA = du.T @ x) that sums N products per entry, so the rounding errors of independent elements
@@ -45,16 +55,17 @@ def quantize_rows(x: torch.Tensor, kind: str):
     x2 = x.reshape(rows, x.shape[-1]).float()
     absmax = x2.abs().amax(dim=1) if x2.shape[1] else x2.new_zeros(rows)
     nonzero = absmax > 0
+    floored = absmax.clamp_min(limit * QUANTIZED_SCALE_MIN)  # exact: M has at most 9 significant bits
     # A tensor divided by a tensor: `limit / tensor` is computed as limit * (1 / tensor) in PyTorch, two
     # roundings, where the kernels divide once (IEEE division, rounded once).
     limits = torch.full_like(absmax, limit)
-    inverse = torch.where(nonzero, limits / torch.where(nonzero, absmax, 1.0), 0.0)
+    inverse = torch.where(nonzero, limits / floored, 0.0)
     scaled = (x2 * inverse[:, None]).clamp_(-limit, limit)
     q = scaled.round_().to(torch.int8) if kind == "int8" else scaled.to(torch.float8_e4m3fn)
     # A row holding NaN or Inf gets a NaN scale (x * 0 is NaN there), so its copy dequantizes to NaN
     # rather than to finite values nobody asked for.
     non_finite = (x2 * 0).sum(dim=1)
-    return q, absmax / limits + non_finite
+    return q, torch.where(nonzero, floored / limits, 0.0) + non_finite
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
