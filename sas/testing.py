@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import re
 from collections import Counter
@@ -45,11 +46,12 @@ import torch
 from torch import nn
 
 from . import backends as registry
-from . import functional, multitask, reference
+from . import _task_state, functional, multitask, reference
 from .config import ACTIVATION_CHOICES, LAYER_OP_CHOICES, SAVED_INPUT_CHOICES, SHARING_CHOICES, SaSConfig
-from .layer import SaSLinear, adapted_layers
+from .layer import SaSLinear, _task_modulation, adapted_layers
 from .scaling import SCALING_KINDS, ScalingConfig, ScalingLinear, ScalingShared, scaled_linear_reference, scaling_layers
 from .model import find_adapter, inject
+from .shared import SaSShared
 
 #: A backend may be this many times less accurate than PyTorch's own computation (docs/design.md section 4).
 ERROR_FACTOR = 2.0
@@ -284,7 +286,7 @@ def classify_call(output: torch.Tensor, x, base, A, B, h, scale: float, task_ids
 @dataclass
 class _Call:
     layer: Optional[str]
-    kind: str  # classify_call's answer, or "aten" for a scaling layer's own ops
+    kind: str  # classify_call's answer, "aten" for a scaling layer's own ops, "fold" for a fold layer's design
 
 
 @contextlib.contextmanager
@@ -308,12 +310,15 @@ def observe_backend(name: str, current_layer: Optional[List[Optional[str]]] = No
         calls.append(_Call(layer, classify_call(y, x, base, A, B, h, scale, task_ids)))
         return y
 
-    def observed_layer(*args):
-        # SaSLinear's whole-layer op (the record's layer) reached this backend's kernels.
+    def observed_layer(*args, run=record.layer):
+        # SaSLinear's whole-layer op (the record's layer, or its quantized_layer keeping an 8-bit copy of x)
+        # reached this backend's kernels.
         calls.append(_Call(current_layer[0] if current_layer else None, "kernel"))
-        return record.layer(*args)
+        return run(*args)
 
-    with registry.replaced(name, dataclasses.replace(record, adapter=observed, layer=observed_layer)):
+    observed_quantized_layer = functools.partial(observed_layer, run=record.quantized_layer)
+    with registry.replaced(name, dataclasses.replace(record, adapter=observed, layer=observed_layer,
+                                                     quantized_layer=observed_quantized_layer)):
         yield calls
 
 
@@ -332,8 +337,9 @@ def describe_ran(backend: str, calls: Sequence[_Call]) -> Tuple[str, bool]:
         return f"{backend} ({kinds['fallback']}/{len(calls)} calls fell back)", True
     if kinds["unverified"]:
         return f"{backend} (unverified: no custom autograd node)", False
-    if kinds["aten"] == len(calls):
-        return "aten (scaling layers)", False
+    if kinds["aten"] + kinds["fold"] == len(calls):
+        layers = " and ".join(kind for kind, name in (("scaling", "aten"), ("fold", "fold")) if kinds[name])
+        return f"aten ({layers} layers)", False
     return backend, False
 
 
@@ -466,6 +472,10 @@ def _floating_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+def _add_terms(terms: Dict[str, torch.Tensor], key: str, share: torch.Tensor) -> None:
+    terms[key] = terms[key] + share if key in terms else share
+
+
 def _scale_gradient_terms(layer: ScalingLinear, x: torch.Tensor, grad: torch.Tensor, names: Dict[int, str],
                           terms: Dict[str, torch.Tensor]) -> None:
     """Add one call's share of the rule's ``T`` for the gradients of ``layer``'s scales to ``terms``.
@@ -483,8 +493,62 @@ def _scale_gradient_terms(layer: ScalingLinear, x: torch.Tensor, grad: torch.Ten
     if output_scale is not None:
         shares.append((layer.scales()[1], (grad * ((x * input_scale) @ weight.T)).sum(0)))
     for scale, share in shares:
-        key = f"grad {names[id(scale)]}"
-        terms[key] = terms[key] + share if key in terms else share
+        _add_terms(terms, f"grad {names[id(scale)]}", share)
+
+
+def _adapter_gradient_terms(layer: SaSLinear, x: torch.Tensor, task, grad: torch.Tensor, names: Dict[int, str],
+                            terms: Dict[str, torch.Tensor], modulation_terms: Dict) -> None:
+    """Add one call's share of the rule's ``T`` for the gradients of ``layer``'s A and B to ``terms``, and for its
+    h to ``modulation_terms`` (the hypernetwork's parameters get theirs from it after the backward,
+    :func:`_hypernetwork_gradient_terms`): the op's computation on ``|x|``, ``|g|``, ``|A|``, ``|B|``, ``|h|``,
+    ``|s|``, as for an op call. ``task`` is what the layer ran for (``sas._task_state.layer_tasks``)."""
+    shared = layer.shared
+    with torch.enable_grad():
+        A, B, h = (t.detach().abs().double().requires_grad_()
+                   for t in (layer.A, layer.B, shared.modulations()[layer.layer_index]))
+        h_rows, task_ids = _task_modulation(h, task)
+        x = x.detach().abs().double()
+        y = reference.sas_adapter(x, x.new_zeros(grad.shape), A, B, h_rows, abs(layer.scale), task_ids)
+        grad_A, grad_B, grad_h = torch.autograd.grad(y, (A, B, h), grad.detach().abs().double())
+    for parameter, share in ((layer.A, grad_A), (layer.B, grad_B)):
+        if parameter.requires_grad:
+            _add_terms(terms, f"grad {names[id(parameter)]}", share)
+    _add_terms(modulation_terms.setdefault(shared, {}), layer.layer_index, grad_h)
+
+
+def _hypernetwork_gradient_terms(shared: SaSShared, per_layer: Dict[int, torch.Tensor], names: Dict[int, str],
+                                 terms: Dict[str, torch.Tensor]) -> None:
+    """The rule's ``T`` for the gradients of the hypernetwork's parameters, the layer embeddings and the task
+    embeddings, from ``T`` of each layer's h (``per_layer``): the hypernetwork's backward on absolute values,
+    ``|act'(pre)|`` for the activation's slope (``h = 1 + W2 act(W1 (e + tau) + b1) + b2``)."""
+    hyper = shared.hyper
+    weight1, bias1 = hyper.hidden.weight.detach().double(), hyper.hidden.bias.detach().double()
+    weight2 = hyper.output.weight.detach().abs().double()
+    embeddings = shared.embeddings.detach().double()
+    tasks = shared._tasks()
+    inputs = embeddings if tasks is None else embeddings[:, None, :] + tasks.detach().double()  # (L, [T,] k)
+    per_layer_shape = shared.modulations().shape[1:]  # (r,) or (T, r)
+    grad_h = torch.stack([per_layer.get(index, torch.zeros((), dtype=torch.float64)).expand(per_layer_shape)
+                          for index in range(embeddings.shape[0])])  # (L, [T,] r); 0 for a layer that never ran
+    with torch.enable_grad():
+        pre = torch.nn.functional.linear(inputs, weight1, bias1).requires_grad_()
+        hidden = hyper.activation(pre)
+        slope = torch.autograd.grad(hidden.sum(), pre)[0].abs()
+    grad_pre = slope * (grad_h @ weight2)  # (L, [T,] hidden)
+    leading = tuple(range(grad_h.dim() - 1))
+    shares = [(hyper.output.weight, torch.einsum("...r,...j->rj", grad_h, hidden.detach().abs())),
+              (hyper.output.bias, grad_h.sum(leading)),
+              (hyper.hidden.weight, torch.einsum("...j,...k->jk", grad_pre, inputs.abs())),
+              (hyper.hidden.bias, grad_pre.sum(leading))]
+    grad_inputs = grad_pre @ weight1.abs()  # (L, [T,] k)
+    if tasks is None:
+        shares.append((shared.embeddings, grad_inputs))
+    else:
+        shares.append((shared.embeddings, grad_inputs.sum(1)))
+        shares += list(zip(shared.task_embeddings, grad_inputs.sum(0)))
+    for parameter, share in shares:
+        if parameter.requires_grad:
+            _add_terms(terms, f"grad {names[id(parameter)]}", share)
 
 
 def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dtype,
@@ -493,8 +557,9 @@ def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dt
     """Output, every adapted layer's output and every gradient of ``model`` on ``backend``.
 
     Without ``grad_output`` the upstream gradient is standard normal drawn from ``seed``: equal in every run.
-    With ``terms`` (a dict, filled in), also the size of the terms each scaling adapter's scale
-    gradient sums (:func:`_scale_gradient_terms`).
+    With ``terms`` (a dict, filled in), also the size of the terms each adapter gradient sums: each scaling
+    adapter's scale (:func:`_scale_gradient_terms`), each SaS layer's A and B (:func:`_adapter_gradient_terms`),
+    the hypernetwork's parameters and the embeddings (:func:`_hypernetwork_gradient_terms`).
     """
     names = {id(p): n for n, p in model.named_parameters()}
     leaves = [_leaf(t, dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
@@ -502,16 +567,28 @@ def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dt
     results: Dict[str, Optional[torch.Tensor]] = {}
     hooks = []
     calls: List[_Call] = []
+    backend_calls: List[_Call] = []  # observe_backend's record, once it runs
+    modulation_terms: Dict[SaSShared, Dict[int, torch.Tensor]] = {}  # per owner and layer: T of the gradient of h
+    calls_before_layer = [0]
     for name, module in model.named_modules():
         if isinstance(module, (SaSLinear, ScalingLinear)):
             def enter(_module, _args, name=name):
                 current_layer[0] = name
+                calls_before_layer[0] = len(backend_calls)
 
             def leave(module, args, output, name=name):
                 key = f"layer {name}"
                 while key in results:  # a layer called again in one forward
                     key += "'"
                 results[key] = output.detach()
+                if isinstance(module, SaSLinear) and module.layer_op == "fold" \
+                        and len(backend_calls) == calls_before_layer[0]:
+                    # One h: the fold design's ATen ops ran (sas.backends.fold), the same on every backend.
+                    calls.append(_Call(name, "fold"))
+                if isinstance(module, SaSLinear) and terms is not None and output.requires_grad:
+                    task = _task_state.layer_tasks(module.shared, args[0])  # the tasks context is open now only
+                    output.register_hook(lambda grad, layer=module, x=args[0], task=task: _adapter_gradient_terms(
+                        layer, x, task, grad, names, terms, modulation_terms))
                 if isinstance(module, ScalingLinear):  # its own ATen ops on every backend but the reference
                     ran_oracle = module._route is scaled_linear_reference
                     calls.append(_Call(name, "fallback" if ran_oracle else "aten"))
@@ -532,6 +609,8 @@ def _run_model(model: nn.Module, inputs: Sequence, backend: str, dtype: torch.dt
     finally:
         for hook in hooks:
             hook.remove()
+    for shared, per_layer in modulation_terms.items():
+        _hypernetwork_gradient_terms(shared, per_layer, names, terms)
     results["output"] = output.detach()
     results.update((name, grad) for (name, _), grad in zip(differentiable, grads))
     return results, backend_calls + calls
@@ -552,6 +631,21 @@ def _main_output(output) -> torch.Tensor:
                     f"got {type(output).__name__}")
 
 
+def _folds(layer: nn.Module) -> bool:
+    return isinstance(layer, SaSLinear) and layer.layer_op == "fold"
+
+
+def _reference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` in ``dtype`` whose fold layers (``layer_op="fold"``) run the reference ops instead of
+    their fold design, which runs on every backend, the reference's included: the design is what is checked,
+    never its own oracle."""
+    copied = copy.deepcopy(model).to(dtype)
+    for layer in adapted_layers(copied):
+        if _folds(layer):
+            layer.layer_op, layer._signature = "kernels", None  # the route is picked again at the next call
+    return copied
+
+
 def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] = None,
                   grad_output: Optional[torch.Tensor] = None, case: Optional[str] = None,
                   allow_fallback: bool = False, raise_on_failure: bool = False, seed: int = 0) -> CheckReport:
@@ -565,9 +659,11 @@ def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] =
     Freshly injected adapters have ``B = 0`` and ``h`` close to 1 (scaling adapters: every scale 1),
     which hides most kernel bugs: see :func:`randomize_adapter`. A scaling layer runs the same ATen ops
     on every backend but the reference, where it runs its oracle
-    (:func:`sas.scaling.scaled_linear_reference`), PyTorch's own computation of the bound. The
-    rounding unit of a scale's gradient is taken at the size of the terms it sums, as for an op call
-    (:func:`_scale_gradient_terms`); every other tensor's at its own largest value.
+    (:func:`sas.scaling.scaled_linear_reference`), PyTorch's own computation of the bound; a fold layer
+    (``layer_op="fold"``, one h) runs its ATen design on every backend, and the reference ops in the
+    float64 copy and in PyTorch's own computation. The rounding unit of an adapter parameter's gradient
+    is taken at the size of the terms it sums, as for an op call (:func:`_scale_gradient_terms`,
+    :func:`_adapter_gradient_terms`); every other tensor's at its own largest value.
     """
     layers = [model] if isinstance(model, SaSLinear) else adapted_layers(model) + scaling_layers(model)
     if not layers:
@@ -580,12 +676,14 @@ def compare_model(model: nn.Module, *inputs, backends: Optional[Sequence[str]] =
     was_training = model.training
     model.eval()
     try:
-        exact_model = copy.deepcopy(model).to(torch.float64)
+        exact_model = _reference_copy(model, torch.float64)
         oracle = registry.REFERENCE.name
         terms: Dict[str, torch.Tensor] = {}
         exact, _ = _run_model(exact_model, inputs, oracle, torch.float64, grad_output, seed, terms)
         del exact_model
-        low_precision, _ = _run_model(model, inputs, oracle, dtype, grad_output, seed)
+        torch_model = _reference_copy(model, dtype) if any(_folds(layer) for layer in layers) else model
+        low_precision, _ = _run_model(torch_model, inputs, oracle, dtype, grad_output, seed)
+        del torch_model
         report = CheckReport(allow_fallback=allow_fallback)
         if backends is None and scaling_layers(model):
             # Scaling layers run their fast path on every backend but the reference. "auto", the setting a

@@ -1,7 +1,10 @@
-"""Op calls shared by the kernel suites, and the one accuracy assertion they all make.
+"""Op calls and configuration sweeps shared by the kernel suites, and the one accuracy assertion they all make.
 
 ``KERNEL_GRID`` and ``MULTI_TASK_GRID`` run in ``test_triton_interpret.py`` (CPU, Triton's interpreter)
 and ``test_triton_gpu.py`` (CUDA); :func:`assert_matches_reference` also serves ``test_cpp.py``.
+``CONFIG_CASES`` and ``SCALING_CASES`` (:func:`sas.testing.sas_config_cases`: every config field that changes
+the maths, crossed pairwise with widths, leading dims and dtypes) run as op calls, standalone layers and
+adapted models in ``test_config_space.py``.
 Inputs, tolerance and the check that the backend really ran are :mod:`sas.testing`'s (docs/design.md
 section 4). Not a test module: pytest puts ``tests/`` on ``sys.path`` (rootdir "prepend" import
 mode, no ``__init__.py``), so the suites ``import kernel_cases``.
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 from sas import functional
-from sas.testing import OpCase, compare_op
+from sas.testing import OpCase, compare_op, sas_config_cases, scaling_config_cases
 
 # Odd shapes, every rank class, leading dims, and strided inputs (x and base column slices of wider
 # buffers, read in place; A and B transposed; h strided): run by the interpreter suite in fp32/fp16
@@ -30,11 +33,19 @@ MULTI_TASK_GRID = [
     OpCase("20-tasks", (40,), 16, 16, rank=3, tasks=20, scale=0.5),  # more tasks than one 16-task block
 ]
 
+CONFIG_CASES = sas_config_cases()
+SCALING_CASES = scaling_config_cases()
+
 
 def each_case(cases, dtypes):
     """Parametrize a test ``(case, dtype)`` over every case in every dtype; ids ``<case name>-<dtype>``."""
     pairs = [(case, dtype) for dtype in dtypes for case in cases]
     return pytest.mark.parametrize("case, dtype", pairs, ids=[f"{case.name}-{dtype}" for case, dtype in pairs])
+
+
+def each_config(cases):
+    """Parametrize a test ``case`` over configuration cases; ids are their names (every field they set)."""
+    return pytest.mark.parametrize("case", cases, ids=[case.name for case in cases])
 
 
 def triton_op(x, base, A, B, h, scale=1.0, task_ids=None):
