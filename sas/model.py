@@ -458,6 +458,7 @@ def _take_out_adapter(model: nn.Module, layers: List[AdaptedLayer]) -> nn.Module
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """A context in which ``model`` computes as its base model: every adapted layer runs its frozen
     ``nn.Linear`` alone, so outputs equal the unadapted model's exactly (no ``sas.tasks`` context needed).
+    ``trainable_modules`` are not adapter layers: they stay as trained (no copy of their initial values is kept).
 
     Nothing is moved or copied: the module tree, ``state_dict`` and parameters stay as they are, and on
     exit (also on an exception) the adapter is back. A merged model is refused (its frozen weights hold

@@ -187,3 +187,15 @@ def test_export_lora_names_layers_exactly_where_a_suffix_would_catch_another_lin
         ["base_model.model.0"]
     with torch.no_grad():
         torch.testing.assert_close(lora(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_the_code_blocks_of_docs_export_run(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+    assert len(blocks) >= 5
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "docs/export.md", "exec"), namespace)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sas
+import sas.testing
 
 pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
@@ -68,8 +69,42 @@ def test_trainer_trains_saves_the_adapter_only_and_resumes_exactly(tmp_path):
         assert torch.equal(resumed[key], value), key
 
 
-def test_resuming_from_another_adapter_is_refused(tmp_path):
+def test_resuming_from_another_adapter_is_refused_naming_the_field(tmp_path):
     other = sas.inject(tiny_llama(VOCAB), sas.SaSConfig(rank=2, targets=sas.LLAMA_TARGETS))
     sas.save_adapter(other, tmp_path / "other")
-    with pytest.raises(ValueError, match="not this model's adapter"):
+    with pytest.raises(ValueError, match="field 'rank' is 2 in the saved adapter but 4 in this model"):
         sas.io.load_adapter_weights(_adapted(), tmp_path / "other")
+
+
+def test_resuming_from_a_checkpoint_saved_with_other_compute_fields_loads_it(tmp_path):
+    saved = sas.inject(tiny_llama(VOCAB), sas.SaSConfig(rank=4, targets=sas.LLAMA_TARGETS, saved_input="int8",
+                                                         train_down=False))
+    sas.testing.randomize_adapter(saved)
+    sas.save_adapter(saved, tmp_path / "checkpoint")
+    model = _adapted()
+    _trainer(model, tmp_path / "run")._load_from_checkpoint(str(tmp_path / "checkpoint"))
+    loaded = _adapter(model)
+    for key, value in _adapter(saved).items():
+        assert torch.equal(loaded[key], value), key
+
+
+class TaskTokens(Tokens):
+    """Tokens with a task_ids column: even examples task 0, odd ones task 1."""
+
+    def __getitem__(self, index):
+        return {**super().__getitem__(index), "task_ids": index % 2}
+
+
+def test_a_task_ids_column_trains_a_multitask_adapter_without_a_compute_loss(tmp_path):
+    model = sas.inject(tiny_llama(VOCAB), sas.SaSConfig(rank=4, targets=sas.LLAMA_TARGETS, num_tasks=2))
+    before = _adapter(model)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, save_strategy="no",
+                             learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+                             disable_tqdm=True)
+    trainer = SaSTrainer(model=model, args=args, train_dataset=TaskTokens(), eval_dataset=TaskTokens())
+    trainer.train()
+    after = _adapter(model)
+    for task in (0, 1):  # every batch mixes both tasks: each embedding got its samples' gradient
+        key = f"sas_shared.task_embeddings.{task}"
+        assert not torch.equal(after[key], before[key]), key
+    assert "eval_loss" in trainer.evaluate()
