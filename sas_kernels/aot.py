@@ -1,108 +1,108 @@
-"""Ahead-of-time compilation of every kernel and autotune config for NVIDIA targets, on any machine.
+"""Ahead-of-time compilation of the kernels as the runtime launches them, for NVIDIA targets, on any machine.
 
-``python -m sas_kernels.aot 80 90`` compiles each kernel x each autotune config (see ``_jobs``)
-for each listed compute capability and prints one JSON line per compilation with its shared-memory use,
-registers per thread and stack/local (spill) bytes. It must run
-without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions this needs); the test
-suite runs it in a subprocess. This catches code the interpreter accepts and the compiler rejects.
+``python -m sas_kernels.aot --arch 80 90`` runs the host launchers (:func:`sas_forward`,
+:func:`sas_backward`) on representative CPU tensors with the launch replaced by a recorder, then compiles
+every recorded launch with each config the runtime can pick for it (:func:`launch_configs`, what the
+autotuner's pruning keeps), with the JIT's own specialisation: Triton's binder computes the signature and
+attributes from the real arguments (16-byte aligned pointers and ints divisible by 16 get
+``tt.divisibility``, ints equal to 1 become constants, ints past 2**31 become i64) exactly as a launch
+on a GPU would, so what is compiled here is what runs. One JSON line per compilation: kernel, variant,
+dtype, rank, config, shared memory, registers per thread and stack (spill) bytes.
+
+It must run without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions this needs); the test
+suite runs it in subprocesses (tests/test_triton_aot.py).
 """
 from __future__ import annotations
 
-import inspect
+import argparse
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from . import sas_adapter as kernels
 
-# Per-block shared-memory limits (bytes) of the targets: sm_80 (A100) 163 KB, sm_90 (H100) 227 KB.
+# Per-block shared-memory limits (bytes) of the targets: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# fp32 and one half type: fp16 and bf16 compile to the same tile shapes.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-AUTOTUNED_KERNELS = ("_sas_forward_kernel", "_sas_backward_rows_kernel", "_sas_backward_weights_kernel")
-# Boolean constexprs some kernels take besides HAS_TASKS, set to their most demanding branch (every
-# optional load and store on; the weights kernel's multi-split reduction with its atomics).
-FEATURE_FLAGS = {"SAVE_U": True, "ACCUMULATE_DX": True, "ONE_SPLIT": False, "ACCUMULATE_DA": True,
-                 "ACCUMULATE_DB": True, "SAVE_X": kernels.SAVED_FULL.value, "SAVED_X": kernels.SAVED_FULL.value}
-# Side tensors the host launchers always allocate in fp32 or int64, whatever the input dtype (the
-# split counters are int32 words at the tail of the fp32 partials buffer, bitcast in the kernel).
-FP32_POINTERS = {"u_ptr", "gb_ptr", "partial_ptr", "qscale_ptr", "xscale_ptr"}
-# The saved-input variants (SaSConfig.saved_input, train_down=False), each compiled once more in bf16 at
-# the smallest padded rank with the first config: the forward writing an 8-bit copy (SAVE_X), the weights
-# kernel reading one or none (SAVED_X); name -> (constexpr, code, dtype of the copy's pointer).
-SAVED_INPUT_VARIANTS = {
-    "int8": ("_sas_forward_kernel", "SAVE_X", kernels.SAVED_INT8.value, "i8"),
-    "fp8": ("_sas_forward_kernel", "SAVE_X", kernels.SAVED_FP8.value, "u8"),
-    "from int8": ("_sas_backward_weights_kernel", "SAVED_X", kernels.SAVED_INT8.value, "i8"),
-    "from fp8": ("_sas_backward_weights_kernel", "SAVED_X", kernels.SAVED_FP8.value, "u8"),
-    "no dA": ("_sas_backward_weights_kernel", "SAVED_X", kernels.SAVED_NONE.value, "bf16"),  # x_ptr unread
-}
-# The pointer each variant's copy travels through.
-COPY_POINTERS = {"_sas_forward_kernel": "q_ptr", "_sas_backward_weights_kernel": "x_ptr"}
-# Strides the kernels take for A, B and h besides their usual unit ones: Triton specializes an int
-# argument equal to 1 as a constant, so the usual launch compiles them as constexpr 1, as here. One
-# extra compilation per kernel (see _jobs) takes them as runtime ints, as a transposed A does.
-UNIT_STRIDES = ("stride_ak", "stride_br", "stride_hr")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The representative launch: ViT-B/16's fc1 (768 -> 3072) at batch 32 (6,304 rows, so the weights kernel
+# reduces over several row splits, its most demanding branch). The widths are multiples of 16, as in
+# every common model, so strides and widths carry the divisibility attribute as they do there.
+ROWS, D_IN, D_OUT = 32 * 197, 768, 3072
+# Sequences of the multi-task launch: one task id per sequence of 197 rows, 4 tasks.
+SEQUENCES, TASKS = 32, 4
+# Ranks the runtime pads to 16, 32, ..., each taken once at a multiple of 16 and once not (the rank is an
+# int argument: divisible by 16 it gets the divisibility attribute, and the kernels address u and gB
+# through it). fp32 is supported up to rank 64 spill-free; half precision up to MAX_RANK.
+FULL_RANKS = {"fp32": (8, 16, 24, 32, 48, 64), "fp16": (8, 16, 24, 32, 48, 64, 96, 128, 192, 256),
+              "bf16": (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)}
+# What `make test` compiles (tests/test_triton_aot.py), sized for its 2-core budget: the smallest padded rank
+# (every config fits there) and the largest in bf16, one fp32 rank, each at a rank not a multiple of 16 (u
+# and gB addresses not vectorized), only the multi-task launches (h gathered per row: the most registers).
+CI_RANKS = {"bf16": (8, 192), "fp32": (24,)}
+GRIDS = {"ci": (CI_RANKS, (True,)), "full": (FULL_RANKS, (False, True))}
 
 
-def _signature(fn, dtype_name: str, constexprs: dict, copy_pointer=None) -> dict:
-    """Triton's signature of ``fn``: ``copy_pointer`` is ``(name, dtype)`` of an 8-bit copy's pointer."""
-    signature = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if copy_pointer is not None and name == copy_pointer[0]:
-            signature[name] = f"*{copy_pointer[1]}"
-        elif name in constexprs:
-            signature[name] = "constexpr"
-        elif name == "task_ptr":
-            signature[name] = "*i64"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype_name}"
-        elif name == "scale":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
+@contextlib.contextmanager
+def _recorded_launches():
+    """Replace the launchers' ``_launch`` by a recorder: a list of (kernel, args, constexprs), nothing run."""
+    launches = []
+
+    def record(kernel, grid, args, constexprs, tuning_key, traced, inplace=()):
+        launches.append((kernel, args, constexprs))
+
+    launch = kernels._launch
+    kernels._launch = record
+    try:
+        yield launches
+    finally:
+        kernels._launch = launch
 
 
-def _jobs():
-    """(kernel name, JITFunction, dtype name, constexprs, num_warps, num_stages) for every compilation:
-    every autotune config in bf16 at the smallest padded rank, and at the largest padded rank (the
-    most shared memory) the configs that survive pruning there, in bf16 and fp32, all with the unit
-    strides of contiguous A, B and h; then each kernel once more with those strides as runtime ints."""
-    variants = [("bf16", kernels.MIN_RANK_PAD), ("bf16", kernels.MAX_RANK), ("fp32", kernels.MAX_RANK)]
-    for dtype_name, r_pad in variants:
-        for name, fn, constexprs, config in _kernel_configs(dtype_name, r_pad):
-            yield name, fn, dtype_name, constexprs, config.num_warps, config.num_stages, None, None
-    firsts = list(_kernel_configs("bf16", kernels.MIN_RANK_PAD, first_only=True))
-    for name, fn, constexprs, config in firsts:
-        constexprs = {k: v for k, v in constexprs.items() if k not in UNIT_STRIDES}
-        yield name, fn, "bf16", constexprs, config.num_warps, config.num_stages, None, None
-    for variant, (kernel, flag, code, pointer_dtype) in SAVED_INPUT_VARIANTS.items():
-        for name, fn, constexprs, config in firsts:
-            if name == kernel:
-                yield (name, fn, "bf16", dict(constexprs, **{flag: code}), config.num_warps, config.num_stages,
-                       variant, (COPY_POINTERS[name], pointer_dtype))
+def representative_launches(dtype: torch.dtype, rank: int, task_modes=(False, True)):
+    """(variant name, Autotuner, args, constexprs) of every launch an adapted layer makes at the representative
+    shape: the forward writing y over the frozen output (keeping x, or writing its int8 or fp8 copy), the
+    rows kernel adding into the frozen dx, the weights kernel adding into shared dA/dB totals from x, from
+    either copy, or with no dA (A frozen); with one shared h and/or one h per task (``task_modes``)."""
+    def empty(*shape, dtype=dtype):
+        return torch.empty(shape, dtype=dtype)
 
-
-def _kernel_configs(dtype_name: str, r_pad: int, first_only: bool = False):
-    element_size = torch.tensor([], dtype=DTYPES[dtype_name]).element_size()
-    common = {"R_PAD": r_pad, "HAS_TASKS": True}
-    for name in AUTOTUNED_KERNELS:
-        autotuner = getattr(kernels, name)
-        configs = kernels.fitting_configs(autotuner.configs, r_pad, element_size)
-        for config in configs[:1] if first_only else configs:
-            constexprs = dict(common, DOT_PRECISION=kernels.FP32_DOT_PRECISION, **config.kwargs)
-            parameters = inspect.signature(autotuner.fn.fn).parameters
-            constexprs.update({flag: on for flag, on in FEATURE_FLAGS.items() if flag in parameters})
-            constexprs.update({stride: 1 for stride in UNIT_STRIDES if stride in parameters})
-            yield name, autotuner.fn, constexprs, config
+    out = []
+    for tasks in task_modes:
+        h = empty(TASKS, rank) if tasks else empty(rank)
+        task_ids = torch.zeros(SEQUENCES, dtype=torch.int64) if tasks else None
+        x, A, B = empty(ROWS, D_IN), empty(rank, D_IN), empty(D_OUT, rank)
+        suffix = " tasks" if tasks else ""
+        for kind in (None, "int8", "fp8"):
+            saved = None if kind is None else (kind, *kernels.saved_input_buffers(kind, ROWS, D_IN, "cpu"))
+            with _recorded_launches() as launches:
+                base = empty(ROWS, D_OUT)
+                kernels.sas_forward(x, base, A, B, h, task_ids, 0.5, True, out=base, saved_input=saved)
+            out += [(f"forward {kind or 'full'}{suffix}", *launch) for launch in launches]
+            with _recorded_launches() as launches:
+                q, qscale = saved[1:] if saved else (None, None)
+                kernels.sas_backward(empty(ROWS, D_OUT), x if kind is None else q, empty(ROWS, rank, dtype=torch.float32),
+                                     A, B, h, task_ids, 0.5, dx=empty(ROWS, D_IN), dA=empty(rank, D_IN),
+                                     dB=empty(D_OUT, rank), saved_input=None if kind is None else (kind, qscale))
+            rows_launch, weights_launch = launches
+            if kind is None:
+                out.append((f"rows{suffix}", *rows_launch))
+            out.append((f"weights {kind or 'full'}{suffix}", *weights_launch))
+        with _recorded_launches() as launches:
+            kernels.sas_backward(empty(ROWS, D_OUT), None, empty(ROWS, rank, dtype=torch.float32), A, B, h, task_ids,
+                                 0.5, dx=empty(ROWS, D_IN), dB=empty(D_OUT, rank))
+        out.append((f"weights no dA{suffix}", *launches[1]))
+    return out
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -119,27 +119,64 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": int(found["REG"]), "stack": int(found["STACK"]), "local": int(found["LOCAL"])} if found else {}
 
 
-def compile_all(arch: int):
+def compile_launch(autotuner, args: tuple, constexprs: dict, config: triton.Config, arch: int):
+    """Compile ``autotuner``'s kernel for ``arch`` as the JIT would for this launch with ``config``: its binder
+    specialises the real arguments, as ``JITFunction.run`` does before compiling a new specialisation.
+    Returns (compiled kernel, {"divisible": args given tt.divisibility 16, "constants": ints made constants})."""
+    fn = autotuner.fn
     target = GPUTarget("cuda", arch, 32)
-    for name, fn, dtype_name, constexprs, num_warps, num_stages, variant, copy_pointer in _jobs():
-        source = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype_name, constexprs, copy_pointer),
-                                           constexprs=constexprs)
-        compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
-        yield {"kernel": name, "arch": arch, "dtype": dtype_name, "num_warps": num_warps, "num_stages": num_stages,
-               "saved_input": variant,
-               "constexprs": {k: v for k, v in constexprs.items() if k != "HAS_TASKS" and k not in UNIT_STRIDES},
-               "unit_strides": all(k in constexprs for k in UNIT_STRIDES if k in inspect.signature(fn.fn).parameters),
-               "shared": compiled.metadata.shared, "limit": SMEM_LIMIT[arch],
-               **resource_usage(compiled.asm["cubin"])}
+    backend = make_backend(target)
+    kwargs = dict(constexprs, **config.all_kwargs())
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__)
+    names = fn.arg_names
+    specialised = {"divisible": [names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr],
+                   "constants": {names[path[0]]: value for path, value in constants.items()
+                                 if names[path[0]] not in kwargs and isinstance(value, int)}}
+    return compiled, specialised
 
 
-def main(argv):
+def compile_grid(arch: int, grid: str):
+    """One record per (dtype, rank, launch, config the runtime can pick for it) of ``GRIDS[grid]``."""
+    ranks_by_dtype, task_modes = GRIDS[grid]
+    for dtype_name, ranks in ranks_by_dtype.items():
+        dtype = DTYPES[dtype_name]
+        for rank in ranks:
+            for variant, autotuner, args, constexprs in representative_launches(dtype, rank, task_modes):
+                named = dict(zip(autotuner.arg_names, args))
+                for config in kernels.launch_configs(autotuner.configs, named, **constexprs):
+                    start = time.perf_counter()
+                    compiled, specialised = compile_launch(autotuner, args, constexprs, config, arch)
+                    yield {"kernel": autotuner.fn.__name__, "variant": variant, "arch": arch, "dtype": dtype_name,
+                           "rank": rank, "R_PAD": constexprs["R_PAD"], **config.kwargs,
+                           "num_warps": config.num_warps, "num_stages": config.num_stages,
+                           "shared": compiled.metadata.shared, "limit": SMEM_LIMIT[arch],
+                           **resource_usage(compiled.asm["cubin"]), **specialised,
+                           "signature_i64": [k for k, v in compiled.src.signature.items() if v == "i64"],
+                           "seconds": round(time.perf_counter() - start, 2)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m sas_kernels.aot",
+        description="Compile every Triton kernel as the runtime launches it, with each config the runtime can "
+                    "pick, for NVIDIA targets on any machine, and print one JSON line per compilation (registers, "
+                    "stack/spill bytes, shared memory). Run without TRITON_INTERPRET=1.")
+    parser.add_argument("--arch", type=int, nargs="+", default=sorted(SMEM_LIMIT), choices=sorted(SMEM_LIMIT),
+                        help="compute capabilities to compile for (default: %(default)s)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="ci",
+                        help="ci: ranks 8 and 192 in bf16, 24 in fp32, multi-task launches (what `make test` "
+                             "compiles); full: ranks 8-64 in fp32, fp16 and bf16 and up to 256 in fp16 and bf16, "
+                             "with and without tasks (default: %(default)s)")
+    args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the interpreter hides the JIT functions")
-    for arch in (int(a) for a in argv or SMEM_LIMIT):
-        for record in compile_all(arch):
+    for arch in args.arch:
+        for record in compile_grid(arch, args.grid):
             print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
