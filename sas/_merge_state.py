@@ -123,9 +123,14 @@ class MergeableLinear(nn.Module):
         self._set_merged(False)
 
     def __getstate__(self):
+        state = super().__getstate__()
+        # The route a subclass's forward cached for its last input signature holds what this process runs
+        # (op packets, which pickle refuses, and the shared owner's cache of 8-bit copies, which holds weak
+        # references): never copied, it is picked again at the copy's first call.
+        if "_route" in state:
+            state["_route"], state["_signature"] = None, None
         # copy.deepcopy and pickle give the copy a new weight tensor with a version counter of its own:
         # the record keeps only whether the weight was still as merge left it, and the copy re-stamps it.
-        state = super().__getstate__()
         if self._merge_record is not None:
             weight, _, before = self._merge_record
             state["_merge_record"] = (weight, self._weight_as_merged(), before)
