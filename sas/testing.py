@@ -627,7 +627,7 @@ def _main_output(output) -> torch.Tensor:
         first = next((value for value in output.values() if isinstance(value, torch.Tensor)), None)
         if first is not None:
             return first
-    raise TypeError(f"compare_model needs a model returning a tensor or a Hugging Face ModelOutput holding one, "
+    raise TypeError(f"compare_model needs a model returning one tensor or a Hugging Face ModelOutput holding one, "
                     f"got {type(output).__name__}")
 
 
