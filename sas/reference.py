@@ -107,10 +107,19 @@ def sas_adapter(
     rows = math.prod(x.shape[:-1])  # not reshape(-1, d): that is ambiguous when d_in or d_out is 0
     x2 = x.reshape(rows, d_in).to(compute_dtype)
     base2 = base.reshape(rows, d_out).to(compute_dtype)
-    modulation = gather_modulation(h.to(compute_dtype), task_ids, x2.shape[0])
-    u = x2 @ A.to(compute_dtype).t()
-    y = base2 + scale * ((u * modulation) @ B.to(compute_dtype).t())
+    y = _up_projection(_down_projection(x2, A), base2, B, h, scale, task_ids)
     return y.to(out_dtype).reshape(base.shape)
+
+
+def _down_projection(x2: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``u = x2 @ A.T`` in ``x2``'s dtype, for rows ``x2`` (N, d_in)."""
+    return x2 @ A.to(x2.dtype).t()
+
+
+def _up_projection(u, base2, B, h, scale, task_ids) -> torch.Tensor:
+    """``base2 + scale * (u * h) @ B.T`` in ``u``'s dtype (h per row with ``task_ids``)."""
+    modulation = gather_modulation(h.to(u.dtype), task_ids, u.shape[0])
+    return base2 + scale * ((u * modulation) @ B.to(u.dtype).t())
 
 
 def reference_linear(x, weight, bias, A, B, h, scale, task_ids=None):
@@ -121,18 +130,21 @@ def reference_linear(x, weight, bias, A, B, h, scale, task_ids=None):
 
 class _QuantizedInputAdapter(torch.autograd.Function):
     """:func:`sas_adapter` keeping the 8-bit copy of x (:func:`quantize_rows`) instead of x: the oracle of
-    ``SaSConfig.saved_input``. dx, dB and dh are those of :func:`sas_adapter` (they read A, B, h and u,
-    which is kept); dA reads the dequantized copy. Computed in float32 for half inputs, as the reference."""
+    ``SaSConfig.saved_input``. Only dA changes: the backward differentiates the very ops of
+    :func:`sas_adapter` again (:func:`regrad`), the up-projection from the kept ``u`` (dx, dB, dh exactly as
+    plain autograd gives them in the full mode, at the cost of recomputing its GEMM) and the down-projection
+    with the dequantized copy in x's place (dA; dx does not read x). Computed in float32 for half inputs."""
 
     @staticmethod
     def forward(ctx, x, base, A, B, h, scale, task_ids, kind, copy):
         q, qscale = copy if copy is not None else quantize_rows(x, kind)
         compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        rows = math.prod(x.shape[:-1])
-        u = x.reshape(rows, x.shape[-1]).to(compute) @ A.to(compute).t()
+        rows, d_out = math.prod(x.shape[:-1]), base.shape[-1]
+        u = _down_projection(x.reshape(rows, x.shape[-1]).to(compute), A)
+        y = _up_projection(u, base.reshape(rows, d_out).to(compute), B, h, scale, task_ids)
         ctx.save_for_backward(q, qscale, u, A, B, h, task_ids)
-        ctx.scale, ctx.compute, ctx.x_shape, ctx.x_dtype = scale, compute, x.shape, x.dtype
-        y = sas_adapter(x, base, A, B, h, scale, task_ids)
+        ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
+        y = y.to(base.dtype).reshape(base.shape)
         if copy is not None:  # made by another layer: only a copy made here is handed back
             return y, None, None
         ctx.mark_non_differentiable(q, qscale)
@@ -145,20 +157,18 @@ class _QuantizedInputAdapter(torch.autograd.Function):
         needs_x, needs_base, needs_A, needs_B, needs_h = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():
             check_input_kept(None)
-        compute, s = ctx.compute, ctx.scale
-        g2 = g.reshape(u.shape[0], -1).to(compute)
-        modulation = gather_modulation(h.to(compute), task_ids, u.shape[0])
-        g_up = g2 @ B.to(compute)
-        du = s * g_up * modulation
-        dx = (du @ A.to(compute)).to(ctx.x_dtype).reshape(ctx.x_shape) if needs_x else None
-        dA = (du.t() @ dequantize_rows(q, qscale, compute)).to(A.dtype) if needs_A else None
-        dB = (g2.t() @ (s * u * modulation)).to(B.dtype) if needs_B else None
-        dh = None
-        if needs_h:
-            per_row = s * g_up * u
-            dh = per_row.sum(0) if h.dim() == 1 else torch.zeros_like(h, dtype=compute).index_add_(
-                0, _row_task_ids(task_ids, u.shape[0]), per_row)
-            dh = dh.to(h.dtype)
+        g2 = g.reshape(u.shape[0], g.shape[-1]).to(u.dtype)
+        needs_u = needs_x or needs_A
+        leaves = [t.detach().requires_grad_(need) for t, need in ((u, needs_u), (B, needs_B), (h, needs_h))]
+        # The frozen output only adds to y, so zeros stand in for it (it was not kept).
+        du, _, dB, dh = regrad(_up_projection, (leaves[0], g2.new_zeros(()).expand_as(g2), *leaves[1:]),
+                               (needs_u, False, needs_B, needs_h), g2, ctx.scale, task_ids, create_graph=False)
+        dx = dA = None
+        if needs_u:
+            x2 = dequantize_rows(q, qscale, u.dtype).requires_grad_(needs_x)
+            dx, dA = regrad(_down_projection, (x2, A.detach().requires_grad_(needs_A)), (needs_x, needs_A), du,
+                            create_graph=False)
+            dx = None if dx is None else dx.to(ctx.x_dtype).reshape(ctx.x_shape)
         return dx, g if needs_base else None, dA, dB, dh, None, None, None, None
 
 

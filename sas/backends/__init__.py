@@ -242,7 +242,8 @@ def route(backend: Backend, layer_op: str, dtype: torch.dtype, trainable_base: b
     ``layer_op="fold"``, one h (no per-element      :func:`sas.backends.fold.adapted_linear`: an ATen
     tasks)                                          whole-layer design (also while compiling)
     ``reference`` backend, or float64               :func:`sas.reference.reference_linear` (plain autograd;
-                                                    float64 is exact there, the kernels compute 32/16 bits)
+                                                    float64 is exact there, the kernels compute 32/16 bits);
+                                                    under autocast its inputs cast once, autocast off
     torch.compile is tracing, or the base weight    ``F.linear`` + the backend's op: the compiler traces its
     or bias requires a gradient                     ``torch.library`` ops; autograd gives the base's gradient
     autocast on                                     the backend's layer op, inputs cast once, autocast off
@@ -264,7 +265,9 @@ def route(backend: Backend, layer_op: str, dtype: torch.dtype, trainable_base: b
     if layer_op == "fold" and not per_element_tasks:
         return functools.partial(_fold, backend.adapter)
     if backend is REFERENCE or dtype not in reference.KERNEL_DTYPES:
-        return reference.reference_linear
+        # Under autocast cast once as the kernels' layers do (and _keeping_copy for the 8-bit modes, so that
+        # those differ from this route in dA alone).
+        return functools.partial(_autocast_cast, reference.reference_linear) if autocast else reference.reference_linear
     if compiling or trainable_base:
         return functools.partial(_op_level, backend.adapter)
     if autocast:
