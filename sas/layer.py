@@ -8,7 +8,7 @@ from torch import nn
 
 from . import _task_state, backends, validation
 from ._merge_state import MergeableLinear
-from .config import SAVED_INPUT_CHOICES, _check_choice, canonical_layer_op
+from .config import SAVED_INPUT_CHOICES, SaSConfig, _check_choice, canonical_layer_op
 from .shared import SaSShared
 
 
@@ -50,17 +50,18 @@ class SaSLinear(MergeableLinear):
     def from_linear(cls, linear: nn.Linear, rank: int = 8, scale: float = 1.0, embed_dim: int = 8,
                     hyper_hidden: int = 32, hyper_activation: str = "tanh", layer_op: str = "kernels",
                     saved_input: str = "full", train_down: bool = True) -> "SaSLinear":
-        """A standalone adapted layer that owns its own A, B and hypernetwork (for single-layer use);
-        ``saved_input`` and ``train_down`` as in :class:`sas.SaSConfig`."""
-        if not isinstance(train_down, bool):
-            raise TypeError(f"train_down must be a bool, got {type(train_down).__name__} {train_down!r}")
-        shared = SaSShared(rank, embed_dim, hyper_hidden, hyper_activation,
+        """A standalone adapted layer that owns its own A, B and hypernetwork (for single-layer use); every
+        argument but ``linear`` as the :class:`sas.SaSConfig` field of that name, checked as it checks it."""
+        config = SaSConfig(rank=rank, scale=scale, embed_dim=embed_dim, hyper_hidden=hyper_hidden,
+                           hyper_activation=hyper_activation, layer_op=layer_op, saved_input=saved_input,
+                           train_down=train_down)
+        shared = SaSShared(config.rank, config.embed_dim, config.hyper_hidden, config.hyper_activation,
                            {"layer": linear.in_features}, {"layer": linear.out_features}, 1)
         shared.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        shared.down.requires_grad_(train_down)
+        shared.down.requires_grad_(config.train_down)
         linear.requires_grad_(False)
-        return cls(linear, shared, 0, "layer", "layer", scale, owns_shared=True, layer_op=layer_op,
-                   saved_input=saved_input)
+        return cls(linear, shared, 0, "layer", "layer", config.scale, owns_shared=True, layer_op=config.layer_op,
+                   saved_input=config.saved_input)
 
     @property
     def A(self) -> torch.Tensor:

@@ -574,3 +574,18 @@ def test_reference_under_autocast_changes_only_dA_in_the_8_bit_modes(autocast_dt
                     grad.flatten(), full[name].flatten(), dim=0) > 0.99, (kind, name)
             else:
                 assert torch.equal(grad, full[name]), (kind, name)
+
+
+@pytest.mark.parametrize("argument, message", [
+    (dict(scale=float("nan")), "scale must be a finite number, got nan"),
+    (dict(scale=float("inf")), "scale must be a finite number, got inf"),
+    (dict(rank=0), "rank must be a positive int, got 0"),
+    (dict(embed_dim=2.5), "embed_dim must be a positive int, got 2.5"),
+    (dict(saved_input=None), r"saved_input must be one of \('full', 'int8', 'fp8'\), got None"),
+    (dict(train_down="false"), "train_down must be a bool"),
+], ids=["nan scale", "inf scale", "rank 0", "float embed_dim", "saved_input None", "train_down str"])
+def test_a_standalone_layer_checks_its_arguments_as_the_config_does(argument, message):
+    """SaSLinear.from_linear took scale=nan (NaN outputs from step 0), rank=0 (failing at the first forward) and
+    saved_input=None."""
+    with pytest.raises(ValueError, match=message):
+        sas.SaSLinear.from_linear(nn.Linear(4, 4), **argument)
