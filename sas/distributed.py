@@ -17,6 +17,7 @@ a mixed-precision policy (the frozen base computes in ``param_dtype``; the layer
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -86,6 +87,8 @@ def shard(model: nn.Module, *, blocks: Optional[Iterable[nn.Module]] = None, mes
     if mesh is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    group = mesh.get_group()
+    _refuse_differing_adapters(model, adapter, group)
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
         else torch.device(mesh.device_type)
     replicated = adapter_parameters(model)
@@ -102,7 +105,6 @@ def shard(model: nn.Module, *, blocks: Optional[Iterable[nn.Module]] = None, mes
         if any(p not in ignored for p in block.parameters()):
             fully_shard(block, **settings)
     fully_shard(model, **settings)
-    group = mesh.get_group()
     _broadcast_from_first_rank(replicated, group)
     _AdapterReplicas(adapter, replicated, group)  # lives as long as the parameters whose hooks hold it
     if mp_policy is not None and mp_policy.param_dtype is not None:
@@ -110,6 +112,47 @@ def shard(model: nn.Module, *, blocks: Optional[Iterable[nn.Module]] = None, mes
             module.register_forward_pre_hook(_inputs_to_own_dtype, with_kwargs=True)
     sharded_models[model] = group
     return model
+
+
+def _adapter_fingerprint(model: nn.Module, adapter: nn.Module) -> Dict[str, str]:
+    """What every rank's adapter must agree on, by name: each config field, the adapted layers, and each adapter
+    tensor's shape, dtype and whether it trains (small: no tensor values)."""
+    config = adapter.config
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {"config": config}
+    fingerprint = {f"config {name}": repr(value) for name, value in fields.items()}
+    fingerprint["adapted layers"] = repr(adapter.layer_names)
+    parameters = dict(model.named_parameters())
+    for name, tensor in adapter_state_dict(model).items():
+        trains = name in parameters and parameters[name].requires_grad
+        fingerprint[f"tensor {name}"] = f"{tuple(tensor.shape)} {tensor.dtype}{' trained' if trains else ' frozen'}"
+    return fingerprint
+
+
+#: How many differing entries a refusal lists (a rank mismatch changes every tensor of a group at once).
+_LISTED_DIFFERENCES = 8
+
+
+def _refuse_differing_adapters(model: nn.Module, adapter: nn.Module, group) -> None:
+    """Raise ``ValueError`` on every rank when the ranks' adapters differ (:func:`_adapter_fingerprint`).
+
+    Runs before any other collective of :func:`shard`: ranks whose adapters differ in shape would abort (or
+    hang) in the broadcast or the first gradient all-reduce, and ranks differing only in a setting (scale,
+    activation) would train different models without any error."""
+    fingerprints: List[Optional[Dict[str, str]]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(fingerprints, _adapter_fingerprint(model, adapter), group=group)
+    differences = []
+    for key in sorted(set().union(*fingerprints)):
+        values = [fingerprint.get(key, "absent") for fingerprint in fingerprints]
+        if len(set(values)) > 1:
+            ranks: Dict[str, List[int]] = {}
+            for rank, value in enumerate(values):
+                ranks.setdefault(value, []).append(rank)
+            differences.append(f"{key}: " + ", ".join(f"{value} on ranks {where}" for value, where in ranks.items()))
+    if differences:
+        more = len(differences) - _LISTED_DIFFERENCES
+        raise ValueError("sas.distributed.shard: the ranks' adapters differ (every rank must inject or load the same "
+                         "adapter): " + "; ".join(differences[:_LISTED_DIFFERENCES])
+                         + (f"; and {more} more entries" if more > 0 else ""))
 
 
 def _inputs_to_own_dtype(module: nn.Module, args, kwargs):
@@ -149,10 +192,13 @@ class _AdapterReplicas:
     """
 
     def __init__(self, owner: nn.Module, parameters: List[nn.Parameter], group):
-        self.owner, self.parameters, self.group = owner, parameters, group
+        self.owner, self.group = owner, group
         self.owner_count = len(list(owner.parameters()))
         self.queued = False
-        for parameter in parameters:
+        # Tensors frozen now (train_down=False's A; all but the new task's after sas.add_task) get no gradient
+        # to average, and PyTorch registers no gradient hook on them.
+        self.parameters = [p for p in parameters if p.requires_grad]
+        for parameter in self.parameters:
             parameter.register_post_accumulate_grad_hook(self._gradient_accumulated)
 
     def _gradient_accumulated(self, _parameter) -> None:

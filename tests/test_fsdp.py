@@ -5,6 +5,8 @@ torch.distributed.checkpoint training state resumes on the same and on another w
 
 One spawned run does every check (spawning two processes that import transformers costs about 10 s); the
 parent process computes the one-process references and compares."""
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -41,9 +43,9 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo")
 
 
-def _adapted_llama():
+def _adapted_llama(**config):
     model = tiny_llama(VOCAB)
-    sas.inject(model, sas.SaSConfig(rank=4, targets=sas.LLAMA_TARGETS))
+    sas.inject(model, sas.SaSConfig(**{"rank": 4, "targets": sas.LLAMA_TARGETS, **config}))
     with torch.no_grad():  # B = 0 at init would make the gradients of A and h zero
         sas.testing.randomize_adapter(model)
     return model
@@ -192,7 +194,34 @@ def _worker(rank, out, minilm):
         loss.backward()
         results["minilm"] = {"loss": _mean_over_ranks(loss), "grads": _adapter_grads(model)}
 
+    # Frozen adapter tensors: A under train_down=False (rank 1's made to differ: shard broadcasts rank 0's), and
+    # every tensor but the new task's embedding after sas.add_task, called before shard as documented.
+    frozen_down = _adapted_llama(train_down=False)
+    if rank == 1:
+        with torch.no_grad():
+            for down in frozen_down.sas_shared.down.values():
+                down.add_(1.0)
+    sas.distributed.shard(frozen_down)
+    results["frozen_down"] = _sharded_gradients(frozen_down, rows)
+    results["frozen_down"]["down"] = {k: (v.detach().clone(), v.grad) for k, v in frozen_down.sas_shared.down.items()}
+    added_task = _adapted_llama()
+    with sas.tasks(added_task, sas.add_task(added_task)):
+        sas.distributed.shard(added_task)
+        results["added_task"] = _sharded_gradients(added_task, rows)
+
+    # Ranks whose adapters differ: refused on every rank before any other collective, naming what differs.
+    for name, config in MISMATCHES.items():
+        try:
+            sas.distributed.shard(_adapted_llama(**config(rank)))
+        except ValueError as exc:
+            results[f"mismatch {name}"] = str(exc)
+
     torch.save(results, out / f"rank{rank}.pt")
+
+
+#: Adapter settings that differ between the two ranks (rank -> config), by what differs.
+MISMATCHES = {"rank": lambda rank: dict(rank=3 + rank), "scale": lambda rank: dict(scale=1.0 + rank),
+              "hyper_activation": lambda rank: dict(hyper_activation=("tanh", "gelu")[rank])}
 
 
 def _sharded_gradients(model, rows):
@@ -340,3 +369,48 @@ def test_training_state_resumes_on_the_same_and_on_another_world_size(sharded_ru
             # AdamW divides by sqrt(v): a rounding-level gradient difference moves a parameter by up to
             # lr * (relative difference), far below 1e-4 of the parameter.
             _assert_same_math(parameter.detach(), first["step2_adapter"][name], name)
+
+
+@needs_gloo
+def test_frozen_adapter_tensors_are_broadcast_and_get_no_gradient(sharded_run):
+    _, (first, second) = sharded_run
+    single = _adapted_llama(train_down=False)
+    _loss(single, _tokens()).backward()
+    grads = _adapter_grads(single)
+    assert not any(".down." in key for key in grads) and set(first["frozen_down"]["grads"]) == set(grads)
+    for key, grad in grads.items():
+        _assert_same_math(first["frozen_down"]["grads"][key], grad, key)
+        assert torch.equal(first["frozen_down"]["grads"][key], second["frozen_down"]["grads"][key]), key
+    for key, down in single.sas_shared.down.items():
+        for replica in (first, second):  # rank 0's value on both ranks, and no gradient
+            value, grad = replica["frozen_down"]["down"][key]
+            assert torch.equal(value, down) and grad is None, key
+
+
+@needs_gloo
+def test_a_task_added_before_shard_trains_alone(sharded_run):
+    _, (first, second) = sharded_run
+    single = _adapted_llama()
+    with sas.tasks(single, sas.add_task(single)):
+        loss = _loss(single, _tokens())
+        loss.backward()
+    grads = _adapter_grads(single)
+    assert list(grads) == list(first["added_task"]["grads"]) == ["sas_shared.task_embeddings.1"]
+    _assert_same_math(first["added_task"]["loss"], loss.detach(), "loss")
+    for key, grad in grads.items():
+        _assert_same_math(first["added_task"]["grads"][key], grad, key)
+        assert torch.equal(first["added_task"]["grads"][key], second["added_task"]["grads"][key]), key
+
+
+@needs_gloo
+@pytest.mark.parametrize("name, message", [
+    ("rank", r"config rank: 3 on ranks \[0\], 4 on ranks \[1\]; tensor sas_shared\.down\.down_proj: \(3, \d+\) "
+             r"torch\.float32 trained on ranks \[0\], \(4, \d+\) torch\.float32 trained on ranks \[1\]"),
+    ("scale", r"differ \(every rank must inject or load the same adapter\): config scale: 1\.0 on ranks \[0\], "
+              r"2\.0 on ranks \[1\]$"),
+    ("hyper_activation", r": config hyper_activation: 'tanh' on ranks \[0\], 'gelu' on ranks \[1\]$"),
+])
+def test_ranks_with_differing_adapters_are_refused_on_every_rank(sharded_run, name, message):
+    _, ranks = sharded_run
+    for results in ranks:
+        assert re.search(message, results[f"mismatch {name}"]), results[f"mismatch {name}"]
