@@ -93,8 +93,11 @@ def grid(level: str, device: torch.device, size: str, rows: Optional[List[int]] 
             return _linear_cases("op", tiny, [16], [4], OP_PROVIDERS)
         if level == "layer":
             return _linear_cases("layer", tiny, [16], [4], [p for p in LAYER_PROVIDERS if p != "reference-compiled"])
+        # The compiled training steps are opt-in (restrict): named, they run here as in the GPU suite.
         return [Case("model", mode, 4, model="test_vit", batch=2, image_size=64,
-                     providers=tuple(p for p in MODEL_PROVIDERS if not p.endswith("-compiled"))) for mode in MODEL_MODES]
+                     providers=tuple(p for p in MODEL_PROVIDERS if p != "reference-compiled"
+                                     and (p not in OPT_IN_PROVIDERS or mode == "train")))
+                for mode in MODEL_MODES]
     full = size == "full"
     if level == "op":
         if full:
