@@ -40,7 +40,9 @@ def sas_adapter(
     ``x``, ``base``, ``A``, ``B`` and ``h``.
     """
     validate(x, base, A, B, h, scale, task_ids)
-    return backends.backend_for(x.device, backend).adapter(x, base, A, B, h, float(scale), task_ids)
+    record = backends.backend_for(x.device, backend, dtype=x.dtype, rank=A.shape[0],
+                                  tasks=h.shape[0] if h.dim() == 2 else 1, saved_input="full")
+    return record.sas_adapter(x, base, A, B, h, float(scale), task_ids)
 
 
 def sas_linear(
@@ -78,5 +80,6 @@ def sas_linear(
     # validate() checks the adapter arguments against a stand-in for the frozen output (an expanded scalar).
     frozen_output = weight.new_empty((), dtype=dtype).expand(*x.shape[:-1], weight.shape[0])
     validate(x.to(dtype), frozen_output, A.to(dtype), B.to(dtype), h.to(dtype), scale)
-    adapter = backends.backend_for(x.device, backend).adapter
+    adapter = backends.backend_for(x.device, backend, dtype=dtype, rank=A.shape[0], tasks=1,
+                                   saved_input="full").sas_adapter
     return backends.fold.adapted_linear(x, weight, bias, A, B, h, scale, design, adapter)

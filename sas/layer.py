@@ -111,9 +111,11 @@ class SaSLinear(MergeableLinear):
         frozen_output = weight.new_empty(()).to(dtype).expand(*x.shape[:-1], self.out_features)  # no memory
         validation.validate(x.to(dtype), frozen_output, A, B, h, self.scale, task_ids)
         trainable_base = weight.requires_grad or (bias is not None and bias.requires_grad)
-        return backends.route(backends.backend_for(x.device), self.layer_op, dtype, trainable_base, compiling,
-                              torch.is_autocast_enabled(x.device.type), task_ids is not None, self.saved_input,
-                              self.shared.saved_inputs)
+        tasks = h.shape[0] if h.dim() == 2 else 1
+        backend = backends.backend_for(x.device, dtype=dtype, rank=A.shape[0], tasks=tasks, saved_input=self.saved_input)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        return backends.route(backend, self.layer_op, trainable_base, compiling, autocast, task_ids is not None,
+                              self.saved_input, self.shared.saved_inputs)
 
     def _input_problem(self, x) -> Optional[Exception]:
         """The ``TypeError``/``ValueError`` naming ``x`` when it cannot be this layer's input, else ``None``."""

@@ -305,20 +305,20 @@ def observe_backend(name: str, current_layer: Optional[List[Optional[str]]] = No
         return
 
     def observed(x, base, A, B, h, scale, task_ids):
-        y = record.adapter(x, base, A, B, h, scale, task_ids)
+        y = record.sas_adapter(x, base, A, B, h, scale, task_ids)
         layer = current_layer[0] if current_layer else None
         calls.append(_Call(layer, classify_call(y, x, base, A, B, h, scale, task_ids)))
         return y
 
-    def observed_layer(*args, run=record.layer):
-        # SaSLinear's whole-layer op (the record's layer, or its quantized_layer keeping an 8-bit copy of x)
-        # reached this backend's kernels.
+    def observed_layer(*args, run=record.adapted_linear):
+        # SaSLinear's whole-layer op (the record's adapted_linear, or its quantized_input_linear keeping an 8-bit
+        # copy of x) reached this backend's kernels.
         calls.append(_Call(current_layer[0] if current_layer else None, "kernel"))
         return run(*args)
 
-    observed_quantized_layer = functools.partial(observed_layer, run=record.quantized_layer)
-    with registry.replaced(name, dataclasses.replace(record, adapter=observed, layer=observed_layer,
-                                                     quantized_layer=observed_quantized_layer)):
+    observed_quantized_layer = functools.partial(observed_layer, run=record.quantized_input_linear)
+    with registry.replaced(name, dataclasses.replace(record, sas_adapter=observed, adapted_linear=observed_layer,
+                                                     quantized_input_linear=observed_quantized_layer)):
         yield calls
 
 

@@ -73,7 +73,7 @@ def stand_in(bug=None):
 
 
 def stand_in_layer(bug=None):
-    """The same stand-in as the whole-layer op SaSLinear calls (the backend record's ``layer``)."""
+    """The same stand-in as the whole-layer op SaSLinear calls (the backend record's ``adapted_linear``)."""
     def layer(x, weight, bias, A, B, h, scale, task_ids):
         return StandInKernel.apply(x, torch.nn.functional.linear(x, weight, bias), A, B, h, scale, task_ids, bug)
     return layer
@@ -88,7 +88,7 @@ def install(monkeypatch):
         real = backends.load("cpp")
         op = bug if callable(bug) else stand_in(bug)
         record = None if missing else dataclasses.replace(
-            real, adapter=op, layer=real.layer if callable(bug) else stand_in_layer(bug))
+            real, sas_adapter=op, adapted_linear=real.adapted_linear if callable(bug) else stand_in_layer(bug))
         monkeypatch.setitem(backends._loaded, "cpp", record)
         monkeypatch.setattr(backends, "_generation", backends._generation + 1)  # layers pick their route again
     return put

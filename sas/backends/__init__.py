@@ -7,11 +7,15 @@ A **backend** is a family of implementations of the same maths, one :class:`Back
 * ``cpp``       - the C++ CPU kernels (``sas._C``, :mod:`sas.backends.cpp`), when the extension was built.
 * ``reference`` - :mod:`sas.reference`, plain PyTorch, always present: the oracle.
 
-``auto`` (the default) picks ``triton`` for CUDA tensors and ``cpp`` for CPU tensors when they are
-usable, else ``reference``. The choice can be forced with ``SAS_BACKEND=auto|triton|cpp|reference``,
-:func:`set_backend`, or a call's ``backend=`` argument; a forced backend that cannot run raises instead of
-silently falling back. A new backend is one module (exporting ``sas_adapter``, ``adapted_linear``,
-``hypernetwork``, ``attach_gradient_sink`` and ``quantized_input_linear``) and one entry of :data:`_MODULES`.
+Each backend answers one capability question, :attr:`Backend.supports`: can it run a call on this device,
+in this dtype, of this rank, with these tasks and this ``saved_input``? ``auto`` (the default) asks the
+backends of :data:`AUTO_ORDER` for the device in turn and runs the first that can, else the reference;
+such a fallback is told once per backend and reason, as a ``RuntimeWarning`` (see :func:`backend_for`).
+The choice can be forced with ``SAS_BACKEND=auto|triton|cpp|reference``, :func:`set_backend`, or a call's
+``backend=`` argument; a forced backend that cannot run raises with its reason instead of falling back, except
+that a dtype no kernel computes (float64) runs the reference, which is exact there, whatever is forced.
+A new backend is one module exporting the fields of :class:`Backend` by their names and one entry of
+:data:`_MODULES`.
 """
 from __future__ import annotations
 
@@ -31,22 +35,36 @@ from .. import reference
 from . import fold
 from .runtime import compute_dtype, stream_of
 
-__all__ = ["Backend", "BACKEND_CHOICES", "set_backend", "get_backend", "resolve_backend", "available_backends",
-           "backend_for", "load", "replaced", "is_oracle", "uncheckable_reason", "route", "route_key", "adapted_linear", "compute_dtype", "stream_of"]
+__all__ = ["Backend", "BACKEND_CHOICES", "AUTO_ORDER", "set_backend", "get_backend", "resolve_backend",
+           "available_backends", "backend_for", "load", "replaced", "is_oracle", "uncheckable_reason", "route",
+           "route_key", "adapted_linear", "compute_dtype", "stream_of"]
 
 BACKEND_CHOICES = ("auto", "triton", "cpp", "reference")
+
+#: The backends ``auto`` asks, in order, for tensors of a device type (the reference runs when none can).
+AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpp",)}
 
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend: its op, its whole-layer op, its hypernetwork, and whether it sinks shared gradients."""
+    """The backend contract: every field but ``name`` is exported under that very name by the backend's
+    module (:func:`load` reads them by name), so the record and the modules speak one vocabulary."""
 
     name: str
+    #: ``(device, dtype=None, rank=None, tasks=None, saved_input=None) -> None or why not``: whether this
+    #: backend runs a call on tensors of ``device``, in compute ``dtype``, of ``rank``, with ``tasks`` task
+    #: rows of h (1: one h), keeping ``saved_input`` of x; an argument left ``None`` is not asked about.
+    supports: Callable[..., Optional[str]]
     #: ``(x, base, A, B, h, scale, task_ids) -> y``, arguments validated (:func:`sas.functional.sas_adapter`).
-    adapter: Callable
+    sas_adapter: Callable
     #: ``(x, weight, bias, A, B, h, scale, task_ids) -> y``: frozen GEMM + adapter as one autograd node, all
-    #: in one compute dtype (the kernel dtypes only), ``weight``/``bias`` frozen.
-    layer: Callable
+    #: in one compute dtype, ``weight``/``bias`` frozen.
+    adapted_linear: Callable
+    #: ``(x, weight, bias, A, B, h, scale, task_ids, kind, copy) -> (y, q, scale)``: :attr:`adapted_linear`
+    #: keeping, for dA, the 8-bit copy of x of ``kind`` (``SaSConfig.saved_input``; ``copy``: the one another
+    #: layer made of the same input, else its own) instead of x; ``q`` and ``scale`` are the copy the call
+    #: made, ``None`` when it made none (``copy`` given, or no gradient for A).
+    quantized_input_linear: Callable
     #: ``(activation type, sources) -> h table or None``: h of every layer as one op, where this backend has
     #: one for these sources (``SaSShared`` runs its own node otherwise).
     hypernetwork: Optional[Callable]
@@ -54,11 +72,11 @@ class Backend:
     #: into one total in place, the function that attaches a tensor to a sink
     #: (``sas.backends.triton.GradientSink.attach``), which ``SaSShared`` applies to the A/B it hands out.
     attach_gradient_sink: Optional[Callable]
-    #: ``(x, weight, bias, A, B, h, scale, task_ids, kind, copy) -> (y, q, scale)``: :attr:`layer` keeping,
-    #: for dA, the 8-bit copy of x of ``kind`` (``SaSConfig.saved_input``; ``copy``: the one another layer
-    #: made of the same input, else its own) instead of x; ``q`` and ``scale`` are the copy the call made,
-    #: ``None`` when it made none (``copy`` given, or no gradient for A).
-    quantized_layer: Callable
+
+    @classmethod
+    def of_module(cls, name: str, module) -> "Backend":
+        """The record of backend module ``module`` (``AttributeError`` when it lacks a field)."""
+        return cls(name, **{f.name: getattr(module, f.name) for f in dataclasses.fields(cls) if f.name != "name"})
 
 
 def is_oracle(name: str) -> bool:
@@ -76,34 +94,29 @@ def uncheckable_reason(name: str, device: torch.device, dtype: torch.dtype) -> O
     return _UNCHECKABLE.get((name, torch.device(device).type, dtype))
 
 
-def _triton_supports(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+def _reference_supports(device, dtype=None, rank=None, tasks=None, saved_input=None) -> Optional[str]:
+    return None  # plain PyTorch: every device, dtype, rank, task count and saved_input
 
 
-def _cpp_supports(device: torch.device) -> bool:
-    return device.type == "cpu"
+# The optional backends, imported lazily (a missing one costs nothing).
+_MODULES = {"triton": "sas.backends.triton", "cpp": "sas.backends.cpp"}
 
-
-# The optional backends, imported lazily (a missing one costs nothing): module, devices it serves.
-_MODULES = {"triton": ("sas.backends.triton", _triton_supports), "cpp": ("sas.backends.cpp", _cpp_supports)}
-
-REFERENCE = Backend("reference", reference.sas_adapter, reference.reference_linear, None, None,
-                    reference.quantized_input_linear)
+REFERENCE = Backend("reference", _reference_supports, reference.sas_adapter, reference.reference_linear,
+                    reference.quantized_input_linear, None, None)
 
 _loaded: Dict[str, Optional[Backend]] = {"reference": REFERENCE}
 _backend_override: Optional[str] = None
 # Bumped whenever a record or the override changes: part of every cached route's key (route_key).
 _generation = 0
+# The (backend, reason) pairs an automatic fallback was already told for: each is told once per process.
+_told = set()
 
 
 def load(name: str) -> Optional[Backend]:
     """Backend ``name``'s record, its module imported once; ``None`` (with one warning) when it cannot be imported."""
     if name not in _loaded:
-        module_name, _ = _MODULES[name]
         try:
-            module = importlib.import_module(module_name)
-            _loaded[name] = Backend(name, module.sas_adapter, module.adapted_linear,
-                                    module.hypernetwork, module.attach_gradient_sink, module.quantized_input_linear)
+            _loaded[name] = Backend.of_module(name, importlib.import_module(_MODULES[name]))
         except (ImportError, AttributeError, OSError) as exc:
             warnings.warn(f"sas: the {name!r} backend is unavailable ({exc}); using the reference path instead "
                           f"where it would have run", RuntimeWarning, stacklevel=3)
@@ -150,11 +163,17 @@ def get_backend() -> str:
     return name
 
 
+def _device_refusal(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run on tensors of ``device`` in this process, or ``None``."""
+    record = load(name)
+    if record is None:
+        return "it could not be imported"
+    return record.supports(device)
+
+
 def backend_available(name: str, device: torch.device) -> bool:
     """Whether backend ``name`` can run on tensors of ``device`` in this process."""
-    if name == "reference":
-        return True
-    return _MODULES[name][1](torch.device(device)) and load(name) is not None
+    return _device_refusal(name, torch.device(device)) is None
 
 
 def available_backends(device: torch.device) -> list:
@@ -162,24 +181,50 @@ def available_backends(device: torch.device) -> list:
     return [name for name in _MODULES if backend_available(name, device)] + ["reference"]
 
 
-def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
-    """The backend a call on ``device`` would run, given ``backend`` or the setting in force."""
+def backend_for(device: torch.device, backend: Optional[str] = None, *, dtype: Optional[torch.dtype] = None,
+                rank: Optional[int] = None, tasks: Optional[int] = None,
+                saved_input: Optional[str] = None) -> Backend:
+    """The record of the backend a call on ``device`` runs, given ``backend`` or the setting in force and,
+    where given, the call's compute ``dtype``, ``rank``, task rows and ``saved_input`` (:attr:`Backend.supports`).
+
+    ``auto`` runs the first backend of :data:`AUTO_ORDER` that supports the call, else the reference; when
+    a backend that runs on the device cannot run the call, that is told once per backend and reason as a
+    ``RuntimeWarning``: a warning because the call silently loses its kernels otherwise (a slower, larger
+    path the user should learn of), once because routes are picked per layer and input signature, and the
+    same reason for every layer of a model is one finding, not one per layer. A forced backend that cannot
+    run on the device raises ``RuntimeError``; one that cannot run the call raises ``ValueError`` naming the
+    reason, except for a dtype no kernel computes (float64), which runs the reference: it is exact there.
+    """
     device = torch.device(device)
     name = backend if backend is not None else get_backend()
     if name not in BACKEND_CHOICES:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_CHOICES}")
-    if name == "auto":
-        preferred = "triton" if device.type == "cuda" else "cpp"
-        return preferred if backend_available(preferred, device) else "reference"
-    if name != "reference" and not backend_available(name, device):
-        hint = " (set TRITON_INTERPRET=1 before importing to run Triton on CPU)" if name == "triton" else ""
-        raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors in this process{hint}")
-    return name
+    if name == "reference":
+        return REFERENCE
+    forced = name != "auto"
+    for candidate in (name,) if forced else AUTO_ORDER.get(device.type, ()):
+        refusal = _device_refusal(candidate, device)
+        if refusal is not None:
+            if forced:
+                raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors in this process "
+                                   f"({refusal})")
+            continue
+        record = _loaded[candidate]
+        refusal = record.supports(device, dtype, rank, tasks, saved_input)
+        if refusal is None:
+            return record
+        if forced and (dtype is None or dtype in reference.KERNEL_DTYPES):
+            raise ValueError(f"backend {name!r} cannot run this call: {refusal}")
+        if (candidate, refusal) not in _told:
+            _told.add((candidate, refusal))
+            warnings.warn(f"sas: backend {candidate!r} cannot run this call ({refusal}); the reference runs it "
+                          f"instead", RuntimeWarning, stacklevel=3)
+    return REFERENCE
 
 
-def backend_for(device: torch.device, backend: Optional[str] = None) -> Backend:
-    """The record of the backend a call on ``device`` runs (:func:`resolve_backend`)."""
-    return _loaded[resolve_backend(device, backend)]
+def resolve_backend(device: torch.device, backend: Optional[str] = None, **call) -> str:
+    """The name of the backend a call on ``device`` would run (:func:`backend_for`, ``call`` its keywords)."""
+    return backend_for(device, backend, **call).name
 
 
 def route_key() -> tuple:
@@ -210,7 +255,7 @@ def _autocast_cast(layer, x, weight, bias, A, B, h, scale, task_ids):
 
 
 def _keeping_copy(layer, kind, copies, x, weight, bias, A, B, h, scale, task_ids):
-    """A quantized layer (:attr:`Backend.quantized_layer`) run with the 8-bit copy of ``x`` that ``copies``
+    """A quantized layer (:attr:`Backend.quantized_input_linear`) run with the 8-bit copy of ``x`` that ``copies``
     (``SaSShared.saved_inputs``) holds when another layer already made one of this very input (q, k and v
     of one block), else one it makes and hands to ``copies``. Under autocast the inputs are cast here,
     once, with autocast off; the copy is keyed on the caller's ``x``, before that cast."""
@@ -228,21 +273,20 @@ def _keeping_copy(layer, kind, copies, x, weight, bias, A, B, h, scale, task_ids
     return y
 
 
-def route(backend: Backend, layer_op: str, dtype: torch.dtype, trainable_base: bool, compiling: bool,
-          autocast: bool, per_element_tasks: bool, saved_input: str = "full", copies=None) -> Callable:
+def route(backend: Backend, layer_op: str, trainable_base: bool, compiling: bool, autocast: bool,
+          per_element_tasks: bool, saved_input: str = "full", copies=None) -> Callable:
     """What runs for one adapted layer's call, THE one table (``docs/design.md`` section 2):
 
     ==============================================  ===========================================================
     situation (first match)                         route
     ==============================================  ===========================================================
     ``saved_input`` "int8"/"fp8", not compiling     :func:`_keeping_copy` of the quantized layer: the fold
-    and the base frozen                             design's (``layer_op="fold"``, one h), the reference's
-                                                    (``reference`` backend, float64) or the backend's own;
+    and the base frozen                             design's (``layer_op="fold"``, one h), else the backend's
+                                                    own (the reference's where it was chosen);
                                                     ``copies`` shares one copy among layers fed one input
     ``layer_op="fold"``, one h (no per-element      :func:`sas.backends.fold.adapted_linear`: an ATen
     tasks)                                          whole-layer design (also while compiling)
-    ``reference`` backend, or float64               :func:`sas.reference.reference_linear` (plain autograd;
-                                                    float64 is exact there, the kernels compute 32/16 bits);
+    the ``reference`` backend                       :func:`sas.reference.reference_linear` (plain autograd);
                                                     under autocast its inputs cast once, autocast off
     torch.compile is tracing, or the base weight    ``F.linear`` + the backend's op: the compiler traces its
     or bias requires a gradient                     ``torch.library`` ops; autograd gives the base's gradient
@@ -250,38 +294,39 @@ def route(backend: Backend, layer_op: str, dtype: torch.dtype, trainable_base: b
     otherwise                                       the backend's layer op itself (one autograd node)
     ==============================================  ===========================================================
 
-    (A merged layer runs its frozen ``nn.Linear`` alone, before any route: ``SaSLinear.forward``.) An
+    ``backend`` is the record :func:`backend_for` chose for the call, so it supports the call's device,
+    dtype (float64 gets the reference, exact there), rank, tasks and ``saved_input``. (A merged layer runs its
+    frozen ``nn.Linear`` alone, before any route: ``SaSLinear.forward``.) An
     unfrozen base weight keeps x for its own gradient anyway, so there an 8-bit copy would add memory, not
     save it; a traced layer keeps x too (the quantized layers are not ``torch.library`` ops yet).
     """
     if saved_input != "full" and not (compiling or trainable_base):
         if layer_op == "fold" and not per_element_tasks:
             layer = fold.quantized_input_linear
-        elif backend is REFERENCE or dtype not in reference.KERNEL_DTYPES:
-            layer = reference.quantized_input_linear
         else:
-            layer = backend.quantized_layer
+            layer = backend.quantized_input_linear
         return functools.partial(_keeping_copy, layer, saved_input, copies)
     if layer_op == "fold" and not per_element_tasks:
-        return functools.partial(_fold, backend.adapter)
-    if backend is REFERENCE or dtype not in reference.KERNEL_DTYPES:
+        return functools.partial(_fold, backend.sas_adapter)
+    if backend is REFERENCE:
         # Under autocast cast once as the kernels' layers do (and _keeping_copy for the 8-bit modes, so that
         # those differ from this route in dA alone).
         return functools.partial(_autocast_cast, reference.reference_linear) if autocast else reference.reference_linear
     if compiling or trainable_base:
-        return functools.partial(_op_level, backend.adapter)
+        return functools.partial(_op_level, backend.sas_adapter)
     if autocast:
-        return functools.partial(_autocast_cast, backend.layer)
-    return backend.layer
+        return functools.partial(_autocast_cast, backend.adapted_linear)
+    return backend.adapted_linear
 
 
 def adapted_linear(x, weight, bias, A, B, h, scale, task_ids=None, backend: Optional[str] = None,
                    layer_op: str = "kernels"):
     """One adapted layer's call through :func:`route`, unvalidated: ``A``, ``B`` and ``h`` already in
     :func:`compute_dtype` (what ``SaSLinear`` does, minus its once-per-signature validation and route cache)."""
-    record = backend_for(x.device, backend)
+    record = backend_for(x.device, backend, dtype=A.dtype, rank=A.shape[0], tasks=h.shape[0] if h.dim() == 2 else 1,
+                         saved_input="full")
     trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
-    run = route(record, layer_op, A.dtype, trainable, torch.compiler.is_compiling(),
+    run = route(record, layer_op, trainable, torch.compiler.is_compiling(),
                 torch.is_autocast_enabled(x.device.type), task_ids is not None)
     return run(x, weight, bias, A, B, h, scale, task_ids)
 

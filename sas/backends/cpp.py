@@ -36,6 +36,17 @@ if _C.torch_version != _RUNNING_TORCH:
                       f"rebuild it with `pip install --no-build-isolation -e .`")
 
 
+def supports(device: torch.device, dtype: Optional[torch.dtype] = None, rank: Optional[int] = None,
+             tasks: Optional[int] = None, saved_input: Optional[str] = None) -> Optional[str]:
+    """Why the C++ kernels cannot run a call on ``device`` in ``dtype``, or ``None`` when they can
+    (:class:`sas.backends.Backend`): CPU tensors of the kernel dtypes, any rank, tasks and ``saved_input``."""
+    if device.type != "cpu":
+        return "the C++ kernels run on CPU tensors"
+    if dtype is not None and dtype not in reference.KERNEL_DTYPES:
+        return f"the C++ kernels compute float32, bfloat16 and float16, not {dtype}"
+    return None
+
+
 @torch.library.register_fake("sas::cpu_adapter_forward")
 def _forward_fake(x, base, A, B, h, scale, task_ids):
     return torch.empty_like(base, memory_format=torch.contiguous_format), x.new_empty(
@@ -129,12 +140,10 @@ def sas_adapter(
 ) -> torch.Tensor:
     """``base + scale * ((x @ A.T) * h) @ B.T`` on CPU through the C++ kernels.
 
-    Arguments are already validated (:func:`sas.validation.validate`). Leading
+    Arguments are already validated (:func:`sas.validation.validate`) and :func:`supports` them. Leading
     dims are flattened to rows (a view when the strides allow it); ``task_ids``
     with one id per leading-batch element are expanded by the kernel itself.
     """
-    if x.dtype not in reference.KERNEL_DTYPES:
-        return reference.sas_adapter(x, base, A, B, h, scale, task_ids)
     d_in, d_out = x.shape[-1], base.shape[-1]
     rows = math.prod(x.shape[:-1])
     y, _u = torch.ops.sas.cpu_adapter_forward(x.reshape(rows, d_in), base.reshape(rows, d_out), A, B, h,

@@ -10,7 +10,8 @@
 Eager calls launch the kernels directly (:func:`sas_kernels.sas_forward` / :func:`sas_kernels.sas_backward`):
 no ``torch.library`` dispatch. While torch.compile traces, the op calls the ``torch.library`` ops
 ``sas::adapter_fwd`` / ``adapter_bwd`` (``triton_op``), which is what the compiler knows how to trace and
-what CUDA graphs capture. float64 runs the exact reference: the kernels compute fp32, fp16 and bf16.
+what CUDA graphs capture. What the kernels cannot run (float64, ranks above ``MAX_RANK``, tensors on another
+device) :func:`supports` names, and :mod:`sas.backends` routes it elsewhere before any of these functions run.
 
 The whole-layer node's frozen ``W0``/``b0`` get no gradient (a layer whose base weight requires grad takes
 the op-level route, :func:`sas.backends.route`). ``needs_input_grad`` is honoured: no ``dx`` GEMM when ``x``
@@ -33,10 +34,19 @@ from sas_kernels import sas_adapter as kernels
 from .. import reference
 from . import runtime
 
-def check_rank(rank: int) -> None:
-    if rank > kernels.MAX_RANK:
-        raise ValueError(f"the triton backend supports rank 1..{kernels.MAX_RANK}; got rank {rank} "
-                         f"(use backend='reference' for larger ranks)")
+
+def supports(device: torch.device, dtype: Optional[torch.dtype] = None, rank: Optional[int] = None,
+             tasks: Optional[int] = None, saved_input: Optional[str] = None) -> Optional[str]:
+    """Why the kernels cannot run a call on ``device`` (in ``dtype``, of ``rank``), or ``None`` when they can
+    (:class:`sas.backends.Backend`). Any number of tasks and every ``saved_input`` kind run."""
+    if not (device.type == "cuda" or (device.type == "cpu" and kernels.INTERPRET)):
+        return "Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before importing"
+    if dtype is not None and dtype not in reference.KERNEL_DTYPES:
+        return f"the Triton kernels compute float32, bfloat16 and float16, not {dtype}"
+    if rank is not None and rank > kernels.MAX_RANK:
+        # The (rows, padded rank) fp32 accumulator of a program must stay within registers.
+        return f"the triton backend supports rank 1..{kernels.MAX_RANK}; got rank {rank}"
+    return None
 
 
 def _forward(x2, base2, A, B, h, task_ids, scale, save_u):
@@ -76,9 +86,6 @@ class SaSAdapterFunction(torch.autograd.Function):
 def sas_adapter(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
                 scale: float, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
     """The Triton backend of :func:`sas.functional.sas_adapter` (arguments already validated)."""
-    if x.dtype not in reference.KERNEL_DTYPES:
-        return reference.sas_adapter(x, base, A, B, h, scale, task_ids)
-    check_rank(A.shape[0])
     as_rows = sas_kernels.as_rows
     x2, base2 = as_rows(x), as_rows(base)  # A, B and h are read through their strides: no copies
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, base2, A, B, h)):
@@ -284,7 +291,6 @@ def _inference_layer(x, weight, bias, A, B, h, scale, task_ids):
 def adapted_linear(x, weight, bias, A, B, h, scale, task_ids):
     """The whole frozen layer plus adapter, ``(x, weight, bias, A, B, h, scale, task_ids) -> y``, with
     everything already in one compute dtype and ``weight``/``bias`` frozen (see :func:`sas.backends.route`)."""
-    check_rank(A.shape[0])
     if _needs_node(x, A, B, h):
         return AdaptedLinearFunction.apply(x, weight, bias, A, B, h, task_ids, scale)
     return _inference_layer(x, weight, bias, A, B, h, scale, task_ids)
@@ -293,7 +299,6 @@ def adapted_linear(x, weight, bias, A, B, h, scale, task_ids):
 def quantized_input_linear(x, weight, bias, A, B, h, scale, task_ids, kind, copy):
     """:func:`adapted_linear` keeping an 8-bit copy of x of ``kind`` (or ``copy``, one made already):
     ``(y, q, scale)``, ``q`` and ``scale`` the copy this call made (``None`` when it made none)."""
-    check_rank(A.shape[0])
     if _needs_node(x, A, B, h):
         return QuantizedInputLinearFunction.apply(x, weight, bias, A, B, h, task_ids, scale, kind, copy)
     return _inference_layer(x, weight, bias, A, B, h, scale, task_ids), None, None
