@@ -83,7 +83,6 @@ class Step:
     argv: List[str]
     timeout_s: float
     budget_s: Optional[float] = None
-    env: Optional[dict] = None  # set on top of the suite's environment
 
 
 def gpu_tests_argv(py: str) -> List[str]:
@@ -173,13 +172,12 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(text[-lines:])
 
 
-def run_step(step: Step, timeout: float, argv: List[str], log: Path) -> dict:
-    """Run one step in a new session (its own process group), output to ``log``; kill the group at
+def run_step(argv: List[str], timeout: float, log: Path) -> dict:
+    """Run one step's ``argv`` in a new session (its own process group), output to ``log``; kill the group at
     ``timeout`` or, once the step's own process has exited, whatever it left running."""
-    env = dict(os.environ, **(step.env or {}))
     with open(log, "w") as out:
         try:
-            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:  # the command itself is missing
             return {"status": "failed", "returncode": None, "error": str(exc)}
@@ -195,14 +193,10 @@ def run_step(step: Step, timeout: float, argv: List[str], log: Path) -> dict:
     return report
 
 
-def run_steps(steps: List[Step], deadline_s: float, log_dir: Optional[Path] = None,
+def run_steps(steps: List[Step], deadline_s: float, log_dir: Path,
               after_step: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
     """Run ``steps`` in turn within ``deadline_s`` seconds; one report dict per step, none skipped silently.
-    Each step's output goes to ``log_dir/<name>.log`` (a temporary folder when None); ``after_step`` gets
-    the reports so far after every step."""
-    if log_dir is None:
-        import tempfile
-        log_dir = Path(tempfile.mkdtemp(prefix="bench-suite-"))
+    Each step's output goes to ``log_dir/<name>.log``; ``after_step`` gets the reports so far after every step."""
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     reports = []
@@ -222,7 +216,7 @@ def run_steps(steps: List[Step], deadline_s: float, log_dir: Optional[Path] = No
         else:
             print(f"== {step.name}: {report['command']} (timeout {timeout:.0f} s, log {log})", flush=True)
             began = time.perf_counter()
-            report.update(run_step(step, timeout, argv, log))
+            report.update(run_step(argv, timeout, log))
             report["seconds"] = round(time.perf_counter() - began, 1)
             print(_tail(log, LOG_TAIL_LINES), flush=True)
             print(f"== {step.name}: {report['status']} in {report['seconds']} s"
