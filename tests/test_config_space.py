@@ -8,7 +8,6 @@ kernel dtypes: each runs as one op call, as a standalone ``SaSLinear`` and as an
 """
 import itertools
 
-import pytest
 import torch
 from kernel_cases import CONFIG_CASES, SCALING_CASES, each_config
 
