@@ -13,6 +13,7 @@ Public API::
     sas.export_lora(model, "lora/")                # a PEFT LoRA adapter folder (docs/export.md)
     sas.inject(model, sas.ScalingConfig(kind="ssb", targets=...))  # SSL/SSB scaling: docs/subspace.md
     with sas.tasks(model, task_ids): model(x)      # SaSConfig(num_tasks=T): one task per batch element
+    sas.memory_plan(model, (x,))                   # per adapted layer: what it keeps for the backward
 """
 from . import functional, reference
 from .config import BERT_LINEAR_TARGETS, LLAMA_TARGETS, VIT_TARGETS, SaSConfig
@@ -24,6 +25,7 @@ from .model import (count_parameters, disable_adapter, inject, merge, merge_and_
                     unload, unmerge)
 from .multitask import add_task, tasks
 from .penalty import pattern_penalty
+from .recompute import memory_plan
 from .scaling import ScalingConfig, ScalingLinear, ScalingShared
 from .shared import HyperNetwork, SaSShared
 
@@ -35,5 +37,5 @@ __all__ = [
     "save_adapter", "load_adapter", "load_adapter_weights", "merge_and_unload", "unload", "disable_adapter",
     "export_lora", "tasks", "add_task", "functional", "reference",
     "set_backend", "get_backend", "resolve_backend", "available_backends", "pattern_penalty",
-    "ScalingConfig", "ScalingLinear", "ScalingShared", "LLAMA_TARGETS",
+    "ScalingConfig", "ScalingLinear", "ScalingShared", "LLAMA_TARGETS", "memory_plan",
 ]

@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import _task_state, backends, validation
+from . import _task_state, backends, recompute, validation
 from ._merge_state import MergeableLinear
 from .config import SAVED_INPUT_CHOICES, SaSConfig, _check_choice, canonical_layer_op
 from .shared import SaSShared
@@ -84,16 +84,21 @@ class SaSLinear(MergeableLinear):
             dtype = backends.compute_dtype(x, weight)
             A, B, h = self.shared.layer_tensors(self.layer_index, self.down_key, self.up_key, dtype)
             h, task_ids = _task_modulation(h, task)
+            # What this call keeps of x, as the saved_input its route runs: sas.recompute decides per call.
+            saved_input, rebuild = ("full", None) if self.saved_input == "full" else \
+                recompute.saved_form(self, x, A, dtype)
             if torch.compiler.is_compiling():  # traced: checked in the graph, nothing cached on the module
-                run = self._checked_route(x, weight, bias, A, B, h, task_ids, dtype, True)
+                run = self._checked_route(x, weight, bias, A, B, h, task_ids, dtype, True, saved_input)
             else:  # full checks and the route once per input signature, then none
                 signature = (x.dtype, x.device, x.dim(), x.shape[-1], dtype, h.shape, task_ids is None,
                              weight.requires_grad, bias is not None and bias.requires_grad,
-                             torch.is_autocast_enabled(x.device.type), self.saved_input, backends.route_key())
+                             torch.is_autocast_enabled(x.device.type), saved_input, backends.route_key())
                 if signature != self._signature:
-                    self._route = self._checked_route(x, weight, bias, A, B, h, task_ids, dtype, False)
+                    self._route = self._checked_route(x, weight, bias, A, B, h, task_ids, dtype, False, saved_input)
                     self._signature = signature
                 run = self._route
+            if rebuild is not None:
+                return recompute.run_rebuilding(run, rebuild, x, dtype, weight, bias, A, B, h, self.scale, task_ids)
             return run(x, weight, bias, A, B, h, self.scale, task_ids)
         except Exception:
             # A bad x fails somewhere inside (an IndexError for a 0-dim x, an autocast error for a meta
@@ -104,18 +109,19 @@ class SaSLinear(MergeableLinear):
                 raise problem from None
             raise
 
-    def _checked_route(self, x, weight, bias, A, B, h, task_ids, dtype, compiling: bool):
-        """Validate this call's arguments in full and pick its route (:func:`sas.backends.route`)."""
+    def _checked_route(self, x, weight, bias, A, B, h, task_ids, dtype, compiling: bool, saved_input: str):
+        """Validate this call's arguments in full and pick its route (:func:`sas.backends.route`) for what
+        the call keeps of x (``saved_input``: "full", "int8" or "fp8")."""
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"SaSLinear takes x of shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
         frozen_output = weight.new_empty(()).to(dtype).expand(*x.shape[:-1], self.out_features)  # no memory
         validation.validate(x.to(dtype), frozen_output, A, B, h, self.scale, task_ids)
         trainable_base = weight.requires_grad or (bias is not None and bias.requires_grad)
         tasks = h.shape[0] if h.dim() == 2 else 1
-        backend = backends.backend_for(x.device, dtype=dtype, rank=A.shape[0], tasks=tasks, saved_input=self.saved_input)
+        backend = backends.backend_for(x.device, dtype=dtype, rank=A.shape[0], tasks=tasks, saved_input=saved_input)
         autocast = torch.is_autocast_enabled(x.device.type)
         return backends.route(backend, self.layer_op, trainable_base, compiling, autocast, task_ids is not None,
-                              self.saved_input, self.shared.saved_inputs)
+                              saved_input, self.shared.saved_inputs)
 
     def _input_problem(self, x) -> Optional[Exception]:
         """The ``TypeError``/``ValueError`` naming ``x`` when it cannot be this layer's input, else ``None``."""
