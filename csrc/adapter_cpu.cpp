@@ -197,14 +197,14 @@ struct Weights {
 };
 
 // Rows [row0, row0 + count) of x as their 8-bit copy (sas.reference.quantize_rows): per row, the absmax
-// scaled to the kind's largest value (127, or 448 for e4m3), rounded to nearest even, and the fp32 scale.
+// scaled to the kind's largest value (kSavedInt8Limit, kSavedFp8Limit), rounded to nearest even, and the fp32 scale.
 // The rows were just read by the block's u = x @ A.T, so they come from cache. A row holding NaN or Inf
 // gets a NaN scale (v * 0 is NaN there), as in the oracle; the divisions are IEEE, rounded once, as its.
 // The absmax is floored at limit * 2^-126 (sas.reference.QUANTIZED_SCALE_MIN): a tiny finite row's
 // limit / absmax would overflow to inf, and its scale be subnormal.
 template <typename T>
 void quantize_block(const T* x, int64_t x_stride, int64_t row0, int64_t count, int64_t d_in, const SavedCopy& copy) {
-  const float limit = copy.kind == kSavedInt8 ? 127.0f : 448.0f;
+  const float limit = copy.kind == kSavedInt8 ? kSavedInt8Limit : kSavedFp8Limit;
   const float floor = limit * std::ldexp(1.0f, -126);  // exact: a power of two times 127 or 448
   float* scales = copy.scale.mutable_data_ptr<float>() + row0;
   for (int64_t i = 0; i < count; ++i) {

@@ -9,8 +9,12 @@
 namespace sas {
 
 // The 8-bit copies of a layer input kept for dA (SaSConfig.saved_input, sas.reference.quantize_rows), by the
-// codes of the ops' `int saved_input` argument (those of sas_kernels.SAVED_KINDS).
+// codes of the ops' `int saved_input` argument, and the largest magnitude of each, which a row's absmax is
+// scaled to: the values of sas_kernels.saved_kinds.SAVED_KINDS, which sas.backends.cpp compares with these
+// (sas._C.saved_kinds) and refuses to load a build that differs.
 enum SavedKind : int64_t { kSavedInt8 = 1, kSavedFp8 = 2 };
+constexpr float kSavedInt8Limit = 127.0f;
+constexpr float kSavedFp8Limit = 448.0f;
 
 // Where the forward writes such a copy while it reads x: q (rows, d_in) int8 or float8_e4m3fn, contiguous,
 // and one float32 scale per row.

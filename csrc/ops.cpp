@@ -7,6 +7,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "adapter_cpu.h"
+
 #define SAS_STRINGIFY_(x) #x
 #define SAS_STRINGIFY(x) SAS_STRINGIFY_(x)
 
@@ -56,15 +58,21 @@ TORCH_LIBRARY(sas, m) {
       " int activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-// `import sas._C` runs the registrations above; the module itself only reports which
-// torch it was compiled against, so sas/_cpp.py can refuse a build for another torch.
+// `import sas._C` runs the registrations above; the module itself only reports which torch it was compiled
+// against and the 8-bit kinds it was compiled with ({name: (code, limit)}), so sas/backends/cpp.py can refuse
+// a build for another torch or one whose kinds differ from sas_kernels.saved_kinds.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "SaS CPU kernels, registered as torch.ops.sas.cpu_*",
                                -1, nullptr};
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr &&
-      PyModule_AddStringConstant(m, "torch_version",
-                                 SAS_STRINGIFY(TORCH_VERSION_MAJOR) "." SAS_STRINGIFY(TORCH_VERSION_MINOR)) != 0) {
+  if (m == nullptr) return nullptr;
+  PyObject* kinds = Py_BuildValue("{s:(Ld),s:(Ld)}", "int8", static_cast<long long>(sas::kSavedInt8),
+                                  static_cast<double>(sas::kSavedInt8Limit), "fp8",
+                                  static_cast<long long>(sas::kSavedFp8), static_cast<double>(sas::kSavedFp8Limit));
+  if (PyModule_AddStringConstant(m, "torch_version",
+                                 SAS_STRINGIFY(TORCH_VERSION_MAJOR) "." SAS_STRINGIFY(TORCH_VERSION_MINOR)) != 0 ||
+      kinds == nullptr || PyModule_AddObject(m, "saved_kinds", kinds) != 0) {  // steals `kinds` on success
+    Py_XDECREF(kinds);
     Py_DECREF(m);
     return nullptr;
   }

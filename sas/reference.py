@@ -11,14 +11,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from sas_kernels.saved_kinds import SAVED_KINDS
+
 #: The dtypes the kernel backends (C++, Triton) compute; every other dtype (float64) runs this reference,
 #: which is exact for it.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 #: The 8-bit copies of a layer's input a layer may keep instead of x (``SaSConfig.saved_input``), by name:
-#: the storage dtype and the largest magnitude it holds, which a row's absmax is scaled to.
-QUANTIZED_INPUT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
-QUANTIZED_INPUT_MAX = {"int8": 127.0, "fp8": 448.0}
+#: the storage dtype and the largest magnitude it holds, which a row's absmax is scaled to. Views of the one
+#: table every backend reads (:data:`sas_kernels.saved_kinds.SAVED_KINDS`).
+QUANTIZED_INPUT_DTYPES = {name: kind.dtype for name, kind in SAVED_KINDS.items()}
+QUANTIZED_INPUT_MAX = {name: kind.limit for name, kind in SAVED_KINDS.items()}
 #: The smallest scale a nonzero row gets: 2**-126, float32's smallest normal number. A row whose
 #: ``absmax / M`` is below it (absmax under 1.5e-36 for int8, 5.3e-36 for fp8) is scaled by exactly 2**126
 #: instead, so ``M / absmax`` never overflows and the scale is never subnormal (see :func:`quantize_rows`).

@@ -64,6 +64,7 @@ import triton
 import triton.language as tl
 
 from .launch_count import record_launch
+from .saved_kinds import SAVED_KINDS
 
 # Read once at import, like Triton itself: the interpreter must be chosen before kernels load.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -122,15 +123,16 @@ COUNTER_BLOCK: tl.constexpr = tl.constexpr(128)
 # NONE: nothing (A gets no gradient: the weights kernel computes no dA). The fp8 copy travels as its uint8
 # bits, encoded and decoded here with integer ops: Triton's own float8e4nv casts need sm_89 and are wrong
 # under the interpreter (-31.1 became -16), while these run everywhere and round exactly as PyTorch does.
+# The 8-bit kinds' codes and limits (the largest magnitude, which a row's absmax is scaled to) come from
+# sas_kernels.saved_kinds, the one table the oracle and the C++ ops read too.
 SAVED_FULL: tl.constexpr = tl.constexpr(0)
-SAVED_INT8: tl.constexpr = tl.constexpr(1)
-SAVED_FP8: tl.constexpr = tl.constexpr(2)
+SAVED_INT8: tl.constexpr = tl.constexpr(SAVED_KINDS["int8"].code)
+SAVED_FP8: tl.constexpr = tl.constexpr(SAVED_KINDS["fp8"].code)
 SAVED_NONE: tl.constexpr = tl.constexpr(3)
-#: SaSConfig.saved_input's 8-bit kinds -> (SAVE_X/SAVED_X code, storage dtype of the copy as the kernels see it).
-SAVED_KINDS = {"int8": (SAVED_INT8.value, torch.int8), "fp8": (SAVED_FP8.value, torch.uint8)}
-# The largest magnitude of each 8-bit kind, which a row's absmax is scaled to (QUANTIZED_INPUT_MAX).
-INT8_LIMIT: tl.constexpr = tl.constexpr(127.0)
-FP8_LIMIT: tl.constexpr = tl.constexpr(448.0)
+INT8_LIMIT: tl.constexpr = tl.constexpr(SAVED_KINDS["int8"].limit)
+FP8_LIMIT: tl.constexpr = tl.constexpr(SAVED_KINDS["fp8"].limit)
+#: The dtype each kind's copy is addressed as by the kernels: fp8 as its uint8 bits.
+KERNEL_VIEW_DTYPES = {"int8": torch.int8, "fp8": torch.uint8}
 # The smallest row scale (sas.reference.QUANTIZED_SCALE_MIN, 2**-126): a row's absmax is floored at limit * 2**-126,
 # so limit / absmax is at most 2**126 (no overflow to inf) and absmax / limit is never subnormal.
 SCALE_MIN: tl.constexpr = tl.constexpr(2.0 ** -126)
@@ -675,13 +677,13 @@ def _device_guard(t: torch.Tensor):
 def saved_input_buffers(kind: str, rows: int, d_in: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Empty ``(q, scale)`` of the 8-bit copy of ``kind`` ("int8", "fp8") for ``rows`` rows of ``d_in``: q in
     the dtype of :func:`sas.reference.quantize_rows` (int8, float8_e4m3fn), scale float32 (rows,)."""
-    q = torch.empty((rows, d_in), dtype=torch.int8 if kind == "int8" else torch.float8_e4m3fn, device=device)
+    q = torch.empty((rows, d_in), dtype=SAVED_KINDS[kind].dtype, device=device)
     return q, torch.empty((rows,), dtype=torch.float32, device=device)
 
 
 def _kernel_view(q: torch.Tensor, kind: str) -> torch.Tensor:
-    """An 8-bit copy as the kernels address it: fp8 as its uint8 bits (see SAVED_KINDS)."""
-    return q.view(SAVED_KINDS[kind][1])
+    """An 8-bit copy as the kernels address it: fp8 as its uint8 bits (see KERNEL_VIEW_DTYPES)."""
+    return q.view(KERNEL_VIEW_DTYPES[kind])
 
 
 def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
@@ -706,7 +708,7 @@ def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch
         save_x, q, qscale = SAVED_FULL.value, u, u  # never read
     else:
         kind, q, qscale = saved_input
-        save_x, q = SAVED_KINDS[kind][0], _kernel_view(q, kind)
+        save_x, q = SAVED_KINDS[kind].code, _kernel_view(q, kind)
         if not (q.is_contiguous() and q.shape == x2.shape and qscale.shape == (rows,) and qscale.is_contiguous()):
             raise ValueError(f"sas_kernels: the 8-bit copy must be contiguous ({rows}, {d_in}) with ({rows},) "
                              f"scales; got {tuple(q.shape)} and {tuple(qscale.shape)}")
@@ -762,7 +764,7 @@ def sas_backward(g2: torch.Tensor, x2: Optional[torch.Tensor], u: torch.Tensor, 
         saved_x, xscale = SAVED_FULL.value, u  # xscale never read
     else:
         kind, xscale = saved_input
-        saved_x, x2 = SAVED_KINDS[kind][0], _kernel_view(x2, kind)
+        saved_x, x2 = SAVED_KINDS[kind].code, _kernel_view(x2, kind)
     _check_rows("g", g2), _check_rows("x", x2), _check_rows("dx", dx)
     tasks, rows_per_task, n_tasks, stride_ht, stride_hr = _task_layout(h, task_ids, rows)
     has_tasks, r_pad, precision = h.dim() == 2, rank_pad(rank), FP32_DOT_PRECISION

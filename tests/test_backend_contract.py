@@ -108,3 +108,17 @@ def test_the_record_fields_are_the_backend_modules_own_names():
     assert backends.REFERENCE.sas_adapter is reference.sas_adapter
     assert backends.REFERENCE.adapted_linear is reference.reference_linear
     assert backends.REFERENCE.quantized_input_linear is reference.quantized_input_linear
+
+
+def test_the_8_bit_kinds_are_one_table_the_kernels_the_cpp_ops_and_the_reference_read():
+    from sas_kernels.saved_kinds import SAVED_KINDS
+    assert {name: (kind.code, kind.dtype, kind.limit) for name, kind in SAVED_KINDS.items()} == {
+        "int8": (1, torch.int8, 127.0), "fp8": (2, torch.float8_e4m3fn, 448.0)}
+    assert reference.QUANTIZED_INPUT_MAX == {name: kind.limit for name, kind in SAVED_KINDS.items()}
+    assert reference.QUANTIZED_INPUT_DTYPES == {name: kind.dtype for name, kind in SAVED_KINDS.items()}
+    assert (kernels.SAVED_INT8.value, kernels.INT8_LIMIT.value) == (SAVED_KINDS["int8"].code, SAVED_KINDS["int8"].limit)
+    assert (kernels.SAVED_FP8.value, kernels.FP8_LIMIT.value) == (SAVED_KINDS["fp8"].code, SAVED_KINDS["fp8"].limit)
+    assert {kernels.SAVED_FULL.value, kernels.SAVED_NONE.value}.isdisjoint(k.code for k in SAVED_KINDS.values())
+    if backends.load("cpp") is not None:  # sas.backends.cpp refuses to load a build whose kinds differ
+        from sas import _C
+        assert _C.saved_kinds == {name: (kind.code, kind.limit) for name, kind in SAVED_KINDS.items()}

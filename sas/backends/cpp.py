@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from sas_kernels.saved_kinds import SAVED_KINDS
+
 from .. import reference
 
 try:
@@ -34,6 +36,12 @@ _RUNNING_TORCH = ".".join(torch.__version__.split(".")[:2])
 if _C.torch_version != _RUNNING_TORCH:
     raise ImportError(f"sas._C was built against torch {_C.torch_version} but torch {_RUNNING_TORCH} is running; "
                       f"rebuild it with `pip install --no-build-isolation -e .`")
+# The C++ ops' 8-bit kinds (csrc/adapter_cpu.h) must be the table's: codes and limits.
+_TABLE_KINDS = {name: (kind.code, kind.limit) for name, kind in SAVED_KINDS.items()}
+if getattr(_C, "saved_kinds", None) != _TABLE_KINDS:
+    raise ImportError(f"sas._C was built with the 8-bit kinds {getattr(_C, 'saved_kinds', None)} but "
+                      f"sas_kernels.saved_kinds defines {_TABLE_KINDS}; rebuild it with "
+                      f"`pip install --no-build-isolation -e .`")
 
 
 def supports(device: torch.device, dtype: Optional[torch.dtype] = None, rank: Optional[int] = None,
@@ -74,7 +82,8 @@ def _copy_fake(x, kind, x_q, x_scale):
     if x_q is not None:  # a copy was given: none is made
         return x_q.new_empty((0, x.shape[-1])), x_scale.new_empty((0,))
     rows = math.prod(x.shape[:-1])
-    return (x.new_empty((rows, x.shape[-1]), dtype=_COPY_DTYPES[kind]), x.new_empty((rows,), dtype=torch.float32))
+    dtype = next(k.dtype for k in SAVED_KINDS.values() if k.code == kind)
+    return x.new_empty((rows, x.shape[-1]), dtype=dtype), x.new_empty((rows,), dtype=torch.float32)
 
 
 @torch.library.register_fake("sas::cpu_adapted_linear_quantized")
@@ -155,12 +164,6 @@ def sas_adapter(
 #: autograd in C++, so the layer reaches the kernel with no Python in between.
 adapted_linear = torch.ops.sas.cpu_adapted_linear
 
-# SaSConfig.saved_input's 8-bit kinds -> the code of the ops' saved_input argument (csrc SavedKind), and the
-# dtype of the copy.
-_SAVED_KINDS = {"int8": 1, "fp8": 2}
-_COPY_DTYPES = {1: torch.int8, 2: torch.float8_e4m3fn}
-
-
 def quantized_input_linear(x, weight, bias, A, B, h, scale, task_ids, kind, copy):
     """The whole layer keeping the 8-bit copy of x of ``kind`` (or ``copy``, one made of the same input) for
     dA: ``(y, q, scale)``, through the C++ op with its autograd in C++; ``q`` and ``scale`` are the copy it
@@ -169,7 +172,7 @@ def quantized_input_linear(x, weight, bias, A, B, h, scale, task_ids, kind, copy
     if not (torch.is_grad_enabled() and A.requires_grad):
         return adapted_linear(x, weight, bias, A, B, h, scale, task_ids), None, None
     y, q, qscale = torch.ops.sas.cpu_adapted_linear_quantized(x, weight, bias, A, B, h, scale, task_ids,
-                                                              _SAVED_KINDS[kind], *(copy or (None, None)))
+                                                              SAVED_KINDS[kind].code, *(copy or (None, None)))
     return (y, q, qscale) if copy is None else (y, None, None)
 
 
