@@ -6,7 +6,7 @@ import contextlib
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -24,7 +24,6 @@ from .scaling import ScalingConfig, ScalingLinear, ScalingShared
 #: The configs :func:`inject` takes, the layers it makes, and the owner it registers as ``SHARED_ATTRIBUTE``.
 AdapterConfig = Union[SaSConfig, ScalingConfig]
 AdaptedLayer = Union[SaSLinear, ScalingLinear]
-ADAPTER_MODULES = (SaSLinear, SaSShared, HyperNetwork, ScalingLinear, ScalingShared)
 
 SHARED_ATTRIBUTE = "sas_shared"
 
@@ -130,13 +129,22 @@ def plan_injection(model: nn.Module, config: AdapterConfig) -> List[LayerPlan]:
     own adapter or an adapted submodule) is refused.
     """
     _refuse_adapted(model)
+    kind = kind_of(config, "config_class")
     matched = _chosen(_linears(model), config)
     _refuse_weight_readers(model, matched)
     chosen = [(name, module) for module, _, name in matched]
     aliases = {name: tuple(n for n in names if n != name) for _, names, name in matched}
-    if isinstance(config, ScalingConfig):  # one scale per layer: no sharing groups
-        return [LayerPlan(name, module.in_features, module.out_features, None, None, aliases[name])
-                for name, module in chosen]
+    return kind.plan(config, chosen, aliases)
+
+
+def _plan_scaling(config: ScalingConfig, chosen, aliases) -> List[LayerPlan]:
+    """One scale per layer: no sharing groups."""
+    return [LayerPlan(name, module.in_features, module.out_features, None, None, aliases[name])
+            for name, module in chosen]
+
+
+def _plan_sas(config: SaSConfig, chosen, aliases) -> List[LayerPlan]:
+    """The sharing group of each layer's A and B (``config.sharing``, split by shape where shapes differ)."""
     group_of = {}
     for name, module in chosen:
         shape = (module.in_features, module.out_features)
@@ -175,31 +183,41 @@ def _trainable_modules(model: nn.Module, config: AdapterConfig) -> List[nn.Modul
 def build_shared(plans: List[LayerPlan], config: AdapterConfig, device, dtype) -> Union[SaSShared, ScalingShared]:
     """The shared owner for ``plans``; on the meta device it only describes keys and shapes."""
     with torch.device(device):
-        if isinstance(config, ScalingConfig):
-            return ScalingShared(config, [p.name for p in plans],
-                                 [(p.in_features, p.out_features) for p in plans]).to(dtype=dtype)
-        shared = SaSShared(
-            config.rank, config.embed_dim, config.hyper_hidden, config.hyper_activation,
-            down_shapes={p.down_key: p.in_features for p in plans},
-            up_shapes={p.up_key: p.out_features for p in plans},
-            num_layers=len(plans),
-            num_tasks=config.num_tasks,
-            config=config,
-            layer_names=[p.name for p in plans],
-        )
+        shared = kind_of(config, "config_class").build_shared(plans, config)
     return shared.to(dtype=dtype)
 
 
-def adapter_dtype(config: AdapterConfig, base_dtype: torch.dtype) -> torch.dtype:
-    """The dtype :func:`inject` gives a new adapter's tensors on a base of ``base_dtype``.
+def _build_sas_shared(plans: List[LayerPlan], config: SaSConfig) -> SaSShared:
+    return SaSShared(
+        config.rank, config.embed_dim, config.hyper_hidden, config.hyper_activation,
+        down_shapes={p.down_key: p.in_features for p in plans},
+        up_shapes={p.up_key: p.out_features for p in plans},
+        num_layers=len(plans),
+        num_tasks=config.num_tasks,
+        config=config,
+        layer_names=[p.name for p in plans],
+    )
 
-    A SaS adapter on a float16/bfloat16 base is float32 (master weights): each layer still computes in
+
+def _build_scaling_shared(plans: List[LayerPlan], config: ScalingConfig) -> ScalingShared:
+    return ScalingShared(config, [p.name for p in plans], [(p.in_features, p.out_features) for p in plans])
+
+
+def adapter_dtype(config: AdapterConfig, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`inject` gives a new adapter's tensors on a base of ``base_dtype`` (the kind decides)."""
+    return kind_of(config, "config_class").adapter_dtype(base_dtype)
+
+
+def _sas_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """A SaS adapter on a float16/bfloat16 base is float32 (master weights): each layer still computes in
     the base's dtype, ``SaSShared.layer_tensors`` casting A, B and h to it once per forward (as under
     FSDP's mixed-precision policy), and the optimizer updates float32 values, so small steps are not
-    rounded away. A scaling adapter multiplies the input by its scales itself and keeps the base's dtype.
-    """
-    if isinstance(config, SaSConfig) and base_dtype in HALF_DTYPES:
-        return torch.float32
+    rounded away."""
+    return torch.float32 if base_dtype in HALF_DTYPES else base_dtype
+
+
+def _scaling_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """A scaling adapter multiplies the input by its scales itself and keeps the base's dtype."""
     return base_dtype
 
 
@@ -225,8 +243,10 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 def _inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """:func:`inject` without its advice (``sas.load_adapter`` injects a saved adapter as it was trained)."""
-    if not isinstance(config, (SaSConfig, ScalingConfig)):
-        raise TypeError(f"inject takes a SaSConfig or a ScalingConfig, got {type(config).__name__}")
+    kind = kind_of(config, "config_class")
+    if kind is None:
+        names = " or a ".join(k.config_class.__name__ for k in ADAPTER_KINDS)
+        raise TypeError(f"inject takes a {names}, got {type(config).__name__}")
     plans = plan_injection(model, config)
     trainable = _trainable_modules(model, config)  # checked before the model changes
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -234,11 +254,7 @@ def _inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     shared = build_shared(plans, config, reference_weight.device, adapter_dtype(config, reference_weight.dtype))
     model.requires_grad_(False)
     for index, plan in enumerate(plans):
-        if isinstance(config, ScalingConfig):
-            layer = ScalingLinear(modules[plan.name], shared, index)
-        else:
-            layer = SaSLinear(modules[plan.name], shared, index, plan.down_key, plan.up_key, config.scale,
-                              layer_op=config.layer_op)
+        layer = kind.make_layer(modules[plan.name], shared, index, plan, config)
         for name in (plan.name,) + plan.aliases:
             parent_name, _, child_name = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child_name, layer)
@@ -270,21 +286,20 @@ def find_adapter(model: nn.Module) -> Optional[Union[SaSShared, ScalingShared]]:
     """The owner of ``model``'s adapter (``model.sas_shared``): SaS's or a scaling adapter's, else ``None``.
     Both hold the ``config`` and the ``layer_names`` the adapter was built with."""
     owner = getattr(model, SHARED_ATTRIBUTE, None)
-    return owner if isinstance(owner, (SaSShared, ScalingShared)) else None
+    return owner if kind_of(owner, "owner_class") is not None else None
 
 
 def _require_adapted(model: nn.Module) -> List[AdaptedLayer]:
-    layers = [m for m in model.modules() if isinstance(m, (SaSLinear, ScalingLinear))]
+    layers = [m for m in model.modules() if kind_of(m, "layer_class") is not None]
     if not layers:
-        raise ValueError("model has no adapted layers (SaSLinear or ScalingLinear); call sas.inject first")
+        names = " or ".join(k.layer_class.__name__ for k in ADAPTER_KINDS)
+        raise ValueError(f"model has no adapted layers ({names}); call sas.inject first")
     return layers
 
 
 def _describe(layer: AdaptedLayer) -> str:
     """How merge and unmerge name a layer in their refusals."""
-    if isinstance(layer, ScalingLinear):
-        return f"{layer.layer_index} ({layer.name})"
-    return f"{layer.layer_index} ({layer.down_key}/{layer.up_key})"
+    return f"{layer.layer_index} ({kind_of(layer, 'layer_class').describe(layer)})"
 
 
 def _refuse_tied_weights(model: nn.Module, layers: List[AdaptedLayer]) -> None:
@@ -341,11 +356,8 @@ def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
     layers = _require_adapted(model)
     refuse_sharded_weights(layers, "merge")
     shared = layers[0].shared
-    if isinstance(shared, ScalingShared):
-        if task is not None:
-            raise ValueError(f"a {shared.kind} adapter has no tasks; merge it with task=None, got task={task!r}")
-    else:
-        task = check_task(shared, task)
+    kind = kind_of(shared, "owner_class")
+    task = kind.merge_task(shared, task, "merge it")
     merged_for = {layer.merged_task for layer in layers if layer.merged}
     if merged_for - {task}:
         raise ValueError(f"refusing to merge task {task}: the model is merged for task {sorted(merged_for)[0]}; "
@@ -354,8 +366,7 @@ def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
     if not pending:
         warnings.warn("model is already merged; merge() did nothing", UserWarning, stacklevel=2)
         return model
-    if isinstance(shared, SaSShared):
-        refuse_open_contexts_for_other_tasks(shared, task)
+    kind.refuse_other_task_contexts(shared, task)
     _refuse_tied_weights(model, pending)
     for layer in pending:
         reason = layer.merge_refusal(task)
@@ -403,13 +414,9 @@ def merge_and_unload(model: nn.Module, task: Optional[int] = None) -> nn.Module:
     layers = _require_adapted(model)
     refuse_sharded_weights(layers, "merge_and_unload")
     shared = layers[0].shared
-    if isinstance(shared, ScalingShared):
-        if task is not None:
-            raise ValueError(f"a {shared.kind} adapter has no tasks; call merge_and_unload with task=None, "
-                             f"got task={task!r}")
-    else:
-        task = check_task(shared, task)
-        refuse_open_contexts_for_other_tasks(shared, task)
+    kind = kind_of(shared, "owner_class")
+    task = kind.merge_task(shared, task, "call merge_and_unload")
+    kind.refuse_other_task_contexts(shared, task)
     merged_for = {layer._merged_task for layer in layers if layer.merged}
     if merged_for - {task}:
         raise ValueError(f"refusing to merge task {task}: the model is merged for task {sorted(merged_for)[0]}; "
@@ -444,7 +451,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 def _take_out_adapter(model: nn.Module, layers: List[AdaptedLayer]) -> nn.Module:
     """Put each layer's ``base_layer`` where the layer was, under every name, and drop the shared owner."""
-    if isinstance(model, (SaSLinear, ScalingLinear)):
+    if kind_of(model, "layer_class") is not None:
         return model.base_layer
     adapted = {id(layer) for layer in layers}
     for name, module in list(model.named_modules(remove_duplicate=False)):
@@ -507,7 +514,80 @@ def print_trainable_parameters(model: nn.Module) -> None:
     trainable, total = count_parameters(model)
     owner = find_adapter(model)
     adapter = sum(p.numel() for p in owner.parameters()) if owner is not None else 0
-    label = owner.kind.upper() if isinstance(owner, ScalingShared) else "SaS"
+    label = kind_of(owner, "owner_class").label(owner) if owner is not None else SAS.label(owner)
     base = total - adapter
     print(f"trainable: {trainable:,} || total: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
           f" || {label} extra: {adapter:,} ({100 * adapter / max(base, 1):.4f}% of the base model)")
+
+
+# ---------------------------------------------------------------------------------------------- adapter kinds
+
+def _check_tasks(shared: SaSShared, task: Optional[int], how: str) -> Optional[int]:
+    return check_task(shared, task)
+
+
+def _no_tasks(shared: ScalingShared, task: Optional[int], how: str) -> None:
+    if task is not None:
+        raise ValueError(f"a {shared.kind} adapter has no tasks; {how} with task=None, got task={task!r}")
+    return None
+
+
+def _no_task_contexts(shared: ScalingShared, task: Optional[int]) -> None:
+    return None  # a scaling adapter has no tasks, so no sas.tasks context can ask for another
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """One adapter method behind the hooks :func:`inject`, :func:`merge`, :func:`unmerge`, :func:`unload`,
+    :func:`merge_and_unload`, :mod:`sas.io` and :func:`print_trainable_parameters` call, as PEFT's base tuner
+    puts each method behind ``_create_and_replace``, merge, unmerge and unload. Folding a layer's update in
+    and taking it out again are the layer's own :class:`sas._merge_state.MergeableLinear` hooks."""
+
+    #: The ``adapter_kind`` a saved description carries (:data:`sas.scaling.ADAPTER_CONFIGS`).
+    name: str
+    config_class: type
+    #: The module registered as ``model.sas_shared`` that owns every tensor of the adapter once.
+    owner_class: type
+    #: The module that replaces each adapted ``nn.Linear``.
+    layer_class: type
+    #: Every module class the adapter adds (a model holding one is adapted already).
+    modules: Tuple[type, ...]
+    #: ``(config, [(name, linear)], {name: aliases}) -> [LayerPlan]``: the targeted layers and their shared keys.
+    plan: Callable[..., List[LayerPlan]]
+    #: ``(plans, config) -> owner``, built under the target device.
+    build_shared: Callable[..., nn.Module]
+    #: ``base dtype -> dtype of the adapter's tensors``.
+    adapter_dtype: Callable[[torch.dtype], torch.dtype]
+    #: ``(linear, owner, index, plan, config) -> layer``.
+    make_layer: Callable[..., nn.Module]
+    #: ``layer -> str``: how refusals name the layer (after its index).
+    describe: Callable[[nn.Module], str]
+    #: ``(owner, task, how) -> task``: the task merging folds in, checked (``how`` completes the refusal).
+    merge_task: Callable[..., Optional[int]]
+    #: ``(owner, task)``: raise while a ``sas.tasks`` context for another task is open.
+    refuse_other_task_contexts: Callable[..., None]
+    #: ``owner -> str``: the adapter's name in :func:`print_trainable_parameters`.
+    label: Callable[[Optional[nn.Module]], str]
+
+
+SAS = AdapterKind(
+    "sas", SaSConfig, SaSShared, SaSLinear, (SaSLinear, SaSShared, HyperNetwork), _plan_sas, _build_sas_shared,
+    _sas_dtype,
+    lambda linear, shared, index, plan, config: SaSLinear(linear, shared, index, plan.down_key, plan.up_key,
+                                                          config.scale, layer_op=config.layer_op),
+    lambda layer: f"{layer.down_key}/{layer.up_key}", _check_tasks, refuse_open_contexts_for_other_tasks,
+    lambda owner: "SaS")
+SCALING = AdapterKind(
+    "scaling", ScalingConfig, ScalingShared, ScalingLinear, (ScalingLinear, ScalingShared), _plan_scaling,
+    _build_scaling_shared, _scaling_dtype,
+    lambda linear, shared, index, plan, config: ScalingLinear(linear, shared, index),
+    lambda layer: layer.name, _no_tasks, _no_task_contexts, lambda owner: owner.kind.upper())
+ADAPTER_KINDS = (SAS, SCALING)
+#: Every module class an adapter of any kind adds.
+ADAPTER_MODULES = tuple(module for kind in ADAPTER_KINDS for module in kind.modules)
+
+
+def kind_of(obj, role: str) -> Optional[AdapterKind]:
+    """The adapter kind whose ``role`` class (``"config_class"``, ``"owner_class"`` or ``"layer_class"``)
+    ``obj`` is an instance of, else ``None``."""
+    return next((kind for kind in ADAPTER_KINDS if isinstance(obj, getattr(kind, role))), None)
