@@ -13,9 +13,9 @@ MAIN_PY=$1
 COMPAT=.venv-compat
 PY=$COMPAT/bin/python
 REQUIREMENTS=bench/gpu_stack_requirements.txt
-# Kernel tests that run in about two minutes on 2 cores: every backend against the reference (interpreted
-# Triton, C++), the Triton hazards reproduced through the interpreter, AOT launch, the fused and
-# saved-input layers.
+# Kernel tests: every backend against the reference (interpreted Triton, C++), the Triton hazards reproduced
+# through the interpreter, the fused and saved-input layers, and AOT compilation for sm_80/sm_90 with
+# Triton 3.6's own compiler (the slow part: 8 of the 10 minutes they took on 2 loaded cores).
 TESTS=(tests/test_reference.py tests/test_cpp.py tests/test_triton_interpret.py tests/test_triton_hazards.py
        tests/test_triton_layer.py tests/test_triton_aot.py tests/test_fused_linear.py tests/test_saved_input.py)
 
@@ -42,8 +42,12 @@ cd "$COMPAT/src"
 ../bin/python setup.py -q build_ext --inplace
 ../bin/python -c "import sas.backends.cpp"  # built and loadable against torch 2.11, or fail here
 
+# Each part runs whatever the one before it did (a failing test must not hide a broken suite); the exit
+# status is 1 if any failed.
+failed=0
 SAS_REQUIRE_CPP=1 TRITON_INTERPRET=1 ../bin/python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci \
-    --durations=5 "${TESTS[@]}"
+    --durations=5 "${TESTS[@]}" || failed=1
 rm -rf ../out
-../bin/python -m bench.suite --device cpu --tiny --out ../out
-../bin/python -m bench.suite --device cpu --tiny --extra --out ../out
+../bin/python -m bench.suite --device cpu --tiny --out ../out || failed=1
+../bin/python -m bench.suite --device cpu --tiny --extra --out ../out || failed=1
+exit $failed
