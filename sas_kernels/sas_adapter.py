@@ -70,7 +70,8 @@ from .saved_kinds import SAVED_KINDS
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # tl.dot needs every dim >= 16, so the rank is padded (by masks, never by copies) to a power of
-# two of at least 16; 256 keeps the (BLOCK_M, R_PAD) fp32 accumulator within registers.
+# two of at least 16; up to 256 some config keeps every tile within registers (TILE_BUDGET below), but
+# for fp32's weights kernel at 256.
 MIN_RANK_PAD = 16
 MAX_RANK = 256
 
@@ -95,13 +96,34 @@ AUTOTUNE_SPACE = (
     (64, 128, 4, 3),
     (128, 64, 8, 3),
     (128, 128, 8, 2),
+    # Small tiles over 8 warps, for fp32 and high ranks: the only configs that fit fp32's weights kernel, fp32
+    # at R_PAD 64 and 128 and half precision at 256 (TILE_BUDGET).
+    (32, 64, 8, 2),
+    (16, 32, 8, 2),
 )
 # Configs whose estimated shared memory exceeds this are pruned before tuning; the estimate is
 # rough, so it stays well under sm_80's 163 KB (the AOT test checks the real numbers).
 SMEM_BUDGET_BYTES = 128 * 1024
-# At most this many fp32 accumulator elements per program (BLOCK_M x R_PAD): 8192 over 4-8
-# warps is 64-128 registers per thread, above which the kernels spill.
-MAX_ACCUMULATOR = 8192
+# Per-thread register budget (elements over 32 * num_warps threads) of the three tile shapes the kernels keep
+# live, per kernel kind and input element size: BLOCK_M x R_PAD (u, gB, du: the row kernels' accumulators, the
+# weights kernel's operand), BLOCK_M x BLOCK_D (x, base, g, y tiles) and R_PAD x BLOCK_D (the weights kernel's
+# dA/dB accumulators, the forward's B operand). fp32 dots run on FMA units with both operands in registers, so
+# fp32 gets the smaller tiles; the weights kernel holds du, h and the decoded x at once, so it gets less than
+# the row kernels (forward, backward rows). Measured with sas_kernels.aot, stack bytes on sm_90/sm_80 in each
+# kernel's heaviest launch (fp8 copy, per-task h): the row kernels spill in no half-precision config up to 32
+# of BLOCK_M x R_PAD and 64 of BLOCK_M x BLOCK_D; fp32 rank 128 forward 16x64/8 warps (32 of R_PAD x BLOCK_D)
+# 8/-. The weights kernel: half precision R_PAD 64 64x64/4 warps (32 of BLOCK_M x R_PAD) 280/400, R_PAD 128
+# 32x64/4 warps 0/8, R_PAD 256 32x64/8 warps 8/8; fp32 R_PAD 16 64x64/4 warps (32 of BLOCK_M x BLOCK_D)
+# 128/-, R_PAD 32 32x64/4 warps (16) 0/40, R_PAD 64 32x64/4 warps (16 of BLOCK_M x R_PAD) 440/-. No config
+# within these budgets spills on either target (tests/test_triton_aot.py).
+TILE_BUDGET = {  # kernel kind: {element size: (BLOCK_M x R_PAD, BLOCK_M x BLOCK_D, R_PAD x BLOCK_D) per thread}
+    "rows": {4: (8, 16, 16), 2: (32, 64, 128)},
+    "weights": {4: (8, 8, 16), 2: (16, 64, 128)},
+}
+# The weights kernel's dots reduce over the BLOCK_M rows (du.T @ x, g.T @ v), and every warp holds its operands'
+# whole depth: 128-row configs spilled within the per-thread budget (half precision R_PAD 32, 128x64 and 128x128
+# over 8 warps: 200/256 and 176/256 bytes), so it takes at most 64 rows.
+WEIGHTS_MAX_BLOCK_M = 64
 # fp32 inputs get IEEE fp32 dots, not TF32 (see the module docstring); half inputs ignore it.
 FP32_DOT_PRECISION = "ieee"
 # The interpreter runs tiles through numpy: one mid-sized config, no tuning (tuning would time
@@ -155,23 +177,31 @@ def estimated_smem_bytes(config: triton.Config, rank_pad: int, element_size: int
     return element_size * (stages * (block_m + rank_pad) * block_d + block_m * rank_pad)
 
 
-def config_fits(config: triton.Config, rank_pad: int, element_size: int) -> bool:
-    return (config.kwargs["BLOCK_M"] * rank_pad <= MAX_ACCUMULATOR
+def config_fits(config: triton.Config, rank_pad: int, element_size: int, kind: str = "rows") -> bool:
+    """Whether a ``kind`` kernel's tiles ("rows": the forward and backward rows kernels, "weights": the backward
+    weights kernel) fit ``config``'s registers (TILE_BUDGET, WEIGHTS_MAX_BLOCK_M) and its shared memory the
+    budget."""
+    block_m, block_d, threads = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_D"], 32 * config.num_warps
+    tiles = (block_m * rank_pad, block_m * block_d, rank_pad * block_d)
+    return (all(t <= budget * threads for t, budget in zip(tiles, TILE_BUDGET[kind][min(element_size, 4)]))
+            and (kind != "weights" or block_m <= WEIGHTS_MAX_BLOCK_M)
             and estimated_smem_bytes(config, rank_pad, element_size) <= SMEM_BUDGET_BYTES)
 
 
-def fitting_configs(configs, rank_pad: int, element_size: int):
-    """The configs that fit this rank and dtype; the smallest one if none does."""
-    fitting = [c for c in configs if config_fits(c, rank_pad, element_size)]
+def fitting_configs(configs, rank_pad: int, element_size: int, kind: str = "rows"):
+    """The configs that fit this kernel kind, rank and dtype; if none does (fp32 at R_PAD 256 only, see
+    TILE_BUDGET), the one of least estimated shared memory, which has the smallest tiles."""
+    fitting = [c for c in configs if config_fits(c, rank_pad, element_size, kind)]
     return fitting or [min(configs, key=lambda c: estimated_smem_bytes(c, rank_pad, element_size))]
 
 
 def launch_configs(configs, named_args, **kwargs):
-    """The configs a launch with these arguments may run: :func:`fitting_configs` for its rank and dtype."""
+    """The configs a launch with these arguments may run: :func:`fitting_configs` for its kernel, rank and dtype."""
     rank_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
     # The compute dtype's operand: g where the kernel reads it (the weights kernel's x may be an 8-bit copy).
     operand = named_args["g_ptr"] if "g_ptr" in named_args else named_args["x_ptr"]
-    return fitting_configs(configs, rank_pad, operand.element_size())
+    kind = "weights" if "da_ptr" in named_args else "rows"
+    return fitting_configs(configs, rank_pad, operand.element_size(), kind)
 
 
 def prune_configs(configs, named_args, **kwargs):
