@@ -1,4 +1,4 @@
-"""``python -m bench``: op, layer, model, host and memory benchmarks; table on stdout, JSON + CSV under bench/results/."""
+"""``python -m bench``: op, layer, model, host, memory and step benchmarks; table on stdout, JSON + CSV under bench/results/."""
 from __future__ import annotations
 
 import argparse
@@ -6,23 +6,24 @@ from pathlib import Path
 
 import torch
 
-from . import host, memory
+from . import host, memory, step
 from .cases import ALL_PROVIDERS, VIT_SHAPES
 from .run import RESULTS_DIR, collect_meta, format_table, run_benchmarks, write_results
 from .timing import TIMING_MODES
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-LEVELS = ("op", "layer", "model")  # "all" runs these; "host" and "memory" run alone (their rows have other fields)
+LEVELS = ("op", "layer", "model")  # "all" runs these; "host", "memory" and "step" run alone (their rows have other fields)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--level", choices=LEVELS + ("all", "host", "memory"), default="all",
+    parser.add_argument("--level", choices=LEVELS + ("all", "host", "memory", "step"), default="all",
                         help="which level to run (default all = op, layer, model; host: host time per call and "
                              "device ops / saved bytes per adapted layer, see bench/host.py; memory: saved bytes "
                              "per layer and the training step's peak, predicted and on CUDA measured, and the "
-                             "error of dA per SaS mode, see bench/memory.py and docs/memory.md)")
+                             "error of dA per SaS mode, see bench/memory.py and docs/memory.md; step: the packaged MiniLM's training step in eager "
+                             "fp32, bf16 autocast and torch.compile for the floor, SaS and PEFT LoRA, see bench/step.py)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -48,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory-configs", nargs="+", choices=memory.CONFIGS, default=None,
                         help="memory level: only these configurations (default all; ratios need frozen); the "
                              "result files then name them")
+    parser.add_argument("--step-modes", nargs="+", choices=step.MODES, default=None,
+                        help="step level: only these modes (default all); the result files then name them")
+    parser.add_argument("--step-providers", nargs="+", choices=step.PROVIDERS, default=None,
+                        help="step level: only these providers (default all; ratios need floor)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -72,6 +77,17 @@ def main(argv=None) -> None:
         summary = memory.format_memory_markdown(result)
         print(summary)
         paths = write_results(result, args.out, memory.MEMORY_FIELDS)
+        paths.append(paths[0].with_suffix(".md"))
+        paths[-1].write_text(summary)
+    elif args.level == "step":
+        if device != "cpu":
+            raise SystemExit("--level step runs on CPU (the modes' dtypes are its own: no --dtype)")
+        label = "step" if not args.step_modes else "-".join(["step"] + args.step_modes)
+        result = {"meta": collect_meta(torch.device(device), torch.float32, size, [label], step.step_notes(size), None),
+                  "rows": step.run_step(size, args.step_modes, args.step_providers)}
+        summary = step.format_step_table(result)
+        print(summary)
+        paths = write_results(result, args.out, step.STEP_FIELDS)
         paths.append(paths[0].with_suffix(".md"))
         paths[-1].write_text(summary)
     elif args.level == "host":
