@@ -315,7 +315,9 @@ def memory_plan(model: nn.Module, example_inputs: Sequence) -> List[LayerMemory]
     def note_full(module, args):  # "full" layers never call saved_form: their decision is made here
         if module.saved_input == "full" and not module.merged:
             x = args[0]
-            form, source = ("full", "") if module.A.requires_grad else ("none", "A takes no gradient here")
+            kept = kept_by_autograd(x) if x.numel() else None  # the full route keeps x: shared with that node
+            form, source = ("none", "A takes no gradient here") if not module.A.requires_grad else (
+                ("kept", kept) if kept is not None else ("full", ""))
             decisions.append(_Decision(module, form, source, x, compute_dtype(x, module.base_layer.weight)))
 
     handles = [m.register_forward_pre_hook(note_full) for m in model.modules() if isinstance(m, SaSLinear)]
