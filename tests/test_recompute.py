@@ -7,7 +7,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
