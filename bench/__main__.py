@@ -1,4 +1,6 @@
-"""``python -m bench``: op, layer, model, host, memory and step benchmarks; table on stdout, JSON + CSV under bench/results/."""
+"""``python -m bench``: op, layer, model, host, memory and step benchmarks.
+
+A table on stdout, JSON + CSV under bench/results/."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +15,8 @@ from .timing import TIMING_MODES
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-LEVELS = ("op", "layer", "model")  # "all" runs these; "host", "memory" and "step" run alone (their rows have other fields)
+# "all" runs these; "host", "memory" and "step" run alone (their rows have other fields).
+LEVELS = ("op", "layer", "model")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,8 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="which level to run (default all = op, layer, model; host: host time per call and "
                              "device ops / saved bytes per adapted layer, see bench/host.py; memory: saved bytes "
                              "per layer and the training step's peak, predicted and on CUDA measured, and the "
-                             "error of dA per SaS mode, see bench/memory.py and docs/memory.md; step: the packaged MiniLM's training step in eager "
-                             "fp32, bf16 autocast and torch.compile for the floor, SaS and PEFT LoRA, see bench/step.py)")
+                             "error of dA per SaS mode, see bench/memory.py and docs/memory.md; step: the packaged "
+                             "MiniLM's training step in eager fp32, bf16 autocast and torch.compile for the floor, "
+                             "SaS and PEFT LoRA, see bench/step.py)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -101,7 +101,8 @@ def grid(level: str, device: torch.device, size: str, rows: Optional[List[int]] 
     full = size == "full"
     if level == "op":
         if full:
-            return _linear_cases("op", VIT_SHAPES, rows or [TOKENS * b for b in (1, 32, 128, 256)], [4, 8, 16, 64], OP_PROVIDERS)
+            return _linear_cases("op", VIT_SHAPES, rows or [TOKENS * b for b in (1, 32, 128, 256)], [4, 8, 16, 64],
+                                  OP_PROVIDERS)
         if cuda:
             # Every shape at the smallest and largest batch: the default H100 run took 399 s with
             # batch 32 too and 3+4 layer shapes; this trims it under the 6-minute budget.
@@ -110,7 +111,8 @@ def grid(level: str, device: torch.device, size: str, rows: Optional[List[int]] 
         return _linear_cases("op", shapes, rows or [TOKENS, TOKENS * 8], [8], OP_PROVIDERS)
     if level == "layer":
         if full:
-            return _linear_cases("layer", VIT_SHAPES, rows or [TOKENS * b for b in (1, 32, 128, 256)], [8, 64], LAYER_PROVIDERS)
+            return _linear_cases("layer", VIT_SHAPES, rows or [TOKENS * b for b in (1, 32, 128, 256)], [8, 64],
+                                  LAYER_PROVIDERS)
         if cuda:
             shapes = {k: VIT_SHAPES[k] for k in ("B 768->768", "B 768->3072", "B 3072->768")}
             return _linear_cases("layer", shapes, rows or [TOKENS * 32, TOKENS * 256], [8], LAYER_PROVIDERS)

@@ -81,7 +81,8 @@ def plot_bandwidth(result: Dict, path: Path) -> bool:
     width = 0.8 / len(providers)
     for axis, pass_name in zip(axes[0], passes):
         for index, provider in enumerate(providers):
-            values = {r["shape"]: r["pct_of_copy_bw"] for r in rows if r["provider"] == provider and r["pass"] == pass_name}
+            values = {r["shape"]: r["pct_of_copy_bw"] for r in rows
+                      if r["provider"] == provider and r["pass"] == pass_name}
             axis.bar([s + index * width for s in range(len(shapes))], [values.get(s, 0.0) for s in shapes], width,
                      label=provider)
         axis.set_xticks([s + width * (len(providers) - 1) / 2 for s in range(len(shapes))])

@@ -16,13 +16,21 @@ Public API::
     sas.memory_plan(model, (x,))                   # per adapted layer: what it keeps for the backward
 """
 from . import functional, reference
-from .config import BERT_LINEAR_TARGETS, LLAMA_TARGETS, VIT_TARGETS, SaSConfig
 from .backends import available_backends, get_backend, resolve_backend, set_backend
+from .config import BERT_LINEAR_TARGETS, LLAMA_TARGETS, VIT_TARGETS, SaSConfig
 from .export import export_lora
 from .io import load_adapter, load_adapter_weights, save_adapter
 from .layer import SaSLinear, adapted_layers
-from .model import (count_parameters, disable_adapter, inject, merge, merge_and_unload, print_trainable_parameters,
-                    unload, unmerge)
+from .model import (
+    count_parameters,
+    disable_adapter,
+    inject,
+    merge,
+    merge_and_unload,
+    print_trainable_parameters,
+    unload,
+    unmerge,
+)
 from .multitask import add_task, tasks
 from .penalty import pattern_penalty
 from .recompute import memory_plan

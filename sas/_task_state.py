@@ -81,7 +81,8 @@ def range_error(values, num_tasks: int) -> ValueError:
     if num_tasks == 1:
         return ValueError(f"task ids {values} on a model with num_tasks=1: its only task is 0 "
                           f"(inject with SaSConfig(num_tasks=...) or call sas.add_task for more)")
-    return ValueError(f"task ids {values} are out of range: this model has num_tasks={num_tasks} (ids 0..{num_tasks - 1})")
+    return ValueError(f"task ids {values} are out of range: this model has num_tasks={num_tasks} "
+                      f"(ids 0..{num_tasks - 1})")
 
 
 def check_task(shared, task: Optional[int]) -> Optional[int]:

@@ -15,7 +15,8 @@ VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 #: Every Linear of a Hugging Face BERT encoder: q/k/v, the attention output, and the FFN's two layers.
 #: The FFN output is named "<i>.output.dense" and the attention output "<i>.attention.output.dense", so
 #: the pattern anchors on the layer index to keep them apart (PEFT takes the same full-match regex).
-BERT_LINEAR_TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+BERT_LINEAR_TARGETS = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+                       r"|intermediate\.dense|output\.dense)")
 
 #: Every Linear of a LLaMA-style decoder block (LLaMA, Mistral, Qwen2 and Gemma name them so): attention's
 #: q/k/v/o projections and the gated MLP's gate/up/down. Each suffix is a role, so with sharing="role" (the
@@ -111,7 +112,8 @@ class SaSConfig(JsonConfig):
                           "name; a list holds exact module names or dotted suffixes (e.g. 'attn.qkv')."})
     embed_dim: int = field(default=8, metadata={"help": "Size k of each adapted layer's learned embedding e_l."})
     hyper_hidden: int = field(default=32, metadata={"help": "Hidden width of the hypernetwork H: k -> hidden -> r."})
-    hyper_activation: str = field(default="tanh", metadata={"help": f"Activation inside H, one of {ACTIVATION_CHOICES}."})
+    hyper_activation: str = field(default="tanh",
+                                  metadata={"help": f"Activation inside H, one of {ACTIVATION_CHOICES}."})
     scale: float = field(default=1.0, metadata={"help": "Scale s applied to the adapter update s * (v @ B.T)."})
     sharing: str = field(
         default="role",
@@ -172,7 +174,8 @@ class SaSConfig(JsonConfig):
             check_regex(self.targets)
         elif isinstance(self.targets, (list, tuple)):
             if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-                raise ValueError(f"targets must be a regex str or a non-empty list of non-empty str, got {self.targets!r}")
+                raise ValueError("targets must be a regex str or a non-empty list of non-empty str, "
+                                 f"got {self.targets!r}")
             self.targets = list(self.targets)
         else:
             raise ValueError(f"targets must be a regex str or a list of str, got {type(self.targets).__name__}")

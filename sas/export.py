@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ._sharding import refuse_sharded_weights
+from ._task_state import check_task
 from .io import CONFIG_NAME, WEIGHTS_NAME, _fsync_folder, _write_safetensors, _write_synced, base_model_name
 from .layer import SaSLinear
 from .model import ADAPTER_MODULES, find_adapter
-from .multitask import check_task
 from .shared import SaSShared
 from .targets import matches
 

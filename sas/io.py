@@ -388,7 +388,8 @@ def _check_sizes_against_tensors(config: SaSConfig, layers: List[str], tensors: 
 
 
 def _injected_name(key: str, layer_names: Set[str]) -> str:
-    """The state_dict key a base-model tensor gets once its Linear is wrapped (``x.weight`` -> ``x.base_layer.weight``)."""
+    """The state_dict key a base-model tensor gets once its Linear is wrapped
+    (``x.weight`` -> ``x.base_layer.weight``)."""
     owner, _, attribute = key.rpartition(".")
     return f"{owner}.base_layer.{attribute}" if owner in layer_names else key
 
@@ -428,7 +429,8 @@ def load_adapter(model: nn.Module, directory: Union[str, Path], is_trainable: bo
                          f"{meta['layers'][:4]}... ({len(meta['layers'])}); this model "
                          f"({architecture_of(model)!r}) gives {names[:4]}... ({len(names)})")
     # Every expected key and shape, learned without touching `model`.
-    expected = {f"{SHARED_ATTRIBUTE}.{k}": v for k, v in build_shared(plans, config, "meta", torch.float32).state_dict().items()}
+    shared_state = build_shared(plans, config, "meta", torch.float32).state_dict()
+    expected = {f"{SHARED_ATTRIBUTE}.{k}": v for k, v in shared_state.items()}
     # Trainable modules as they will be once injected: an adapted Linear inside one is saved as a SaSLinear.
     layer_names = {n for p in plans for n in (p.name,) + p.aliases}
     for name, module in model.named_modules():

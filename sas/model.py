@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from . import recompute
-from .config import SaSConfig
-from .targets import matches, regex_fullmatches
-from .layer import SaSLinear
-from .shared import HyperNetwork, SaSShared
 from ._merge_state import _writable
 from ._sharding import refuse_sharded_weights
-from .multitask import check_task, refuse_open_contexts_for_other_tasks
+from ._task_state import check_task
+from .config import SaSConfig
+from .layer import SaSLinear
+from .multitask import refuse_open_contexts_for_other_tasks
 from .scaling import ScalingConfig, ScalingLinear, ScalingShared
+from .shared import HyperNetwork, SaSShared
+from .targets import matches, regex_fullmatches
 
 #: The configs :func:`inject` takes, the layers it makes, and the owner it registers as ``SHARED_ATTRIBUTE``.
 AdapterConfig = Union[SaSConfig, ScalingConfig]
@@ -74,7 +75,8 @@ def _linears(model: nn.Module) -> List[Tuple[nn.Linear, List[str]]]:
     return list(names.values())
 
 
-def _chosen(linears: List[Tuple[nn.Linear, List[str]]], config: AdapterConfig) -> List[Tuple[nn.Linear, List[str], str]]:
+def _chosen(linears: List[Tuple[nn.Linear, List[str]]],
+            config: AdapterConfig) -> List[Tuple[nn.Linear, List[str], str]]:
     """``(module, names, the first name that matched)`` of every targeted Linear."""
     every_name = [n for _, names in linears for n in names]
     listing = ", ".join(every_name) or "(none)"
@@ -160,7 +162,7 @@ def _plan_sas(config: SaSConfig, chosen, aliases) -> List[LayerPlan]:
     for group, shape in group_of.values():
         shapes_per_group.setdefault(group, set()).add(shape)
     plans = []
-    for name, module in chosen:
+    for name, _ in chosen:
         group, shape = group_of[name]
         if len(shapes_per_group[group]) > 1:
             group = f"{group}_{shape[0]}x{shape[1]}"

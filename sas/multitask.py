@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from . import _task_state
-from ._task_state import check_task, range_error
+from ._task_state import range_error
 from .layer import SaSLinear, adapted_layers
 from .shared import find_shared
+
 
 def _owner(model: nn.Module):
     """The :class:`sas.SaSShared` of an injected model or of a standalone :class:`sas.SaSLinear`."""

@@ -315,7 +315,8 @@ def _inference_stamp(tensors) -> tuple:
 
 class _CacheEntry:
     """One forward's h of every layer in one dtype, and its A/B: cast to that dtype, and with
-    ``attach_gradient_sink`` (the backend's, when it sinks shared gradients) applied to each. Valid while ``stamp`` matches.
+    ``attach_gradient_sink`` (the backend's, when it sinks shared gradients) applied to each. Valid while
+    ``stamp`` matches.
     Holds the ``sources`` the stamp describes, so no other tensor can take one of their ids while it lives.
     ``first`` is the layer that began the forward this entry serves (see ``SaSShared._entry``)."""
 

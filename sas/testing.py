@@ -25,9 +25,9 @@ bound is slightly tighter than the model's pure low-precision error.
 
 Which implementation really ran is observed, not assumed: while a backend is checked its op is
 wrapped, and each call's autograd graph (the part the op itself built) is inspected; a layer's
-whole-layer op (the backend record's ``layer``) counts as the backend's when that backend's layer op is reached. A custom autograd
-node (an ``autograd.Function``, a ``torch.library`` op with registered autograd, a C++ node) shows a
-kernel ran; a graph equal to the reference op's shows a silent fallback, which is reported as
+whole-layer op (the backend record's ``layer``) counts as the backend's when that backend's layer op is
+reached. A custom autograd node (an ``autograd.Function``, a ``torch.library`` op with registered autograd,
+a C++ node) shows a kernel ran; a graph equal to the reference op's shows a silent fallback, which is reported as
 ``fallback`` and never counted as a pass.
 """
 from __future__ import annotations
@@ -45,12 +45,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import backends as registry
 from . import _task_state, functional, multitask, reference
+from . import backends as registry
 from .config import ACTIVATION_CHOICES, LAYER_OP_CHOICES, SAVED_INPUT_CHOICES, SHARING_CHOICES, SaSConfig
 from .layer import SaSLinear, _task_modulation, adapted_layers
-from .scaling import SCALING_KINDS, ScalingConfig, ScalingLinear, ScalingShared, scaled_linear_reference, scaling_layers
 from .model import find_adapter, inject
+from .scaling import SCALING_KINDS, ScalingConfig, ScalingLinear, ScalingShared, scaled_linear_reference, scaling_layers
 from .shared import SaSShared
 
 #: A backend may be this many times less accurate than PyTorch's own computation (docs/design.md section 4).
@@ -821,6 +821,12 @@ class OpCase:
 # generated configurations: every config field that changes the maths, crossed pairwise
 # --------------------------------------------------------------------------------------------
 
+def _pairs_covered(chosen: Dict[int, int], k: int, v: int, uncovered: set) -> int:
+    """How many of the ``uncovered`` pairs a row gains by setting factor ``k`` to value ``v`` next to ``chosen``."""
+    return sum((min(k, m), chosen[m] if m < k else v, max(k, m), v if m < k else chosen[m]) in uncovered
+               for m in chosen)
+
+
 def pairwise(factors: Dict[str, Sequence], allowed: Optional[Callable[[dict], bool]] = None) -> List[dict]:
     """Rows (``{factor: value}``) in which every two values of every two factors appear together at least once.
 
@@ -849,12 +855,7 @@ def pairwise(factors: Dict[str, Sequence], allowed: Optional[Callable[[dict], bo
             candidates = [v for v in range(len(choices[k])) if fits({**chosen, k: v})]
             if not candidates:
                 raise ValueError(f"no allowed value of {names[k]!r} completes {chosen}")
-
-            def gain(v, k=k):
-                return sum((min(k, m), chosen[m] if m < k else v, max(k, m), v if m < k else chosen[m]) in uncovered
-                           for m in chosen)
-
-            chosen[k] = max(candidates, key=lambda v: (gain(v), -used[k, v], -v))
+            chosen[k] = max(candidates, key=lambda v: (_pairs_covered(chosen, k, v, uncovered), -used[k, v], -v))
         for k, v in chosen.items():
             used[k, v] += 1
         uncovered -= {(p, chosen[p], q, chosen[q]) for p in chosen for q in chosen if p < q}

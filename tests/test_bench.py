@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import sas
-
 from bench import bytes_model, cases, plot, run, timing
 from bench.__main__ import main as bench_main
 

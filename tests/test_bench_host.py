@@ -12,7 +12,6 @@ from bench import compare, counting, host, run, timing
 from bench.__main__ import main as bench_main
 from sas_kernels.launch_count import record_launch
 
-
 # ---------------------------------------------------------------- counting
 
 def test_count_device_ops_counts_a_known_function():

@@ -9,10 +9,11 @@ kernel dtypes: each runs as one op call, as a standalone ``SaSLinear`` and as an
 import itertools
 
 import torch
-from kernel_cases import CONFIG_CASES, SCALING_CASES, each_config
 
 from sas import testing
 from sas.config import ACTIVATION_CHOICES, LAYER_OP_CHOICES, SAVED_INPUT_CHOICES, SHARING_CHOICES
+
+from kernel_cases import CONFIG_CASES, SCALING_CASES, each_config
 
 
 @each_config(CONFIG_CASES)

@@ -8,10 +8,11 @@ import os
 
 import pytest
 import torch
-from kernel_cases import assert_matches_reference, each_case
 
 from sas import functional, reference
 from sas.testing import GRAD_NAMES, OpCase, compare_op, run_op
+
+from kernel_cases import assert_matches_reference, each_case
 
 try:
     from sas.backends import cpp as cpp_backend

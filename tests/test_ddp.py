@@ -4,10 +4,11 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
-from distributed_run import run_processes
 
 import sas
 from sas import SaSConfig
+
+from distributed_run import run_processes
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 4

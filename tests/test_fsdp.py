@@ -10,16 +10,16 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_run import run_processes
 
 import sas
 import sas.testing
 
+from distributed_run import run_processes
+
 pytest.importorskip("transformers")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,  # noqa: E402
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict  # noqa: E402
 
 import sas.distributed  # noqa: E402
 from sas.recipes.causal_lm.model import tiny_llama  # noqa: E402

@@ -67,7 +67,8 @@ def test_zero_rank_rejected():
 
 
 @pytest.mark.parametrize("backend", functional.available_backends(torch.device("cpu")))
-@pytest.mark.parametrize("x_shape, d_out, per_batch_ids", [((5, 0), 3, False), ((2, 3, 0), 4, True), ((4, 5), 0, False)])
+@pytest.mark.parametrize("x_shape, d_out, per_batch_ids",
+                         [((5, 0), 3, False), ((2, 3, 0), 4, True), ((4, 5), 0, False)])
 def test_zero_width_layer(backend, x_shape, d_out, per_batch_ids):
     # nn.Linear(0, n) and nn.Linear(n, 0) are legal: y is base, every weight gradient is zero.
     x = torch.randn(*x_shape, requires_grad=True)

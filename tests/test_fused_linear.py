@@ -1,8 +1,8 @@
 """The adapted layer as one op (``sas.backends.fold``): every design against the reference.
 
 The oracle is the frozen ``F.linear`` composed with :func:`sas.reference.sas_adapter` in float64.
-Low-precision runs follow the tolerance rule (docs/design.md section 4): a design's error against the float64 oracle may be at
-most twice the error of the same eager reference path run in that precision, plus a small atol.
+Low-precision runs follow the tolerance rule (docs/design.md section 4): a design's error against the float64
+oracle may be at most twice the error of the same eager reference path run in that precision, plus a small atol.
 """
 import pytest
 import torch

@@ -19,7 +19,8 @@ from sas import testing
 # open-ended "fuzz" profile. Every failure ever found is pinned below as an @example.
 FUZZ_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-# Leading dims per rank of the leading shape, bounded so rows stay <= 200 (the interpreter's speed, docs/design.md section 5).
+# Leading dims per rank of the leading shape, bounded so rows stay <= 200 (the interpreter's speed,
+# docs/design.md section 5).
 LEADING_SIZE_LIMIT = {1: 200, 2: 14, 3: 5}
 
 LAYOUTS = ("contiguous", "padded", "every other", "transposed")

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import sas
 from bench.counting import count_device_ops
-from sas import functional, testing, validation
+from sas import testing, validation
 from sas.testing import forced_backend
 
 BACKENDS = sas.available_backends("cpu")  # triton through the interpreter (tests/conftest.py)

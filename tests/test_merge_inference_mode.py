@@ -12,6 +12,7 @@ import sas.testing
 
 from small_models import Mlp, adapted_mlp
 
+
 def _frozen(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
 

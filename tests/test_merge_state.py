@@ -13,6 +13,7 @@ import sas.testing
 
 from small_models import adapted_mlp, outputs_per_task
 
+
 def _frozen(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
 

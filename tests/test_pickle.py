@@ -13,6 +13,7 @@ import torch
 import sas
 import sas.testing
 from sas.testing import forced_backend
+
 from small_models import MLP_TARGETS, Mlp
 
 BACKENDS = sas.available_backends("cpu")  # triton through the interpreter (tests/conftest.py)
@@ -59,6 +60,12 @@ def assert_same_step(clone, model, x, context="", expected=None):
         assert torch.equal(grad, expected_grads[name]), (context, name)
 
 
+# What happens to a model before it is copied: nothing, a forward, or a forward, backward and optimizer step.
+STAGES = {"injection": lambda model, optimizer, x: None,
+          "a forward": lambda model, optimizer, x: model(x),
+          "a training step": lambda model, optimizer, x: (model(x).square().sum().backward(), optimizer.step())}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_copy_at_every_stage_of_training_computes_what_the_original_does(backend):
     x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(0))
@@ -66,10 +73,8 @@ def test_a_copy_at_every_stage_of_training_computes_what_the_original_does(backe
         model = adapted(saved_input)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         with forced_backend(backend):
-            stages = {"injection": lambda: None, "a forward": lambda: model(x),
-                      "a training step": lambda: (model(x).square().sum().backward(), optimizer.step())}
-            for stage, run in stages.items():
-                run()
+            for stage, run in STAGES.items():
+                run(model, optimizer, x)
                 clones = {name: make_copy(model) for make_copy, name in zip(COPIES, COPY_IDS)}
                 expected = output_and_gradients(model, x)
                 for name, clone in clones.items():

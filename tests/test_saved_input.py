@@ -279,7 +279,8 @@ def small_gradient_dA_errors(backend, kind):
     def relative(got, expected):
         return ((got.double() - expected).norm() / expected.norm()).item()
 
-    return relative(dA, du.t() @ reference.dequantize_rows(q, qscale, torch.float64)), relative(dA_full, du.t() @ x.double())
+    return (relative(dA, du.t() @ reference.dequantize_rows(q, qscale, torch.float64)),
+            relative(dA_full, du.t() @ x.double()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -318,7 +319,8 @@ def test_opcheck_quantized_ops(kind):
     torch.library.opcheck(forward, forward_args[:9] + (q, qscale), test_utils=utils_reading_copy)
     u = x @ A.detach().t()
     torch.library.opcheck(torch.ops.sas.cpu_adapter_backward.default,
-                          (g, q, A.detach(), B.detach(), h.detach(), u, 0.5, None, qscale), test_utils=utils_reading_copy)
+                          (g, q, A.detach(), B.detach(), h.detach(), u, 0.5, None, qscale),
+                          test_utils=utils_reading_copy)
     torch.library.opcheck(torch.ops.sas.cpu_adapter_backward.default,
                           (g, None, A.detach(), B.detach(), h.detach(), u, 0.5, None))
 
@@ -461,7 +463,8 @@ def test_autocast_keeps_the_copy_of_the_cast_input(backend, dtype):
         model = attention(saved_input)
         inputs = x.clone().requires_grad_()
         with forced_backend(backend), torch.autocast("cpu", dtype=dtype):
-            storages = saved_storages(lambda: model(inputs).float().square().sum().backward())
+            storages = saved_storages(
+                lambda model=model, inputs=inputs: model(inputs).float().square().sum().backward())
         results[saved_input] = inputs.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         if saved_input == "int8":
             assert [s for d, s in storages if d == torch.int8] == [ROWS * WIDTH]
@@ -500,7 +503,7 @@ def test_functional_call_gradients_follow_the_substitutes(backend):
     with forced_backend(backend):
         torch.func.functional_call(model, substitutes, (x,)).square().sum().backward()
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.requires_grad:
                     p.mul_(1.5)
         _, expected = gradients(model, x, backend)

@@ -372,5 +372,6 @@ def test_the_multitask_example_runs(capsys):
     example = Path(__file__).resolve().parent.parent / "examples" / "multitask.py"
     runpy.run_path(str(example))["main"](steps=1)
     printed = capsys.readouterr().out
-    for claim in ("task 0 unchanged bit for bit: True", "merged for task 0 matches: True", "loaded, task 0 equal: True"):
+    claims = ("task 0 unchanged bit for bit: True", "merged for task 0 matches: True", "loaded, task 0 equal: True")
+    for claim in claims:
         assert claim in printed

@@ -5,7 +5,6 @@ import torch
 
 import sas
 import sas.testing
-
 from sas.recipes.bbc_news import model as minilm_model
 
 transformers = pytest.importorskip("transformers")

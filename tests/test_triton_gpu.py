@@ -3,13 +3,14 @@ shapes, int64 offsets, ``torch.compile(fullgraph=True)``, CUDA-graph capture and
 gradients. Accuracy follows the tolerance rule (``sas.testing.compare_op``)."""
 import pytest
 import torch
-from kernel_cases import KERNEL_GRID, MULTI_TASK_GRID, assert_matches_reference, each_case, triton_op
 from torch import nn
 
 import sas
 import sas.testing
 from sas import functional, reference
 from sas.testing import OpCase, run_op
+
+from kernel_cases import KERNEL_GRID, MULTI_TASK_GRID, assert_matches_reference, each_case, triton_op
 
 pytestmark = pytest.mark.gpu
 
@@ -157,7 +158,8 @@ def test_out_of_range_task_ids_on_cuda_fail_without_a_host_sync():
     import sys
     code = ("import torch, sas\n"
             "x, base = torch.randn(4, 8, device='cuda'), torch.randn(4, 6, device='cuda')\n"
-            "A, B, h = torch.randn(2, 8, device='cuda'), torch.randn(6, 2, device='cuda'), torch.randn(3, 2, device='cuda')\n"
+            "A, B = torch.randn(2, 8, device='cuda'), torch.randn(6, 2, device='cuda')\n"
+            "h = torch.randn(3, 2, device='cuda')\n"
             "ids = torch.tensor([0, 1, 5, 2], device='cuda')\n"
             "y = sas.functional.sas_adapter(x, base, A, B, h, 1.0, ids)\n"
             "torch.cuda.synchronize()\n")

@@ -21,7 +21,8 @@ from torch import nn
 import sas
 import sas_kernels
 from sas import backends, functional, reference
-from sas.backends import runtime, triton as triton_backend
+from sas.backends import runtime
+from sas.backends import triton as triton_backend_module
 from sas.testing import OpCase, compare_model, compare_op, randomize_adapter
 from sas_kernels import sas_adapter as kernels
 
@@ -240,7 +241,7 @@ def _tensors_in(value, seen=None):
 
 
 def _module_state_tensors():
-    modules = [kernels, sas_kernels, triton_backend]
+    modules = [kernels, sas_kernels, triton_backend_module]
     return [t for module in modules for name, value in vars(module).items() if not name.startswith("__")
             for t in _tensors_in(value)]
 

@@ -4,11 +4,12 @@ tolerance rule (``sas.testing.compare_op``). fp32 and fp16 only: the interpreter
 ``tl.dot`` is broken (docs/design.md section 5); bf16 runs in ``test_triton_gpu.py``."""
 import pytest
 import torch
-from kernel_cases import KERNEL_GRID, MULTI_TASK_GRID, assert_matches_reference, each_case, triton_op
 
 from sas import functional
 from sas.testing import OpCase, compare_op, run_op
 from sas_kernels import sas_adapter as kernels
+
+from kernel_cases import KERNEL_GRID, MULTI_TASK_GRID, assert_matches_reference, each_case, triton_op
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRET, reason="needs TRITON_INTERPRET=1 (set by conftest without CUDA)")
 

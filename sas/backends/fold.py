@@ -26,7 +26,7 @@ Every design only calls ATen ops, so all of them run on CPU and CUDA.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -281,9 +281,10 @@ def format_table(result: Dict) -> str:
         rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:,.0f}"
         coef = r.get("best_penalty_coef")  # absent from rows written before the penalised methods
         rate = f"{r['best_lr']:g}" + ("" if coef is None else f" (coef {coef:g})")
-        lines.append(f"| {r['method']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | {r['trainable_params']:,} "
-                     f"| {r['trainable_pct']:.3f} | {r['adapter_params']:,} | {_fmt_bytes(r['adapter_bytes'])} "
-                     f"| {rate} | {r['val_accuracy']:.2f} | {r['epoch_time_s']:.1f} | {rss} |")
+        lines.append(f"| {r['method']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} "
+                     f"| {r['trainable_params']:,} | {r['trainable_pct']:.3f} | {r['adapter_params']:,} "
+                     f"| {_fmt_bytes(r['adapter_bytes'])} | {rate} | {r['val_accuracy']:.2f} "
+                     f"| {r['epoch_time_s']:.1f} | {rss} |")
     return "\n".join(lines)
 
 
