@@ -1,7 +1,6 @@
 """Leaving SaS: sas.merge_and_unload / sas.unload give the plain base architecture, and sas.export_lora a PEFT
 LoRA folder; checked with the real transformers, PEFT and timm packages on tiny random models."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -188,21 +187,3 @@ def test_export_lora_names_layers_exactly_where_a_suffix_would_catch_another_lin
         ["base_model.model.0"]
     with torch.no_grad():
         torch.testing.assert_close(lora(x), model(x), rtol=0, atol=1e-5)
-
-
-def test_the_code_blocks_of_docs_export_run(tmp_path, monkeypatch):
-    text = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
-    blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
-    assert len(blocks) >= 5
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    for block in blocks:
-        exec(compile(block, "docs/export.md", "exec"), namespace)
-
-
-def test_the_readme_block_on_leaving_and_coming_back_runs(tmp_path, monkeypatch):
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("### Leaving and coming back"):]
-    block = section.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
