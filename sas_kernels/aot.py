@@ -146,7 +146,8 @@ def representative_launches(dtype: torch.dtype, rank: int, task_modes=(False, Tr
             out += [(f"forward {kind or 'full'}{suffix}", *launch) for launch in launches]
             with _recorded_launches() as launches:
                 q, qscale = saved[1:] if saved else (None, None)
-                kernels.sas_backward(empty(ROWS, D_OUT), x if kind is None else q, empty(ROWS, rank, dtype=torch.float32),
+                kernels.sas_backward(empty(ROWS, D_OUT), x if kind is None else q,
+                                     empty(ROWS, rank, dtype=torch.float32),
                                      A, B, h, task_ids, 0.5, dx=empty(ROWS, D_IN), dA=empty(rank, D_IN),
                                      dB=empty(D_OUT, rank), saved_input=None if kind is None else (kind, qscale))
             rows_launch, weights_launch = launches
@@ -240,7 +241,7 @@ def compile_grid(archs, grid: str, jobs: int = 1):
             compiled = dict(zip(unique, pool.map(compile_job, *zip(*(work[i] for i in unique)))))
     else:
         compiled = {i: compile_job(*work[i]) for i in unique}
-    for i, (arch, (dtype_name, rank, tasks, variant, _)) in enumerate(work):
+    for i, (_, (_, rank, _, variant, _)) in enumerate(work):
         if owner[i] == i:
             yield compiled[i]
         else:

@@ -7,9 +7,10 @@ stack (spill) bytes. Runs in one subprocess without ``TRITON_INTERPRET`` (which 
 compiling in one worker process per core.
 
 ``make test`` compiles the ``ci`` grid (37 compilations per target: each config at the largest rank it fits,
-per kernel in its heaviest launch, in bf16 and fp32, plus every launch variant once in fp16). ``SAS_AOT_GRID=full`` (``make aot``)
-compiles the full grid instead (ranks 1-256 in fp32, fp16 and bf16, every launch, with and without tasks;
-1,464 distinct compilations per target): ``SAS_AOT_GRID=full .venv/bin/python -m pytest tests/test_triton_aot.py``.
+per kernel in its heaviest launch, in bf16 and fp32, plus every launch variant once in fp16).
+``SAS_AOT_GRID=full`` (``make aot``) compiles the full grid instead (ranks 1-256 in fp32, fp16 and bf16, every
+launch, with and without tasks; 1,464 distinct compilations per target):
+``SAS_AOT_GRID=full .venv/bin/python -m pytest tests/test_triton_aot.py``.
 """
 import json
 import os
@@ -77,7 +78,8 @@ def test_no_config_the_runtime_can_pick_spills(compiled):
             config = kernels._config(r["BLOCK_M"], r["BLOCK_D"], r["num_warps"], r["num_stages"])
             kind = "weights" if r["kernel"] == "_sas_backward_weights_kernel" else "rows"
             element_size = ELEMENT_SIZE[r["dtype"]]
-            key = (r["arch"], r["variant"], r["dtype"], r["rank"], r["BLOCK_M"], r["BLOCK_D"], r["num_warps"], r["stack"])
+            key = (r["arch"], r["variant"], r["dtype"], r["rank"], r["BLOCK_M"], r["BLOCK_D"], r["num_warps"],
+                   r["stack"])
             if not kernels.config_fits(config, r["R_PAD"], element_size, kind):
                 fallbacks.append(key)
                 assert (r["dtype"], r["R_PAD"]) == ("fp32", 256), key
@@ -113,7 +115,8 @@ def test_every_config_is_compiled_for_each_kernel(compiled):
 
 
 def _fitting(rank_pad, element_size, kind):
-    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.num_warps) for c in (kernels._config(*c) for c in kernels.AUTOTUNE_SPACE)
+    configs = [kernels._config(*c) for c in kernels.AUTOTUNE_SPACE]
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.num_warps) for c in configs
             if kernels.config_fits(c, rank_pad, element_size, kind)]
 
 
