@@ -6,8 +6,8 @@
 // Both ops were Python autograd Functions first; at the compute-free shape of the host benchmark
 // (64->64, 4 rows, one thread) the Python apply and backward calls cost more than all the kernels,
 // so their autograd lives here, next to the kernels, and a layer's forward+backward runs no Python
-// beyond SaSLinear.forward. W0 and b0 are frozen: they get no gradient (sas/linear_op.py sends a
-// layer whose base weight requires grad to the op-level path).
+// beyond SaSLinear.forward. W0 and b0 are frozen: they get no gradient (route, in sas/backends/__init__.py,
+// sends a layer whose base weight requires grad to the op-level path).
 //
 // A backward run with grad mode on (create_graph=True, a double backward) recomputes the op with
 // differentiable ATen calls and differentiates that, so second-order gradients are exact.

@@ -2,7 +2,7 @@
 //
 // The ops are prefixed `cpu_` because the Triton backend registers its own
 // `sas::adapter_fwd` / `sas::adapter_bwd` in the same namespace from Python.
-// Autograd and fake (meta) implementations are registered in sas/_cpp.py.
+// Autograd and fake (meta) implementations are registered in sas/backends/cpp.py.
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>

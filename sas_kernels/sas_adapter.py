@@ -1,56 +1,13 @@
 """Fused Triton kernels for the SaS adapter op ``y = base + s * ((x @ A.T) * h) @ B.T``.
 
-Anatomy (Liger-style): constants, ``_sas_forward_kernel``, ``_sas_backward_rows_kernel`` and
-``_sas_backward_weights_kernel``, host launchers :func:`sas_forward` / :func:`sas_backward` (flatten
-to 2-D rows through strides, allocate, launch), and the ``torch.library`` ops ``sas::adapter_fwd`` /
-``sas::adapter_bwd`` (``triton_op`` + ``wrap_triton``) that torch.compile traces and CUDA graphs
-capture (no host syncs). Eager callers (``sas/_triton.py``, ``sas/linear_op.py``) call the launchers
-directly: no torch.library dispatch, and after the first launch of a shape no autotuner either.
-
-What a launch may rely on, so it stays exact under autotuning, concurrent streams, CUDA graphs and
-torch.compile (tests/test_triton_hazards.py on CPU, tests/test_gpu_hazards.py on a GPU):
-
-* the autotuner times its configs on scratch copies of the tensors a kernel adds into (y over base,
-  dx, the shared dA/dB totals), never on the caller's (:func:`_chosen_config`);
-* nothing outlives a call: the split counters are the tail of the call's own partials buffer, from
-  the caching allocator on the launch's stream, zeroed in-stream by the rows kernel that runs just
-  before the weights kernel (no memset launch), so no two streams, graphs or traces share one;
-* A, B and h are read through their strides (a unit stride is specialized to a constant); row tensors
-  need a unit-stride last dim and accumulated-into gradients must be contiguous, which the launchers
-  check.
-
-Data movement per pass (N rows, element size e, rank r, fp32 side tensors of N x r):
-
-* forward (1 launch): reads x and base once, writes y once (over base when the caller allows it),
-  writes u = x @ A.T (``4 N r``, kept for the backward so x is not re-read to recompute it):
-  ``e N (d_in + 2 d_out) + 4 N r``, i.e. the ideal of docs/design.md section 3 plus the saved u.
-* backward (2 launches): ``rows`` reads g, writes gB = g @ B (``4 N r``) and dx (adding into the
-  frozen path's ``g @ W0`` when given, so the layer needs no separate add); ``weights`` computes
-  dA (reads x and gB), dB (reads g a second time and u) and dh (reads gB and u) in one grid and
-  writes them in the parameters' dtype. ``dbase`` is g itself (no copy). Total
-  ``e N (2 d_out + 2 d_in) + 20 N r`` plus the per-split partials (at most ``PARTIAL_BUDGET`` fp32
-  elements). The second read of g is the price of deterministic dB: a row-blocked kernel cannot
-  hold a (d_out, r) accumulator, so dB gets its own column-blocked tiles instead of atomics.
-
-Precision: every dot accumulates in fp32. fp32 inputs use IEEE fp32 dots (``input_precision
-="ieee"``), not TF32, so the fp32 path matches PyTorch's default fp32 matmul (TF32 off) to
-rounding; the op is memory-bound at the usual ranks (r <= 64), so tensor-core TF32 would buy
-little. fp16/bf16 inputs use half-precision tensor-core dots with fp32 accumulation; the
-intermediate ``s * u * h`` is rounded to the input dtype once before the expand dot, as
-PyTorch's own half-precision path does.
-
-Long reductions (over d_in in the forward, d_out in the backward rows kernel, rows in dA/dB)
-add each block's dot, computed from zero, to the running fp32 sum instead of chaining the
-accumulator through every dot: a sequential fp32 chain of 768 products (ViT-B's d_in) gave
-about 2.6x PyTorch's rounding error on the H100 (the tolerance rule, docs/design.md §4, allows 2x); block sums of
-BLOCK_D products added a dozen times keep the chain short at the cost of one register add per
-block.
-
-Reductions over rows (dA, dB, dh) are deterministic: each of a fixed number of row splits writes
-a partial, and the split that finishes a tile last sums the tile's partials in split order
-(``_store_reduced``). The number of splits depends only on the shape, so two runs give
-bitwise-identical gradients; with one split (up to ``MIN_ROWS_PER_SPLIT`` rows) the tile is
-written directly and no partials exist.
+Three kernels (``_sas_forward_kernel``, ``_sas_backward_rows_kernel``, ``_sas_backward_weights_kernel``), their
+host launchers :func:`sas_forward` / :func:`sas_backward` (flatten to 2-D rows through strides, allocate,
+launch), and the ``torch.library`` ops ``sas::adapter_fwd`` / ``sas::adapter_bwd`` that torch.compile traces
+and CUDA graphs capture. Eager callers (``sas/backends/triton.py``) call the launchers directly: no
+torch.library dispatch, and after the first launch of a shape no autotuner either. One fused pass each way
+because the op is memory-bound; what a launch may rely on to stay exact (autotuning, streams, CUDA graphs,
+torch.compile), the bytes each pass moves, the precision of its dots and its deterministic row reductions:
+docs/design.md, section 6 (tests/test_triton_hazards.py on CPU, tests/test_gpu_hazards.py on a GPU).
 """
 from __future__ import annotations
 
@@ -607,14 +564,14 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 
 def _launch(kernel, grid, args: tuple, constexprs: dict, tuning_key: tuple, traced: bool,
-            inplace: Tuple[int, ...] = ()) -> None:
+            inplace: Tuple[str, ...] = ()) -> None:
     """Launch ``kernel`` on ``grid`` (a callable of the config's meta-parameters).
 
     ``traced``: called from the ``torch.library`` ops below, which torch.compile traces, so the launch
     goes through ``wrap_triton``. Eager launches call Triton directly (no torch.library dispatch) with
     the config chosen for ``tuning_key``, found once per key by :func:`_chosen_config`. ``inplace``: the
-    positions in ``args`` of tensors the kernel reads and then writes (y over base, dx, dA, dB
-    accumulated into): the autotuner never times its configs on them (see :func:`_chosen_config`).
+    kernel's names of the arguments it reads and then writes (``y_ptr`` over base, ``dx_ptr``, ``da_ptr``,
+    ``db_ptr`` accumulated into): the autotuner never times its configs on them (see :func:`_chosen_config`).
     Under the interpreter, eager launches take the same path (so CPU tests run it), the ops are opaque
     (see :func:`_op`), and a launch on fake tensors (the ops' fake implementation, run while tracing)
     launches nothing: only the output shapes are needed.
@@ -638,7 +595,7 @@ def _launch(kernel, grid, args: tuple, constexprs: dict, tuning_key: tuple, trac
     kernel.fn[grid(dict(constexprs, **config.kwargs))](*args, **constexprs, **config.all_kwargs())
 
 
-def _chosen_config(kernel, grid, args: tuple, constexprs: dict, inplace: Tuple[int, ...]) -> triton.Config:
+def _chosen_config(kernel, grid, args: tuple, constexprs: dict, inplace: Tuple[str, ...]) -> triton.Config:
     """The config of ``kernel`` for these arguments' tuning key: the only one that fits, or the autotuner's pick.
 
     Triton's autotuner times each config by running the kernel on the arguments it is given, several
@@ -654,8 +611,9 @@ def _chosen_config(kernel, grid, args: tuple, constexprs: dict, inplace: Tuple[i
     if len(configs) == 1:
         return configs[0]
     scratch = {}
-    for i in inplace:
-        scratch.setdefault(id(args[i]), args[i].clone())
+    for name in inplace:
+        tensor = args[kernel.arg_names.index(name)]
+        scratch.setdefault(id(tensor), tensor.clone())
     kernel[grid](*(scratch.get(id(a), a) for a in args), **constexprs)
     return kernel.best_config
 
@@ -756,7 +714,7 @@ def sas_forward(x2: torch.Tensor, base2: torch.Tensor, A: torch.Tensor, B: torch
                  scale),
                 dict(R_PAD=r_pad, HAS_TASKS=h.dim() == 2, SAVE_U=save_u, SAVE_X=save_x,
                      DOT_PRECISION=FP32_DOT_PRECISION),
-                (x2.dtype, d_in, d_out, r_pad), traced, inplace=() if out is None else (6,))
+                (x2.dtype, d_in, d_out, r_pad), traced, inplace=() if out is None else ("y_ptr",))
     return y, u
 
 
@@ -832,7 +790,7 @@ def sas_backward(g2: torch.Tensor, x2: Optional[torch.Tensor], u: torch.Tensor, 
                  g2.stride(0), dx.stride(0), *A.stride(), *B.stride(), stride_ht, stride_hr,
                  scale),
                 dict(R_PAD=r_pad, HAS_TASKS=has_tasks, ACCUMULATE_DX=accumulate_dx, DOT_PRECISION=precision),
-                tuning_key, traced, inplace=(6,) if accumulate_dx else ())
+                tuning_key, traced, inplace=("dx_ptr",) if accumulate_dx else ())
         _launch(_sas_backward_weights_kernel,
                 lambda meta: (triton.cdiv(d_in, meta["BLOCK_D"]) * wants_da + triton.cdiv(d_out, meta["BLOCK_D"])
                               + task_tiles, splits),
@@ -842,7 +800,7 @@ def sas_backward(g2: torch.Tensor, x2: Optional[torch.Tensor], u: torch.Tensor, 
                  scale),
                 dict(R_PAD=r_pad, HAS_TASKS=has_tasks, ONE_SPLIT=splits == 1, ACCUMULATE_DA=accumulate_da,
                      ACCUMULATE_DB=accumulate_db, SAVED_X=saved_x, DOT_PRECISION=precision),
-                tuning_key, traced, inplace=(8,) * accumulate_da + (9,) * accumulate_db)
+                tuning_key, traced, inplace=("da_ptr",) * accumulate_da + ("db_ptr",) * accumulate_db)
     return dx, dA if wants_da else None, dB, dh.view(h.shape)
 
 
