@@ -60,21 +60,42 @@ def default_blocks(model: nn.Module) -> List[nn.Module]:
 def shard(model: nn.Module, *, blocks: Optional[Iterable[nn.Module]] = None, mesh: Optional[DeviceMesh] = None,
           mp_policy: Optional[MixedPrecisionPolicy] = None,
           reshard_after_forward: Optional[bool] = None) -> nn.Module:
-    """Shard the frozen base of the adapted ``model`` with FSDP2 and replicate its adapter; in place, returns it.
+    """Shard the frozen base of the adapted ``model`` with FSDP2 and replicate its adapter; in place.
 
     Call it on every rank, after :func:`sas.inject` (or :func:`sas.load_adapter`) and before building the
     optimizer (FSDP2 replaces the frozen parameters with ``DTensor`` shards; the adapter's stay as they are).
+    The adapter is broadcast from rank 0, so every replica starts equal, and its gradients are averaged after
+    each backward (also under gradient accumulation: averaging a sum that already agrees on every rank changes
+    nothing, so each backward may average). Save the adapter from rank 0 (:func:`sas.save_adapter` refuses
+    other ranks); ``sas.merge`` is refused, the frozen weights being shards. Add tasks (``sas.add_task``)
+    before sharding.
 
-    - ``blocks`` become FSDP units, innermost first, then the root (default: :func:`default_blocks`).
-    - ``mesh`` is the 1-D data-parallel mesh (default: every rank of the default process group, on CUDA when
-      the backend is NCCL, else on CPU); ``mp_policy`` and ``reshard_after_forward`` go to every
-      ``fully_shard`` call. Under a ``param_dtype``, the ``trainable_modules`` (replicated, float32) get their
-      floating-point inputs cast to their own dtype.
-    - The adapter is broadcast from rank 0, so every replica starts equal, and its gradients are averaged
-      after each backward (also under gradient accumulation: averaging a sum that already agrees on every
-      rank changes nothing, so each backward may average).
-    - Save the adapter from rank 0 (:func:`sas.save_adapter` refuses other ranks); ``sas.merge`` is refused,
-      the frozen weights being shards. Add tasks (``sas.add_task``) before sharding.
+    Args:
+        model: an adapted model, not yet sharded.
+        blocks: the modules that become FSDP units, innermost first, then the root (default:
+            :func:`default_blocks`, the children of every ``nn.ModuleList`` outside the adapter).
+        mesh: the 1-D data-parallel mesh (default: every rank of the default process group, on CUDA when the
+            backend is NCCL, else on CPU).
+        mp_policy: given to every ``fully_shard`` call. Under a ``param_dtype``, the ``trainable_modules``
+            (replicated, float32) get their floating-point inputs cast to their own dtype.
+        reshard_after_forward: given to every ``fully_shard`` call.
+
+    Returns:
+        ``model`` itself, sharded.
+
+    Raises:
+        ValueError: a model without an adapter, one already sharded, or ranks whose adapters differ.
+        RuntimeError: no process group is initialised.
+
+    Example:
+        Under ``torchrun --nproc-per-node 2 train.py``, on each rank (tests/test_fsdp.py runs it on CPU):
+
+        >>> import torch, sas, sas.distributed  # doctest: +SKIP
+        >>> from sas.recipes.causal_lm.model import tiny_llama  # doctest: +SKIP
+        >>> torch.distributed.init_process_group("gloo")  # doctest: +SKIP
+        >>> model = sas.inject(tiny_llama(96), sas.SaSConfig(rank=4, targets=sas.LLAMA_TARGETS))  # doctest: +SKIP
+        >>> model = sas.distributed.shard(model)  # doctest: +SKIP
+        >>> optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])  # doctest: +SKIP
     """
     adapter = find_adapter(model)
     if adapter is None:

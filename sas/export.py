@@ -56,7 +56,7 @@ def _modules_to_save(model: nn.Module, patterns: List[str], layer_names: List[st
 
 @torch.no_grad()
 def export_lora(model: nn.Module, directory: Union[str, Path], task: Optional[int] = None) -> Path:
-    """Write the SaS adapter of ``model`` to ``directory`` as a PEFT LoRA adapter; returns the directory.
+    """Write the SaS adapter of ``model`` to ``directory`` as a PEFT LoRA adapter.
 
     ``peft.PeftModel.from_pretrained(base, directory)`` then computes what ``model`` computes (up to float
     rounding), and PEFT's ``merge_and_unload()`` gives :func:`sas.merge_and_unload`'s model. Files:
@@ -67,11 +67,29 @@ def export_lora(model: nn.Module, directory: Union[str, Path], task: Optional[in
     - ``adapter_model.safetensors``: float32 ``base_model.model.<layer>.lora_A.weight`` ``diag(h_l) A``
       ``(r, d_in)`` and ``...lora_B.weight`` ``s B`` ``(d_out, r)`` per layer, and each module to save's tensors.
 
-    With ``num_tasks > 1`` name the task: one task per folder (PEFT's LoRA has no per-row tasks). Refused
-    (``ValueError``, nothing written): a model without a SaS adapter, an SSL/SSB scaling adapter (its update
-    ``W0 diag(a - 1)`` or ``diag(b) W0 diag(a) - W0`` has the rank of ``W0``, not a low rank: use
-    :func:`sas.merge_and_unload`), FSDP shards, a non-finite update, and a trainable module holding an
-    adapted layer. Whether the model is merged does not matter: the exported update is the adapter's.
+    Whether the model is merged does not matter: the exported update is the adapter's. docs/export.md says more.
+
+    Args:
+        model: a SaS-adapted model.
+        directory: the folder to write (created if needed).
+        task: with ``num_tasks > 1``, the task to export: one task per folder (PEFT's LoRA has no per-row tasks).
+
+    Returns:
+        ``directory`` as a ``Path``.
+
+    Raises:
+        ValueError: nothing written: a model without a SaS adapter, an SSL/SSB scaling adapter (its update
+            ``W0 diag(a - 1)`` or ``diag(b) W0 diag(a) - W0`` has the rank of ``W0``, not a low rank: use
+            :func:`sas.merge_and_unload`), FSDP shards, a missing or out-of-range ``task``, a non-finite
+            update, and a trainable module holding an adapted layer.
+
+    Example:
+        >>> import tempfile, sas
+        >>> from torch import nn
+        >>> model = sas.inject(nn.Sequential(nn.Linear(8, 8)), sas.SaSConfig(rank=2, targets=["0"]))
+        >>> folder = sas.export_lora(model, tempfile.mkdtemp())
+        >>> sorted(p.name for p in folder.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
     """
     owner = find_adapter(model)
     if owner is None:

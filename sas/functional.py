@@ -35,9 +35,36 @@ def sas_adapter(
 ) -> torch.Tensor:
     """``base + scale * ((x @ A.T) * h) @ B.T``, validated, on the chosen backend.
 
-    Arguments as in :func:`sas.reference.sas_adapter`. ``backend`` forces one
-    backend for this call (see :mod:`sas.backends`). Differentiable in
-    ``x``, ``base``, ``A``, ``B`` and ``h``.
+    Differentiable in ``x``, ``base``, ``A``, ``B`` and ``h``. Shapes and dtypes as in
+    :func:`sas.reference.sas_adapter`, the oracle every backend is checked against.
+
+    Args:
+        x: the input, ``(..., d_in)``.
+        base: the frozen layer's output, ``(..., d_out)``.
+        A: the down projection, ``(r, d_in)``.
+        B: the up projection, ``(d_out, r)``.
+        h: the modulation, ``(r,)``, or ``(tasks, r)`` with ``task_ids``.
+        scale: the scale ``s`` of the update.
+        task_ids: with a 2-D ``h``, one task id per leading-batch element of ``x``.
+        backend: a backend for this call alone (``"triton"``, ``"cpp"``, ``"reference"``; see
+            :mod:`sas.backends`); default: the one in force.
+
+    Returns:
+        ``y`` with ``base``'s shape.
+
+    Raises:
+        TypeError: a non-tensor or non-floating-point argument, dtypes that differ from x's, a scale that is
+            not a real number.
+        ValueError: shapes or devices that do not fit together, task ids out of range, or a forced backend
+            that cannot run the call (with its reason).
+
+    Example:
+        >>> import torch, sas
+        >>> x, base = torch.randn(3, 8), torch.zeros(3, 4)
+        >>> A, B, h = torch.randn(2, 8), torch.randn(4, 2), torch.ones(2)
+        >>> y = sas.functional.sas_adapter(x, base, A, B, h, scale=0.5)
+        >>> torch.allclose(y, 0.5 * (x @ A.T) @ B.T, atol=1e-5)
+        True
     """
     validate(x, base, A, B, h, scale, task_ids)
     record = backends.backend_for(x.device, backend, dtype=x.dtype, rank=A.shape[0],

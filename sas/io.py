@@ -226,7 +226,7 @@ def remove_stale_temporaries(directory: Union[str, Path]) -> None:
 
 
 def save_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
-    """Write the adapter of ``model`` to ``directory`` (created if needed); returns the directory.
+    """Write the adapter of ``model`` to ``directory`` (created if needed).
 
     Crash-safe and safe against concurrent saves: the weights file, which carries the adapter's
     description in its metadata, is written in full under a temporary name in ``directory`` and
@@ -234,8 +234,28 @@ def save_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
     every instant, also when the process is killed or another process saves to the same folder, the
     folder loads as the previous adapter or as one new adapter, whole. ``adapter_config.json`` is
     written the same way after the commit. Temporaries that earlier crashed saves left behind are
-    removed first (:func:`remove_stale_temporaries`). A save that fails (disk full, a tensor the
-    format refuses, a tensor holding NaN) leaves the previous adapter in place.
+    removed first (:func:`remove_stale_temporaries`). A save that fails leaves the previous adapter in place.
+
+    Args:
+        model: an adapted model (:func:`sas.inject`, :func:`load_adapter`).
+        directory: the adapter's folder: ``adapter_model.safetensors`` and ``adapter_config.json``.
+
+    Returns:
+        ``directory`` as a ``Path``.
+
+    Raises:
+        ValueError: a model without an adapter, an adapter tensor holding NaN or Inf (a diverged run?), or a
+            process that must not write (an FSDP rank other than 0, sharded adapter tensors).
+        OSError: the file system refused (disk full, no permission).
+        RuntimeError: torch could not convert a tensor for the file format (a sparse trainable module).
+
+    Example:
+        >>> import tempfile, sas
+        >>> from torch import nn
+        >>> model = sas.inject(nn.Sequential(nn.Linear(8, 8)), sas.SaSConfig(rank=2, targets=["0"]))
+        >>> folder = sas.save_adapter(model, tempfile.mkdtemp())
+        >>> sorted(p.name for p in folder.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
     """
     directory = Path(directory)
     tensors = adapter_state_dict(model)
@@ -401,13 +421,34 @@ def load_adapter(model: nn.Module, directory: Union[str, Path], is_trainable: bo
     tensors, and its update was learned against those weights. The save records a fingerprint of them
     (and the base's name where the model knew it); a base with another fingerprint gets a warning naming both.
 
-    With ``is_trainable=True`` (the default) the adapter's tensors and ``trainable_modules`` require grad, as
-    after :func:`sas.inject`; with ``False`` (inference, as PEFT's ``is_trainable=False``) nothing in the model
-    requires grad and the model is put in eval mode.
+    Args:
+        model: the base model, not yet adapted.
+        directory: a folder :func:`save_adapter` wrote.
+        is_trainable: ``True`` (the default): the adapter's tensors and ``trainable_modules`` require grad, as
+            after :func:`sas.inject`; ``False`` (inference, as PEFT's ``is_trainable=False``): nothing in the
+            model requires grad and the model is put in eval mode.
 
-    Raises (leaving ``model`` untouched) for a missing or corrupt file, an adapter made for another
-    architecture, a config field out of range or not matching the saved tensors, any tensor whose
-    name or shape does not fit, and SaS tensors holding NaN or Inf (see :func:`non_finite_tensor`).
+    Returns:
+        ``model`` itself, adapted and loaded.
+
+    Raises:
+        FileNotFoundError: ``directory`` lacks one of the adapter's files.
+        TypeError: ``is_trainable`` is not a bool.
+        ValueError: leaving ``model`` untouched: a corrupt file, an adapter made for another architecture or
+            base model, a config field out of range or not matching the saved tensors, any tensor whose name
+            or shape does not fit, and SaS tensors holding NaN or Inf (see :func:`non_finite_tensor`).
+
+    Example:
+        >>> import tempfile, torch, sas
+        >>> from torch import nn
+        >>> base, fresh = nn.Sequential(nn.Linear(8, 8)), nn.Sequential(nn.Linear(8, 8))
+        >>> _ = fresh.load_state_dict(base.state_dict())  # the same base weights, as from_pretrained gives
+        >>> model = sas.inject(base, sas.SaSConfig(rank=2, targets=["0"]))
+        >>> folder = sas.save_adapter(model, tempfile.mkdtemp())
+        >>> loaded = sas.load_adapter(fresh, folder, is_trainable=False)
+        >>> x = torch.randn(3, 8)
+        >>> torch.equal(loaded(x), model(x))
+        True
     """
     if not isinstance(is_trainable, bool):
         raise TypeError(f"is_trainable must be a bool, got {type(is_trainable).__name__} {is_trainable!r}")

@@ -50,8 +50,29 @@ class SaSLinear(MergeableLinear):
     def from_linear(cls, linear: nn.Linear, rank: int = 8, scale: float = 1.0, embed_dim: int = 8,
                     hyper_hidden: int = 32, hyper_activation: str = "tanh", layer_op: str = "kernels",
                     saved_input: str = "full", train_down: bool = True) -> "SaSLinear":
-        """A standalone adapted layer that owns its own A, B and hypernetwork (for single-layer use); every
-        argument but ``linear`` as the :class:`sas.SaSConfig` field of that name, checked as it checks it."""
+        """A standalone adapted layer that owns its own A, B and hypernetwork (for single-layer use).
+
+        ``linear`` is frozen and wrapped; the adapter's tensors take its device and dtype.
+
+        Args:
+            linear: the ``nn.Linear`` to adapt.
+            rank, scale, embed_dim, hyper_hidden, hyper_activation, layer_op, saved_input, train_down: as the
+                :class:`sas.SaSConfig` fields of those names, checked as it checks them.
+
+        Returns:
+            A :class:`SaSLinear` around ``linear``.
+
+        Raises:
+            ValueError: an argument :class:`sas.SaSConfig` refuses (a non-positive rank, a non-finite scale, an
+                unknown ``saved_input``, ...).
+
+        Example:
+            >>> import torch, sas
+            >>> from torch import nn
+            >>> layer = sas.SaSLinear.from_linear(nn.Linear(8, 4), rank=2)
+            >>> layer(torch.randn(3, 8)).shape, layer.base_layer.weight.requires_grad
+            (torch.Size([3, 4]), False)
+        """
         config = SaSConfig(rank=rank, scale=scale, embed_dim=embed_dim, hyper_hidden=hyper_hidden,
                            hyper_activation=hyper_activation, layer_op=layer_op, saved_input=saved_input,
                            train_down=train_down)

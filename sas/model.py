@@ -230,13 +230,32 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     ``model.sas_shared``) owns A/B per sharing group, one embedding per layer and the hypernetwork.
     With a :class:`ScalingConfig` they are :class:`ScalingLinear` and one :class:`ScalingShared` (under
     the same name) owns every layer's scales. Freezes every base parameter; unfreezes
-    ``config.trainable_modules``. Returns ``model``. Bad targets or ``trainable_modules`` raise before
-    the model changes.
+    ``config.trainable_modules``.
 
     The adapter's tensors take the base weights' dtype, except that a SaS adapter on a float16/bfloat16
     base is float32 (:func:`adapter_dtype`). A Hugging Face model whose freshly initialised task head
     (``classifier``, ``score``, ``qa_outputs``) is left out of ``trainable_modules`` gets a warning: the
     head would stay at its random init.
+
+    Args:
+        model: the base model; its ``nn.Linear`` layers that ``config.targets`` names are adapted.
+        config: a :class:`SaSConfig` (SaS) or a :class:`ScalingConfig` (SSL/SSB scaling).
+
+    Returns:
+        ``model`` itself, adapted.
+
+    Raises:
+        TypeError: ``config`` is neither config.
+        ValueError: before the model changes: targets (or an entry of a targets list) that match no
+            ``nn.Linear``, a ``trainable_modules`` entry that matches no module, a layer whose parent reads its
+            weight directly, or a model that is already adapted.
+
+    Example:
+        >>> import torch, sas
+        >>> from torch import nn
+        >>> model = sas.inject(nn.Sequential(nn.Linear(8, 8)), sas.SaSConfig(rank=2, targets=["0"]))
+        >>> type(model[0]).__name__, model[0].base_layer.weight.requires_grad
+        ('SaSLinear', False)
     """
     _inject(model, config)
     _warn_frozen_task_head(model, config)
@@ -337,13 +356,11 @@ def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
     scaling adapter, replace it by ``b[:, None] * W0 * a[None, :]`` (SSB; ``W0 * a[None, :]`` for SSL).
 
     With ``num_tasks > 1`` name the task: ``h_{task,l}`` is folded in and the merged model serves that
-    task only (``task=None`` is refused; a ``sas.tasks`` context asking for another task is refused
-    while merged, and merging is refused while a context for another task is open in any thread).
+    task only (a ``sas.tasks`` context asking for another task is refused while merged).
     :func:`unmerge` gives back the multi-task model.
 
-    All updates are computed and checked before any weight changes, so a non-finite update, a merged
-    weight that overflows its dtype or a tied weight (see below) leaves the model untouched. Merging
-    twice warns and does nothing; merging another task than the one merged is refused.
+    All updates are computed and checked before any weight changes, so a refusal leaves the model
+    untouched. Merging twice warns and does nothing.
 
     - Each layer keeps a copy of its weight as it was, so :func:`unmerge` restores the frozen weights
       bit for bit, also after the adapter changed while merged. The copies cost one more copy of
@@ -354,6 +371,28 @@ def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
       ``sas_merged`` in the ``state_dict``. Loading a merged model's ``state_dict`` into an injected
       model marks its layers merged, so the update is not applied twice; such a model cannot be
       unmerged (its pre-merge weights are not in the state), it serves merged inference.
+
+    Args:
+        model: an adapted model (:func:`inject`).
+        task: the task to fold in; required when the adapter has ``num_tasks > 1``, else ``None``.
+
+    Returns:
+        ``model`` itself, merged.
+
+    Raises:
+        ValueError: nothing changed: a model without adapted layers, ``task=None`` with ``num_tasks > 1``
+            (or a task on an adapter without tasks), a model merged for another task, a ``sas.tasks`` context
+            for another task open in any thread, a tied frozen weight, a non-finite update or a merged weight
+            that overflows its dtype, FSDP-sharded weights.
+
+    Example:
+        >>> import torch, sas
+        >>> from torch import nn
+        >>> model = sas.inject(nn.Sequential(nn.Linear(8, 8)), sas.SaSConfig(rank=2, targets=["0"]))
+        >>> x = torch.randn(3, 8)
+        >>> adapted = model(x)
+        >>> torch.allclose(sas.merge(model)(x), adapted, atol=1e-6)
+        True
     """
     layers = _require_adapted(model)
     refuse_sharded_weights(layers, "merge")
@@ -382,9 +421,25 @@ def merge(model: nn.Module, task: Optional[int] = None) -> nn.Module:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`: put every frozen weight back exactly as it was before merging.
 
-    Every layer is checked before any changes; a refusal (``ValueError``) leaves the whole model
-    merged: when the current update is non-finite, or when a weight was loaded or written since
-    merge, so that what merge remembered no longer describes it.
+    Every layer is checked before any changes, so a refusal leaves the whole model merged.
+
+    Args:
+        model: an adapted model merged by :func:`merge` (an unmerged model is returned as it is).
+
+    Returns:
+        ``model`` itself, unmerged.
+
+    Raises:
+        ValueError: the whole model stays merged: the current update is non-finite, or a weight was loaded
+            or written since merge, so that what merge remembered no longer describes it.
+
+    Example:
+        >>> import torch, sas
+        >>> from torch import nn
+        >>> model = sas.inject(nn.Sequential(nn.Linear(8, 8)), sas.SaSConfig(rank=2, targets=["0"]))
+        >>> frozen = model[0].base_layer.weight.clone()
+        >>> torch.equal(sas.unmerge(sas.merge(model))[0].base_layer.weight, frozen)
+        True
     """
     layers = [layer for layer in _require_adapted(model) if layer.merged]
     refuse_sharded_weights(layers, "unmerge")
@@ -405,13 +460,30 @@ def merge_and_unload(model: nn.Module, task: Optional[int] = None) -> nn.Module:
     ``model.sas_shared`` and the layers' buffers and hooks go with them. ``save_pretrained``/``state_dict``
     then hold the keys of the unadapted architecture (``...query.weight``, not ``...base_layer.weight``), so
     the result loads into a fresh base model (``from_pretrained``, ``load_state_dict``) with the adapted
-    outputs. ``trainable_modules`` stay as trained; which parameters require grad is left as it is.
+    outputs. ``trainable_modules`` stay as trained; which parameters require grad is left as it is. A model
+    already merged (for this task) is unloaded as it is. Unlike :func:`merge` no copy of the weights is kept:
+    the base weights are gone; use :func:`unload` for them.
 
-    Refused as :func:`merge` refuses, before anything changes: FSDP shards, ``task=None`` with
-    ``num_tasks > 1`` (name the task to keep), tied weights, a non-finite update or one that overflows the
-    weight's dtype. A model already merged (for this task) is unloaded as it is. Unlike :func:`merge` no
-    copy of the weights is kept: the base weights are gone; use :func:`unload` for them. Returns the model
-    (the base ``nn.Linear`` when ``model`` is itself an adapted layer).
+    Args:
+        model: an adapted model, or an adapted layer itself.
+        task: the task to keep; required when the adapter has ``num_tasks > 1``.
+
+    Returns:
+        ``model`` without its adapter (the base ``nn.Linear`` when ``model`` is itself an adapted layer).
+
+    Raises:
+        ValueError: as :func:`merge` refuses, before anything changes: FSDP shards, ``task=None`` with
+            ``num_tasks > 1``, tied weights, a non-finite update or one that overflows the weight's dtype.
+
+    Example:
+        >>> import torch, sas
+        >>> from torch import nn
+        >>> model = sas.inject(nn.Sequential(nn.Linear(8, 8)), sas.SaSConfig(rank=2, targets=["0"]))
+        >>> x = torch.randn(3, 8)
+        >>> adapted = model(x)
+        >>> plain = sas.merge_and_unload(model)
+        >>> type(plain[0]).__name__, torch.allclose(plain(x), adapted, atol=1e-6)
+        ('Linear', True)
     """
     layers = _require_adapted(model)
     refuse_sharded_weights(layers, "merge_and_unload")
@@ -440,10 +512,31 @@ def merge_and_unload(model: nn.Module, task: Optional[int] = None) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Take the adapter out without folding it: the base model back, its weights bit for bit as before
-    :func:`sas.inject`. Merged layers are unmerged first (refused, nothing changed, where :func:`unmerge`
-    refuses: a merged weight that was loaded, not merged here, has no known base). Each adapted layer is
-    replaced by its ``nn.Linear``; ``model.sas_shared`` is removed. Which parameters require grad is left
-    as it is. FSDP shards are refused. Returns the model (the base ``nn.Linear`` for an adapted layer)."""
+    :func:`sas.inject`.
+
+    Merged layers are unmerged first. Each adapted layer is replaced by its ``nn.Linear``;
+    ``model.sas_shared`` is removed. Which parameters require grad is left as it is.
+
+    Args:
+        model: an adapted model, or an adapted layer itself.
+
+    Returns:
+        ``model`` without its adapter (the base ``nn.Linear`` for an adapted layer).
+
+    Raises:
+        ValueError: nothing changed: FSDP shards, or a merged layer that :func:`unmerge` refuses (a merged
+            weight that was loaded, not merged here, has no known base).
+
+    Example:
+        >>> import torch, sas
+        >>> from torch import nn
+        >>> base = nn.Sequential(nn.Linear(8, 8))
+        >>> x = torch.randn(3, 8)
+        >>> before = base(x)
+        >>> model = sas.inject(base, sas.SaSConfig(rank=2, targets=["0"]))
+        >>> torch.equal(sas.unload(model)(x), before)
+        True
+    """
     layers = _require_adapted(model)
     refuse_sharded_weights(layers, "unload")
     if any(layer.merged for layer in layers):
@@ -469,13 +562,32 @@ def _take_out_adapter(model: nn.Module, layers: List[AdaptedLayer]) -> nn.Module
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """A context in which ``model`` computes as its base model: every adapted layer runs its frozen
-    ``nn.Linear`` alone, so outputs equal the unadapted model's exactly (no ``sas.tasks`` context needed).
-    ``trainable_modules`` are not adapter layers: they stay as trained (no copy of their initial values is kept).
+    """A context in which ``model`` computes as its base model.
 
-    Nothing is moved or copied: the module tree, ``state_dict`` and parameters stay as they are, and on
-    exit (also on an exception) the adapter is back. A merged model is refused (its frozen weights hold
-    the update): :func:`unmerge` it first.
+    Every adapted layer runs its frozen ``nn.Linear`` alone, so outputs equal the unadapted model's exactly
+    (no ``sas.tasks`` context needed). ``trainable_modules`` are not adapter layers: they stay as trained (no
+    copy of their initial values is kept). Nothing is moved or copied: the module tree, ``state_dict`` and
+    parameters stay as they are, and on exit (also on an exception) the adapter is back.
+
+    Args:
+        model: an adapted model.
+
+    Yields:
+        ``model``, computing as its base model until the block ends.
+
+    Raises:
+        ValueError: a merged model (its frozen weights hold the update): :func:`unmerge` it first.
+
+    Example:
+        >>> import torch, sas
+        >>> from torch import nn
+        >>> base = nn.Sequential(nn.Linear(8, 8))
+        >>> x = torch.randn(3, 8)
+        >>> before = base(x)
+        >>> model = sas.inject(base, sas.SaSConfig(rank=2, targets=["0"]))
+        >>> with sas.disable_adapter(model):
+        ...     torch.equal(model(x), before)
+        True
     """
     layers = _require_adapted(model)
     if any(layer.merged for layer in layers):

@@ -84,12 +84,30 @@ def _refuse_other_tasks_when_merged(model: nn.Module, setting) -> None:
 def tasks(model: nn.Module, task_ids: Union[int, torch.Tensor]) -> Iterator[None]:
     """Run every forward of ``model`` inside the block for ``task_ids``.
 
-    ``task_ids`` is an int (the whole batch) or a tensor of shape ``(batch,)``: one id per
-    leading-batch element of each adapted layer's input, so a batch may mix tasks. Ids are checked
-    on entry (``ValueError`` naming the values out of range, or ids other than 0 on a single-task
-    model); a length that does not match the batch is refused by the first layer that sees it.
-    The previous setting is restored on exit, also when the block raises. Contexts nest (the
-    innermost wins) and are per thread: other threads keep their own setting.
+    The previous setting is restored on exit, also when the block raises. Contexts nest (the innermost
+    wins) and are per thread: other threads keep their own setting.
+
+    Args:
+        model: a model adapted with ``SaSConfig(num_tasks=T)`` (or a standalone :class:`sas.SaSLinear`).
+        task_ids: an int (the whole batch) or an int64/int32 tensor of shape ``(batch,)``: one id per
+            leading-batch element of each adapted layer's input, so a batch may mix tasks.
+
+    Yields:
+        Nothing; the block's forwards run for ``task_ids``.
+
+    Raises:
+        TypeError: ``task_ids`` is neither an int nor an integer tensor.
+        ValueError: on entry: ids out of range (named), ids other than 0 on a single-task model, a tensor
+            that is not 1-D or on the meta device, a model without an adapter, or a model merged for another
+            task. A length that does not match the batch is refused by the first layer that sees it.
+
+    Example:
+        >>> import torch, sas
+        >>> from torch import nn
+        >>> model = sas.inject(nn.Sequential(nn.Linear(8, 8)), sas.SaSConfig(rank=2, targets=["0"], num_tasks=2))
+        >>> with sas.tasks(model, torch.tensor([0, 1, 1])):
+        ...     model(torch.randn(3, 8)).shape
+        torch.Size([3, 8])
     """
     shared = _owner(model)
     setting = _checked_ids(shared, task_ids)
@@ -103,14 +121,32 @@ def add_task(model: nn.Module, freeze: bool = True) -> int:
 
     The new task's embedding starts as the mean of the existing ones (the zero vector on a single-task
     model, whose task 0 then gets the zero embedding too), so it starts as the "average task".
-    With ``freeze`` (the default) every other parameter of the model stops requiring grad and loses its
-    ``.grad``: the shared A/B, the layer embeddings, the hypernetwork, the other tasks' embeddings and
-    the ``trainable_modules``. An optimizer over ``[p for p in model.parameters() if p.requires_grad]``
-    then trains the new task alone (unfreeze a head of its own yourself), and since each task embedding
-    is a Parameter of its own, weight decay or momentum cannot reach the others: their outputs stay
-    bit-identical. From a single-task model (1 -> 2 tasks) task 0's outputs change by rounding only: it
-    moves from the single-task hypernetwork path to the per-task one. A merged model is refused
-    (``ValueError``): unmerge it first.
+    An optimizer over ``[p for p in model.parameters() if p.requires_grad]`` then trains the new task alone
+    (unfreeze a head of its own yourself), and since each task embedding is a Parameter of its own, weight
+    decay or momentum cannot reach the others: their outputs stay bit-identical. From a single-task model
+    (1 -> 2 tasks) task 0's outputs change by rounding only: it moves from the single-task hypernetwork path
+    to the per-task one.
+
+    Args:
+        model: an adapted model (or a standalone :class:`sas.SaSLinear`).
+        freeze: ``True`` (the default): every other parameter of the model stops requiring grad and loses its
+            ``.grad``: the shared A/B, the layer embeddings, the hypernetwork, the other tasks' embeddings and
+            the ``trainable_modules``.
+
+    Returns:
+        The new task's id (the number of tasks before the call, at least 1).
+
+    Raises:
+        ValueError: a model without an adapter, or a merged model (unmerge it first).
+
+    Example:
+        >>> import sas
+        >>> from torch import nn
+        >>> model = sas.inject(nn.Sequential(nn.Linear(8, 8)), sas.SaSConfig(rank=2, targets=["0"], num_tasks=2))
+        >>> sas.add_task(model)
+        2
+        >>> model.sas_shared.down["0"].requires_grad
+        False
     """
     shared = _owner(model)
     merged = [layer for layer in adapted_layers(model) if layer.merged]

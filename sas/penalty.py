@@ -51,11 +51,31 @@ def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
 
 
 def pattern_penalty(model: nn.Module, kind: str = "orthogonal") -> torch.Tensor:
-    """The summed Matrix Pattern Constraint over every distinct A and B of an adapted ``model`` (a scalar).
+    """The summed Matrix Pattern Constraint over every distinct A and B of an adapted ``model``.
 
-    ``kind`` is ``"orthogonal"`` (MPCo) or ``"diagonal"`` (MPCd; only B's constraint differs). Each
-    shared tensor costs one r x r Gram matrix, O(r^2 d), however many layers use it. Differentiable in
-    A and B; computed in float32 at least, so a half-precision adapter still gets a float32 loss term.
+    Each shared tensor costs one r x r Gram matrix, O(r^2 d), however many layers use it. Add it, times a
+    coefficient, to the training loss.
+
+    Args:
+        model: a SaS-adapted model.
+        kind: ``"orthogonal"`` (MPCo: ``||A A.T - I||^2 + ||B.T B - I||^2``) or ``"diagonal"`` (MPCd: B's
+            Gram matrix need only be diagonal).
+
+    Returns:
+        A scalar tensor, differentiable in A and B; float32 at least, so a half-precision adapter still gets a
+        float32 loss term.
+
+    Raises:
+        ValueError: an unknown ``kind``, or a model without a SaS adapter.
+
+    Example:
+        >>> import torch, sas
+        >>> from torch import nn
+        >>> model = sas.inject(nn.Sequential(nn.Linear(8, 8)), sas.SaSConfig(rank=2, targets=["0"]))
+        >>> loss = model(torch.randn(3, 8)).square().mean() + 1e-3 * sas.pattern_penalty(model)
+        >>> loss.backward()
+        >>> model.sas_shared.down["0"].grad.shape
+        torch.Size([2, 8])
     """
     if not isinstance(kind, str) or kind not in PENALTY_KINDS:
         raise ValueError(f"kind must be one of {PENALTY_KINDS}, got {kind!r}")

@@ -299,12 +299,30 @@ class LayerMemory:
 
 
 def memory_plan(model: nn.Module, example_inputs: Sequence) -> List[LayerMemory]:
-    """Run ``model(*example_inputs)`` once with gradients on (nothing is backpropagated) and say, for every
-    adapted layer call, what it keeps for the backward and how many bytes per row, in call order.
+    """Say, for every adapted layer call of one forward, what it keeps for the backward and how many bytes.
 
-    The bytes are the layer's own model (docs/memory.md): ``x`` in its compute dtype, or the 8-bit copy plus
-    a float32 scale per row, unless a layer before it in this forward kept the same storage; nothing of ``x``
-    when rebuilt or kept anyway; plus ``u``. tests/test_recompute.py checks them against counted bytes."""
+    Runs ``model(*example_inputs)`` once with gradients on (nothing is backpropagated). The bytes are the
+    layer's own model (docs/memory.md): ``x`` in its compute dtype, or the 8-bit copy plus a float32 scale per
+    row, unless a layer before it in this forward kept the same storage; nothing of ``x`` when rebuilt or kept
+    anyway; plus ``u``. tests/test_recompute.py checks them against counted bytes.
+
+    Args:
+        model: an adapted model.
+        example_inputs: the positional arguments of one forward.
+
+    Returns:
+        One :class:`LayerMemory` per adapted layer call, in call order.
+
+    Raises:
+        Exception: whatever ``model(*example_inputs)`` raises.
+
+    Example:
+        >>> import torch, sas
+        >>> from torch import nn
+        >>> model = sas.inject(nn.Sequential(nn.Linear(8, 8)), sas.SaSConfig(rank=2, targets=["0"]))
+        >>> [(m.name, m.keeps, m.bytes_per_row) for m in sas.memory_plan(model, (torch.randn(3, 8),))]
+        [('0', 'x', 40)]
+    """
     global _planning
     from .backends import compute_dtype
     from .layer import SaSLinear

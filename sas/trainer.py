@@ -39,7 +39,30 @@ __all__ = ["SaSTrainer"]
 
 
 class SaSTrainer(Trainer):
-    """A ``transformers.Trainer`` that saves and resumes the SaS adapter of its model (see the module's text)."""
+    """A ``transformers.Trainer`` that saves and resumes the SaS adapter of its model (see the module's text).
+
+    Args:
+        *args, **kwargs: those of ``transformers.Trainer``; ``model`` is a model :func:`sas.inject` adapted.
+
+    Raises:
+        ValueError: on saving or resuming, a model without a SaS adapter.
+
+    Example:
+        >>> import pathlib, tempfile, torch, sas
+        >>> from transformers import TrainingArguments
+        >>> from sas.recipes.causal_lm.model import tiny_llama
+        >>> from sas.trainer import SaSTrainer
+        >>> model = sas.inject(tiny_llama(96), sas.SaSConfig(rank=4, targets=sas.LLAMA_TARGETS))
+        >>> data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 96, (8, 12))]
+        >>> args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=1, per_device_train_batch_size=4,
+        ...                          report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no")
+        >>> trainer = SaSTrainer(model=model, args=args, train_dataset=data)
+        >>> _ = trainer.train()  # doctest: +ELLIPSIS
+        {'train_runtime': ...}
+        >>> trainer.save_model()
+        >>> sorted(p.name for p in pathlib.Path(args.output_dir).glob("adapter*"))
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
 
     def _adapted_model(self) -> nn.Module:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
