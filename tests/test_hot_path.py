@@ -5,6 +5,7 @@ costs (through bench.counting, the counter of ``python -m bench --level host``),
 dispatch in eager mode, validation once per input signature. Exactness: gradient checkpointing
 (reentrant, non-reentrant, timm's), double backward on every backend, unfrozen base weights, float64.
 """
+import collections
 import copy
 
 import pytest
@@ -287,3 +288,37 @@ def test_shared_gradients_are_exact_across_partial_and_repeated_backward_passes(
     assert "sas_shared.down.N" in expected
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_compiled_layer_is_one_op_each_way(autocast):
+    """Under torch.compile the C++ layer is traced as its own torch.library op: per adapted layer the graphs
+    hold one forward op, one backward op and the backward's one dx GEMM, with no graph break, and not the
+    F.linear + adapter-op route (a second pass over y, and dx summed from two tensors)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep_ops(graph_module, example_inputs):
+        graphs.append(collections.Counter(str(node.target) for node in graph_module.graph.nodes
+                                          if node.op == "call_function"))
+        return graph_module.forward
+
+    with forced_backend("cpp"):
+        model = adapted_mlp()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep_ops, bw_compiler=keep_ops),
+                                 fullgraph=True)
+        x = torch.randn(4, 64, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = compiled(x)
+        y.float().sum().backward()
+    forward, backward = graphs
+    assert forward["sas.cpu_adapted_linear_forward.default"] == LAYERS, forward
+    assert backward["sas.cpu_adapter_backward.default"] == LAYERS, backward
+    assert not forward["sas.cpu_adapter_forward.default"], forward
+    # The frozen GEMM runs inside the layer's forward op: the forward's addmm are the hypernetwork's two
+    # linears per layer; the backward's one addmm per layer is dx += g @ W0.
+    assert forward["aten.addmm.default"] == 2 * LAYERS, forward
+    assert backward["aten.addmm.default"] == LAYERS, backward
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters() if p.requires_grad)

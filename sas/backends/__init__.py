@@ -288,10 +288,12 @@ def route(backend: Backend, layer_op: str, trainable_base: bool, compiling: bool
     tasks)                                          whole-layer design (also while compiling)
     the ``reference`` backend                       :func:`sas.reference.reference_linear` (plain autograd);
                                                     under autocast its inputs cast once, autocast off
-    torch.compile is tracing, or the base weight    ``F.linear`` + the backend's op: the compiler traces its
-    or bias requires a gradient                     ``torch.library`` ops; autograd gives the base's gradient
+    the base weight or bias requires a gradient,    ``F.linear`` + the backend's op: the compiler traces its
+    or torch.compile is tracing a backend whose     ``torch.library`` ops; autograd gives the base's gradient
+    layer is no ``torch.library`` op (Triton)
     autocast on                                     the backend's layer op, inputs cast once, autocast off
-    otherwise                                       the backend's layer op itself (one autograd node)
+    otherwise                                       the backend's layer op itself (one autograd node; under
+                                                    torch.compile one op of the graph each way, see below)
     ==============================================  ===========================================================
 
     ``backend`` is the record :func:`backend_for` chose for the call, so it supports the call's device,
@@ -299,6 +301,13 @@ def route(backend: Backend, layer_op: str, trainable_base: bool, compiling: bool
     frozen ``nn.Linear`` alone, before any route: ``SaSLinear.forward``.) An
     unfrozen base weight keeps x for its own gradient anyway, so there an 8-bit copy would add memory, not
     save it; a traced layer keeps x too (the quantized layers are not ``torch.library`` ops yet).
+
+    A backend whose layer is a ``torch.library`` op with a fake implementation and its own autograd (C++:
+    ``sas::cpu_adapted_linear``) is traced as that op: AOTAutograd records its forward and backward ops
+    (``cpu_adapted_linear_forward``, ``cpu_adapter_backward`` and the in-place ``dx += g @ W0``), which
+    Inductor neither splits nor breaks the graph on. Through ``F.linear`` + the adapter op instead, the
+    adapter's y was a second pass over the frozen output and dx a sum of two (rows, d_in) tensors: MiniLM's
+    compiled step measured SaS at 1.10x the frozen floor that way (bench/results/*_step.md).
     """
     if saved_input != "full" and not (compiling or trainable_base):
         if layer_op == "fold" and not per_element_tasks:
@@ -312,7 +321,7 @@ def route(backend: Backend, layer_op: str, trainable_base: bool, compiling: bool
         # Under autocast cast once as the kernels' layers do (and _keeping_copy for the 8-bit modes, so that
         # those differ from this route in dA alone).
         return functools.partial(_autocast_cast, reference.reference_linear) if autocast else reference.reference_linear
-    if compiling or trainable_base:
+    if trainable_base or (compiling and not isinstance(backend.adapted_linear, torch._ops.OpOverloadPacket)):
         return functools.partial(_op_level, backend.sas_adapter)
     if autocast:
         return functools.partial(_autocast_cast, backend.adapted_linear)
