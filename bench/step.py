@@ -29,7 +29,7 @@ PROVIDERS = ("floor", "sas", "peft-lora")
 SIZES = {"quick": dict(batch=32, tokens=64, rounds=6, warmup=2), "tiny": dict(batch=2, tokens=8, rounds=2, warmup=1),
          "full": dict(batch=32, tokens=64, rounds=12, warmup=2)}
 STEP_FIELDS = ["mode", "provider", "batch", "tokens", "saved_input", "median_s", "p20_s", "p80_s", "samples",
-               "first_steps_s", "vs_floor", "lora_vs_sas"]
+               "first_steps_s", "steps_s", "vs_floor", "lora_vs_sas", "paired_vs_floor", "paired_lora_vs_sas"]
 NUM_CLASSES = 5
 
 
@@ -141,14 +141,22 @@ def run_step(size: str = "quick", modes=None, providers=None) -> List[Dict]:
                      "saved_input": saved_input if provider == "sas" else None,
                      "median_s": statistics.median(ordered), "p20_s": _quantile(ordered, 0.2),
                      "p80_s": _quantile(ordered, 0.8), "samples": len(ordered),
-                     "first_steps_s": [round(t, 3) for t in found["first"]], "vs_floor": None, "lora_vs_sas": None})
-    medians = {(r["mode"], r["provider"]): r["median_s"] for r in rows}
+                     "first_steps_s": [round(t, 3) for t in found["first"]],
+                     "steps_s": [round(t, 4) for t in found["times"]], "vs_floor": None, "lora_vs_sas": None,
+                     "paired_vs_floor": None, "paired_lora_vs_sas": None})
+    by_case = {(r["mode"], r["provider"]): r for r in rows}
+
+    def paired(numerator, denominator) -> float:
+        return statistics.median(a / b for a, b in zip(numerator["steps_s"], denominator["steps_s"]))
     for row in rows:
-        floor = medians.get((row["mode"], "floor"))
+        floor = by_case.get((row["mode"], "floor"))
         if floor is not None:
-            row["vs_floor"] = row["median_s"] / floor
-        if row["provider"] == "sas" and (row["mode"], "peft-lora") in medians:
-            row["lora_vs_sas"] = medians[(row["mode"], "peft-lora")] / row["median_s"]
+            row["vs_floor"] = row["median_s"] / floor["median_s"]
+            row["paired_vs_floor"] = paired(row, floor)
+        lora = by_case.get((row["mode"], "peft-lora"))
+        if row["provider"] == "sas" and lora is not None:
+            row["lora_vs_sas"] = lora["median_s"] / row["median_s"]
+            row["paired_lora_vs_sas"] = paired(lora, row)
     return rows
 
 
@@ -164,13 +172,15 @@ def step_notes(size: str) -> List[str]:
 def format_step_table(result: Dict) -> str:
     rows = result["rows"]
     lines = [f"# Training step by mode: {'; '.join(result['meta']['notes'])}", "",
-             "| mode | provider | median step (s) | p20-p80 (s) | vs floor | LoRA / SaS |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| mode | provider | median step (s) | p20-p80 (s) | vs floor | LoRA / SaS | vs floor, paired | "
+             "LoRA / SaS, paired |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def ratio(value) -> str:
+        return "" if value is None else f"{value:.3f}x"
     for row in rows:
-        vs_floor = "" if row["vs_floor"] is None else f"{row['vs_floor']:.3f}x"
-        lora = "" if row["lora_vs_sas"] is None else f"{row['lora_vs_sas']:.3f}x"
         label = row["provider"] + (f" (saved_input={row['saved_input']})" if row["saved_input"] else "")
         lines.append(f"| {row['mode']} | {label} | {row['median_s']:.4f} | {row['p20_s']:.4f}-{row['p80_s']:.4f} "
-                     f"| {vs_floor} | {lora} |")
+                     f"| {ratio(row['vs_floor'])} | {ratio(row['lora_vs_sas'])} | {ratio(row['paired_vs_floor'])} "
+                     f"| {ratio(row['paired_lora_vs_sas'])} |")
     return "\n".join(lines) + "\n"
 
