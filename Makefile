@@ -28,7 +28,7 @@ test: lint
 
 # Open-ended property search (random, 1,000 examples per test); pin what it finds as an @example.
 fuzz: $(STAMP)
-	SAS_REQUIRE_CPP=1 $(PY) -m pytest -q --hypothesis-profile=fuzz tests/test_fuzz.py
+	SAS_REQUIRE_CPP=1 $(PY) -m pytest -q --hypothesis-profile=fuzz tests/backends/test_fuzz.py
 
 # Plants each bug of tests/mutants/*.patch in a scratch copy of HEAD (never this tree), runs the tests that must
 # catch it, and prints killed/SURVIVED per mutant with the time taken (tests/mutants/README.md).
@@ -42,15 +42,15 @@ demo: $(STAMP)
 
 # On a CUDA machine with torch/triton preinstalled: run from the source tree, no install.
 # Autotuning off: one fitting config per kernel keeps the run within minutes (sas_kernels/sas_adapter.py);
-# the one test that needs it on runs in a subprocess of its own with it on (tests/test_gpu_hazards.py).
+# the one test that needs it on runs in a subprocess of its own with it on (tests/kernels/test_gpu_hazards.py).
 test-gpu:
 	SAS_TRITON_AUTOTUNE=0 PYTHONPATH=. $(PYTHON) -m pytest -q -m gpu tests
 
 # Every launch of every rank (1-256), dtype and task mode compiled for sm_80 and sm_90 with each config the runtime
-# can pick, checked for spills and shared memory (tests/test_triton_aot.py's full grid; `make test` compiles its
+# can pick, checked for spills and shared memory (tests/kernels/test_aot.py's full grid; `make test` compiles its
 # ci grid). 1,464 distinct compilations per target (not yet run in full), so an hour or more on 2 cores.
 aot: $(STAMP)
-	SAS_AOT_GRID=full $(PY) -m pytest -q tests/test_triton_aot.py
+	SAS_AOT_GRID=full $(PY) -m pytest -q tests/kernels/test_aot.py
 
 bench: $(STAMP)
 	$(PY) -m bench

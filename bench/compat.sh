@@ -16,8 +16,8 @@ REQUIREMENTS=bench/gpu_stack_requirements.txt
 # Kernel tests: every backend against the reference (interpreted Triton, C++), the Triton hazards reproduced
 # through the interpreter, the fused and saved-input layers, and AOT compilation for sm_80/sm_90 with
 # Triton 3.6's own compiler (the slow part: 8 of the 10 minutes they took on 2 loaded cores).
-TESTS=(tests/test_reference.py tests/test_cpp.py tests/test_triton_interpret.py tests/test_triton_hazards.py
-       tests/test_triton_layer.py tests/test_triton_aot.py tests/test_fused_linear.py tests/test_saved_input.py)
+TESTS=(tests/backends/test_reference.py tests/backends/test_cpp.py tests/kernels/test_interpreter.py tests/kernels/test_hazards.py
+       tests/backends/test_triton.py tests/kernels/test_aot.py tests/backends/test_fold.py tests/api/test_saved_input.py)
 
 if ! cmp -s "$REQUIREMENTS" "$COMPAT/.installed"; then
     rm -rf "$COMPAT"

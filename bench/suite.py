@@ -64,13 +64,13 @@ MODEL_BATCH = 128
 # The memory level's parts a run of the suite takes: on CPU (the --tiny smoke test) no peak is measured.
 MEMORY_PARTS = {"cuda": ("measured", "dA"), "cpu": ("dA",)}
 # GPU tests that run a fresh Python process of their own (new Triton caches and process state); each
-# bounds its child by a timeout below its step's here (tests/test_gpu_hazards.py). They go to the
+# bounds its child by a timeout below its step's here (tests/kernels/test_gpu_hazards.py). They go to the
 # second call: the first tunes 4 shapes at 15-25 s each.
 FRESH_PROCESS_TESTS = {
-    "gpu-autotune": ("tests/test_gpu_hazards.py::"
+    "gpu-autotune": ("tests/kernels/test_gpu_hazards.py::"
                      "test_first_forward_and_backward_under_autotuning_match_the_reference", 180),
-    "gpu-compiled-first": ("tests/test_gpu_hazards.py::test_compiled_backward_before_any_eager_backward_then_eager",
-                           110),
+    "gpu-compiled-first": ("tests/kernels/test_gpu_hazards.py::"
+                           "test_compiled_backward_before_any_eager_backward_then_eager", 110),
 }
 
 

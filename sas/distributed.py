@@ -88,7 +88,7 @@ def shard(model: nn.Module, *, blocks: Optional[Iterable[nn.Module]] = None, mes
         RuntimeError: no process group is initialised.
 
     Example:
-        Under ``torchrun --nproc-per-node 2 train.py``, on each rank (tests/test_fsdp.py runs it on CPU):
+        Under ``torchrun --nproc-per-node 2 train.py``, on each rank (tests/distributed/test_fsdp.py runs it on CPU):
 
         >>> import torch, sas, sas.distributed  # doctest: +SKIP
         >>> from sas.recipes.causal_lm.model import tiny_llama  # doctest: +SKIP

@@ -47,7 +47,7 @@ from torch import nn
 #: Hugging Face RMSNorms that cast their input to float32 and keep that float32 tensor (see the module doc).
 FLOAT32_RMSNORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "T5LayerNorm"})
 #: ``transformers.activations`` classes whose backward keeps their input (each multiplies by it, or calls
-#: an ATen activation that saves it); tests/test_recompute.py checks each against the installed transformers.
+#: an ATen activation that saves it); tests/api/test_recompute.py checks each against the installed transformers.
 TRANSFORMERS_ACTIVATIONS = frozenset({
     "GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "ClippedGELUActivation",
     "AccurateGELUActivation", "MishActivation", "PytorchGELUTanh", "GELUTanh", "SiLUActivation"})
@@ -304,7 +304,7 @@ def memory_plan(model: nn.Module, example_inputs: Sequence) -> List[LayerMemory]
     Runs ``model(*example_inputs)`` once with gradients on (nothing is backpropagated). The bytes are the
     layer's own model (docs/memory.md): ``x`` in its compute dtype, or the 8-bit copy plus a float32 scale per
     row, unless a layer before it in this forward kept the same storage; nothing of ``x`` when rebuilt or kept
-    anyway; plus ``u``. tests/test_recompute.py checks them against counted bytes.
+    anyway; plus ``u``. tests/api/test_recompute.py checks them against counted bytes.
 
     Args:
         model: an adapted model.

@@ -12,7 +12,7 @@ specialisation is identical (ranks 48 and 64 pad to 64 and are both multiples of
 reported for each (``"deduplicated": true``); the rest compile in ``--jobs`` worker processes.
 
 It must run without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions this needs); the test
-suite runs it in a subprocess (tests/test_triton_aot.py).
+suite runs it in a subprocess (tests/kernels/test_aot.py).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ SEQUENCES, TASKS = 32, 4
 # through it), and rank 1 (a constant to the JIT). Every dtype up to MAX_RANK: fp32 fits no config at R_PAD
 # 256 (sas_adapter.TILE_BUDGET), so its fallback's stack bytes are reported there too.
 FULL_RANKS = {dtype_name: (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) for dtype_name in DTYPES}
-# What `make test` compiles (tests/test_triton_aot.py), sized for its 2-core budget: each config at the
+# What `make test` compiles (tests/kernels/test_aot.py), sized for its 2-core budget: each config at the
 # largest R_PAD it fits in bf16 and fp32 (registers and shared memory grow with R_PAD, so a config that fits
 # there fits below), in each kernel's heaviest launch variant (h gathered per task; the fp8 copy written, and
 # decoded in half precision), and fp32 at R_PAD 256, which fits no config; rank R_PAD - 8, not a multiple

@@ -7,7 +7,7 @@ and CUDA graphs capture. Eager callers (``sas/backends/triton.py``) call the lau
 torch.library dispatch, and after the first launch of a shape no autotuner either. One fused pass each way
 because the op is memory-bound; what a launch may rely on to stay exact (autotuning, streams, CUDA graphs,
 torch.compile), the bytes each pass moves, the precision of its dots and its deterministic row reductions:
-docs/design.md, section 6 (tests/test_triton_hazards.py on CPU, tests/test_gpu_hazards.py on a GPU).
+docs/design.md, section 6 (tests/kernels/test_hazards.py on CPU, tests/kernels/test_gpu_hazards.py on a GPU).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ SMEM_BUDGET_BYTES = 128 * 1024
 # 32x64/8 warps (8 of BLOCK_M x BLOCK_D) 0/40 from x itself, while 16x32/8 warps (2) spills in no launch up to
 # R_PAD 128. Within these budgets only the weights kernel at R_PAD 256 spills: fp32, which fits no config, and
 # half precision's one config, 16x32/8 warps, 24 bytes on sm_80 at rank 256 with an 8-bit copy (ptxas holds it
-# to 128 registers; 16x64/8 warps spilled there too, at rank 248). tests/test_triton_aot.py bounds both.
+# to 128 registers; 16x64/8 warps spilled there too, at rank 248). tests/kernels/test_aot.py bounds both.
 TILE_BUDGET = {  # kernel kind: {element size: (BLOCK_M x R_PAD, BLOCK_M x BLOCK_D, R_PAD x BLOCK_D) per thread}
     "rows": {4: (8, 16, 16), 2: (32, 64, 128)},
     "weights": {4: (8, 2, 16), 2: (16, 64, 128)},

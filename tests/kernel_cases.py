@@ -1,13 +1,13 @@
 """Op calls and configuration sweeps shared by the kernel suites, and the one accuracy assertion they all make.
 
-``KERNEL_GRID`` and ``MULTI_TASK_GRID`` run in ``test_triton_interpret.py`` (CPU, Triton's interpreter)
-and ``test_triton_gpu.py`` (CUDA); :func:`assert_matches_reference` also serves ``test_cpp.py``.
+``KERNEL_GRID`` and ``MULTI_TASK_GRID`` run in ``test_interpreter.py`` (CPU, Triton's interpreter)
+and ``test_gpu.py`` (CUDA); :func:`assert_matches_reference` also serves ``test_cpp.py``.
 ``CONFIG_CASES`` and ``SCALING_CASES`` (:func:`sas.testing.sas_config_cases`: every config field that changes
 the maths, crossed pairwise with widths, leading dims and dtypes) run as op calls, standalone layers and
 adapted models in ``test_config_space.py``.
 Inputs, tolerance and the check that the backend really ran are :mod:`sas.testing`'s (docs/design.md
-section 4). Not a test module: pytest puts ``tests/`` on ``sys.path`` (rootdir "prepend" import
-mode, no ``__init__.py``), so the suites ``import kernel_cases``.
+section 4). Not a test module: pytest puts ``tests/`` on ``sys.path`` (the folder of ``tests/conftest.py``,
+"prepend" import mode, no ``__init__.py``), so the suites in its subfolders ``import kernel_cases``.
 """
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Issue 17: training under autocast (bf16, fp16) on every backend.
+"""Training under autocast (bf16, fp16) on every backend.
 
 The hypernetwork's hand-written backward (Python and C++) multiplied half-precision activations, saved
 under autocast, with the float32 weights and crashed on every backend. Now the hypernetwork computes in

@@ -1,4 +1,4 @@
-"""Issue 17: the per-forward cache of h (``SaSShared.layer_tensors``) with inference tensors and with writes.
+"""The per-forward cache of h (``SaSShared.layer_tensors``) with inference tensors and with writes.
 
 The cache stamps the tensors h comes from with their version counters. A model set up under
 ``torch.inference_mode()`` has inference tensors, which have none, and its first forward raised

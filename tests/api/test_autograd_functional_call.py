@@ -1,4 +1,4 @@
-"""Issue 17: ``torch.func.functional_call`` with substitute tensors, single- and multi-task.
+"""``torch.func.functional_call`` with substitute tensors, single- and multi-task.
 
 The hand-written hypernetwork backward read the module's own W1/W2 rather than the tensors the forward
 used (embedding and W1 gradients about 100% off on the reference and Triton backends), and the multi-task

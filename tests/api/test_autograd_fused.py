@@ -1,4 +1,4 @@
-"""Issue 17: a model with ``layer_op="fused"``: double backward crashed (``addmm(): functions with out=...``)
+"""A model with ``layer_op="fused"``: double backward crashed (``addmm(): functions with out=...``)
 and an unfrozen base weight silently got no gradient. Checked in float64, where the fused designs still run
 (they are ATen ops), against plain autograd over the formulas, on every backend."""
 import pytest

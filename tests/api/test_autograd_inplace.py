@@ -1,4 +1,4 @@
-"""Issue 17: a hypernetwork or embedding tensor written in place between a forward and its backward.
+"""A hypernetwork or embedding tensor written in place between a forward and its backward.
 
 The modulation table's backward (Python ``_ModulationTable`` and the C++ ``sas::cpu_hypernetwork``) keeps
 its tensors on ``ctx``, out of autograd's version check, and used to compute gradients from the new values,

@@ -1,11 +1,12 @@
-"""Issue 17, ``python -m sas.check`` usage: a meta device, a seed out of the generators' range and a
-report path that is not a regular file end in one line on stderr and exit status 2, not a traceback;
-so does a report that cannot be written after the run."""
+"""``python -m sas.check`` usage: bad arguments (a meta device, a seed out of the generators' range, an unknown
+model or targets, a report path that is not a regular file) end in one line on stderr and exit status 2, before
+anything runs and not as a traceback; so does a report that cannot be written after the run."""
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from sas import check
 from sas.testing import CheckReport
@@ -59,3 +60,37 @@ def test_a_report_that_cannot_be_written_after_the_run_exits_2_with_one_line(tmp
     assert check.main(["--quick", "--json", str(folder / "report.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--json '{folder / 'report.json'}': cannot write it" in err, err
+
+
+# -- python -m sas.check usage -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "/nonexistent-folder/report.json"], "--json '/nonexistent-folder/report.json': cannot write it"),
+    (["--device", "gpu0"], "--device 'gpu0'"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", f"cuda:{torch.cuda.device_count()}"],
+     "--device 'cuda:"),
+    (["--model", "no_such_model"], "--model 'no_such_model': not a timm model name"),
+    (["--model", "test_vit", "--targets", "attn.qkv,decoder"],
+     "--targets: targets entry 'decoder' matches no nn.Linear"),
+    (["--model", "test_vit", "--targets", "attn.qkv,,mlp.fc1"], "--targets 'attn.qkv,,mlp.fc1': targets must be"),
+    (["--targets", "attn.qkv"], "--targets only applies with --model"),
+    (["--dtype", "fp8"], "--dtype: unknown ['fp8']"),
+])
+def test_check_rejects_bad_usage_before_running(argv, message, monkeypatch, capsys, tmp_path):
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("the check ran despite bad usage")
+
+    monkeypatch.setattr(check, "check_grid", must_not_run)
+    monkeypatch.setattr(check, "check_model", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        check.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_check_json_path_that_is_a_folder_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        check.main(["--quick", "--json", str(tmp_path)])
+    assert exit_info.value.code == 2 and "is a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

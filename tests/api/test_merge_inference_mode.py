@@ -1,4 +1,4 @@
-"""Issue 17, serving under ``torch.inference_mode()``: a model injected or loaded there (its weights are
+"""Serving under ``torch.inference_mode()``: a model injected or loaded there (its weights are
 inference tensors, which have no version counter) runs, merges to the same outputs and unmerges to the
 same weights bit for bit; a write to a merged inference weight is still noticed by unmerge."""
 import contextlib

@@ -1,4 +1,4 @@
-"""Many tasks on one model (issue 12): sas.tasks, task embeddings, sas.add_task, per-task merge, save/load."""
+"""Many tasks on one model: sas.tasks, task embeddings, sas.add_task, per-task merge, save/load."""
 import json
 import runpy
 import threading
@@ -369,7 +369,7 @@ def test_num_tasks_must_be_a_positive_int():
 
 
 def test_the_multitask_example_runs(capsys):
-    example = Path(__file__).resolve().parent.parent / "examples" / "multitask.py"
+    example = Path(__file__).resolve().parents[2] / "examples" / "multitask.py"
     runpy.run_path(str(example))["main"](steps=1)
     printed = capsys.readouterr().out
     claims = ("task 0 unchanged bit for bit: True", "merged for task 0 matches: True", "loaded, task 0 equal: True")

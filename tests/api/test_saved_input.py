@@ -1,4 +1,4 @@
-"""``SaSConfig(saved_input="int8" | "fp8")`` (issue 19): an adapted layer keeps an 8-bit copy of its input for
+"""``SaSConfig(saved_input="int8" | "fp8")``: an adapted layer keeps an 8-bit copy of its input for
 dA instead of the input itself.
 
 * The oracle (``sas.reference.quantize_rows``): its rounding and its bounds.
@@ -8,6 +8,8 @@ dA instead of the input itself.
   full-precision x (saved bytes counted exactly: unique storages); q, k and v fed one input keep ONE copy.
 * No copy under no_grad / inference_mode; autocast, checkpointing and ``torch.func.functional_call`` work.
 """
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -16,8 +18,10 @@ from torch.utils.checkpoint import checkpoint
 import sas
 import sas.testing
 from bench.counting import saved_bytes
-from sas import reference
+from sas import SaSConfig, reference
 from sas.testing import forced_backend
+
+from small_models import Mlp
 
 BACKENDS = sas.available_backends("cpu")  # triton through the interpreter (tests/conftest.py)
 KINDS = ("int8", "fp8")
@@ -547,3 +551,49 @@ def test_q_k_v_keep_one_copy_on_cuda_under_bf16_autocast(kind):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         storages = saved_storages(lambda: model(x))
     assert [s for d, s in storages if d == reference.QUANTIZED_INPUT_DTYPES[kind]] == [4 * 197 * WIDTH]
+
+
+# -- the 8-bit saved inputs: empty batches, autocast ------------------------------------------------
+
+def _saved_input_model(saved_input, dtype=torch.float32):
+    model = sas.inject(Mlp(dtype=dtype), SaSConfig(rank=3, targets=["enc.0", "enc.2", "out"], saved_input=saved_input))
+    return sas.testing.randomize_adapter(model)
+
+
+def _step_gradients(model, x, backend, autocast_dtype=None):
+    """The gradient of the input and of every trainable tensor of one training step on ``x``."""
+    inputs = x.clone().requires_grad_()
+    with sas.testing.forced_backend(backend), torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+                                                              enabled=autocast_dtype is not None):
+        model(inputs).float().square().sum().backward()
+    return {"x": inputs.grad, **{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
+
+
+@pytest.mark.parametrize("backend", sas.available_backends("cpu"))
+def test_an_empty_batch_trains_in_the_8_bit_modes_with_zero_gradients(backend):
+    """The reference's backward (every backend's route in float64) reshaped the 0-row gradient to (0, -1)."""
+    for dtype, shape in itertools.product((torch.float32, torch.float64), ((0, 12), (3, 0, 12))):
+        x = torch.zeros(shape, dtype=dtype)
+        expected = _step_gradients(_saved_input_model("full", dtype), x, backend)
+        for kind in ("int8", "fp8"):
+            grads = _step_gradients(_saved_input_model(kind, dtype), x, backend)
+            assert grads.keys() == expected.keys()
+            for name, grad in grads.items():
+                assert grad.shape == expected[name].shape and not grad.any(), (kind, dtype, shape, name)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_reference_under_autocast_changes_only_dA_in_the_8_bit_modes(autocast_dtype):
+    """As on the kernel backends: dx, B, the embeddings and the hypernetwork get the full mode's gradients bit
+    for bit, and dA alone reads the 8-bit copy."""
+    x = torch.randn(4, 5, 12, generator=torch.Generator().manual_seed(3))
+    full = _step_gradients(_saved_input_model("full"), x, "reference", autocast_dtype)
+    for kind in ("int8", "fp8"):
+        grads = _step_gradients(_saved_input_model(kind), x, "reference", autocast_dtype)
+        assert grads.keys() == full.keys()
+        for name, grad in grads.items():
+            if ".down." in name:
+                assert not torch.equal(grad, full[name]) and torch.nn.functional.cosine_similarity(
+                    grad.flatten(), full[name].flatten(), dim=0) > 0.99, (kind, name)
+            else:
+                assert torch.equal(grad, full[name]), (kind, name)

@@ -1,4 +1,4 @@
-"""Issue 20: the SSL and SSB scaling adapters (sas/scaling.py) through their whole life cycle: config,
+"""The SSL and SSB scaling adapters (sas/scaling.py) through their whole life cycle: config,
 inject, forward and every gradient against the float64 oracle on every backend (fp32/fp16/bf16 and
 autocast, by the tolerance rule of docs/design.md), merge/unmerge, save/load, and the usual input checks."""
 import copy
@@ -178,7 +178,7 @@ def test_the_fast_path_runs_and_is_checked_where_only_the_reference_backend_is_b
 def test_autocast_training_matches_float64_within_the_tolerance_rule(kind, dtype):
     model = scaled_mlp(kind)
     x = torch.randn(6, 12)
-    grad_output = 32 * torch.randn(6, 5, dtype=torch.float64)  # loss-scaled, as in tests/test_autocast.py
+    grad_output = 32 * torch.randn(6, 5, dtype=torch.float64)  # loss-scaled, as in tests/api/test_autocast.py
 
     def run(net, inputs, backend, autocast):
         params = [p for p in net.parameters() if p.requires_grad]

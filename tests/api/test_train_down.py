@@ -1,4 +1,4 @@
-"""``SaSConfig(train_down=False)`` (LoRA-FA style, issue 19): A keeps its value and gets no gradient, every
+"""``SaSConfig(train_down=False)`` (LoRA-FA style): A keeps its value and gets no gradient, every
 other gradient is the full mode's, and an adapted layer keeps no tensor of its input's size for the backward
 (only u = x @ A.T, 4 bytes x rank per row), on every backend and layer op. Saved bytes are counted exactly
 (unique storages, ``bench.counting.saved_bytes``)."""

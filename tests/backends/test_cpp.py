@@ -195,7 +195,7 @@ def _hypernetwork_by_autograd(embeddings, w1, b1, w2, b2):
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_hypernetwork_op_under_autocast_computes_in_its_inputs_dtype(dtype):
-    """Issue 17: under autocast the op saved half-precision activations and its backward crashed on them
+    """Under autocast the op saved half-precision activations and its backward crashed on them
     (``expected m1 and m2 to have the same dtype``); it now runs in its inputs' dtype with autocast off."""
     inputs = _hypernetwork_inputs()
     grad_h = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
@@ -212,7 +212,7 @@ def test_hypernetwork_op_under_autocast_computes_in_its_inputs_dtype(dtype):
 @pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "double backward"])
 @pytest.mark.parametrize("written", [0, 1, 3], ids=["embeddings", "w1", "w2"])
 def test_hypernetwork_op_refuses_an_input_written_since_the_forward(written, create_graph):
-    """Issue 17: the op keeps its inputs in saved_data, out of autograd's version check, and computed
+    """The op keeps its inputs in saved_data, out of autograd's version check, and computed
     gradients from values written after the forward; it now raises as autograd does."""
     inputs = _hypernetwork_inputs()
     h = torch.ops.sas.cpu_hypernetwork(*inputs, 0)

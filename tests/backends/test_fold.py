@@ -112,7 +112,7 @@ def test_fold_returns_a_window_of_the_stacked_output():
 
 @pytest.mark.parametrize("design", DESIGNS)
 def test_unfrozen_weight_and_bias_get_their_exact_gradient(design):
-    """Issue 17: the fused designs used the base weight detached, so an unfrozen one got no gradient."""
+    """The fused designs used the base weight detached, so an unfrozen one got no gradient."""
     case = make_case((4,), d_in=6, d_out=5, rank=2)
     leaves = {k: case[k].clone().requires_grad_() for k in ("x", "weight", "bias", "A", "B", "h")}
     inputs = [leaves[k] for k in ("x", "weight", "bias", "A", "B", "h")]
@@ -131,7 +131,7 @@ def test_frozen_weight_and_bias_get_no_gradient():
 
 @pytest.mark.parametrize("design", DESIGNS)
 def test_double_backward_float64(design):
-    """Issue 17: a double backward through the fused designs crashed (addmm with out= under autograd)."""
+    """A double backward through the fused designs crashed (addmm with out= under autograd)."""
     case = make_case((2, 3), d_in=5, d_out=4, rank=3)
     weight, bias = case["weight"], case["bias"]
     inputs = tuple(case[k].clone().requires_grad_() for k in TRAINABLE)

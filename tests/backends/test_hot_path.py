@@ -103,7 +103,7 @@ def test_device_ops_and_launches_per_layer(backend, saved_input):
 @pytest.mark.parametrize("mode", [{"saved_input": "int8"}, {"saved_input": "fp8"}, {"train_down": False}],
                          ids=["int8", "fp8", "frozen-A"])
 def test_keeping_less_of_x_costs_no_extra_device_op(backend, mode):
-    """Issue 19: the 8-bit copy is written by the forward's own op or launch and read by the backward's, so a
+    """The 8-bit copy is written by the forward's own op or launch and read by the backward's, so a
     training step costs exactly the full mode's device ops and launches; a frozen A costs at most those."""
     if backend == "reference":
         pytest.skip("the reference path is the oracle, not a hot path")

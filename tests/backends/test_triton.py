@@ -1,9 +1,9 @@
 """The Triton whole-layer node (``sas.backends.triton.AdaptedLinearFunction``) on CPU through Triton's
-interpreter: its output takes in-place ops like any tensor (issue 17), and the node and the op's
+interpreter: its output takes in-place ops like any tensor, and the node and the op's
 Function behave under autocast.
 
 Everything is compared with the reference backend (plain autograd) on the same inputs. fp16 autocast
-only: the interpreter's bf16 ``tl.dot`` is broken (test_triton_interpret.py), so bf16 autocast is
+only: the interpreter's bf16 ``tl.dot`` is broken (test_interpreter.py), so bf16 autocast is
 checked on a GPU (``test_gpu_hazards.py``). Whole models trained under autocast on every backend
 (the hypernetwork included) are checked by the cross-backend autocast tests.
 """

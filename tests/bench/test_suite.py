@@ -13,7 +13,7 @@ import pytest
 
 from bench import suite
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
@@ -64,14 +64,14 @@ def test_main_call_puts_the_headline_after_the_correctness_gate():
 
 def test_fresh_process_tests_exist_and_bound_their_child_below_their_step():
     # A renamed test would be deselected silently from the main call; its child's timeout must fire first.
-    source = (ROOT / "tests" / "test_gpu_hazards.py").read_text()
+    source = (ROOT / "tests" / "kernels" / "test_gpu_hazards.py").read_text()
     tree = ast.parse(source)
     functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
     default = next(arg.value for arg in ast.walk(functions["_in_fresh_process"]) if isinstance(arg, ast.Constant)
                    and isinstance(arg.value, int))
     for node_id, step_timeout in suite.FRESH_PROCESS_TESTS.values():
         path, name = node_id.split("::")
-        assert path == "tests/test_gpu_hazards.py" and name in functions, node_id
+        assert path == "tests/kernels/test_gpu_hazards.py" and name in functions, node_id
         calls = [c for c in ast.walk(functions[name]) if isinstance(c, ast.Call)
                  and getattr(c.func, "id", None) == "_in_fresh_process"]
         assert len(calls) == 1, name

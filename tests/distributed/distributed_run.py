@@ -1,5 +1,5 @@
 """Run a test's worker in several processes joined in one process group (imported as ``distributed_run``:
-pytest puts ``tests/`` on ``sys.path``). Used by the DDP, FSDP and recipe tests."""
+pytest puts each test file's folder on ``sys.path``). Used by the DDP and FSDP tests beside it."""
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -249,7 +249,7 @@ def _load_training_state(model, optimizer, path):
 
 def _assert_same_math(distributed, single, name):
     """Two half-batch gradients averaged vs one full-batch mean in float32: the same sums in another order,
-    so they agree to rounding, about 1e-6 relative (as for DDP, tests/test_ddp.py), not bit for bit."""
+    so they agree to rounding, about 1e-6 relative (as for DDP, tests/distributed/test_ddp.py), not bit for bit."""
     torch.testing.assert_close(distributed, single, rtol=1e-4, atol=1e-6, msg=name)
 
 

@@ -20,7 +20,7 @@ from sas.io import CONFIG_NAME, DESCRIPTION_KEY, WEIGHTS_NAME, adapter_state_dic
 # Saved by save_adapter before the weights file carried its description (commit 42051b9), from Tiny
 # below with SaSConfig(rank=2, embed_dim=3, hyper_hidden=4, targets=["enc"], trainable_modules=["out"],
 # num_tasks=2) and random values.
-SAVED_BY_VERSION_1 = Path(__file__).parent / "data" / "adapter_saved_by_v1"
+SAVED_BY_VERSION_1 = Path(__file__).resolve().parents[1] / "data" / "adapter_saved_by_v1"
 
 
 class Tiny(nn.Module):

@@ -10,7 +10,7 @@ compiling in one worker process per core.
 per kernel in its heaviest launch, in bf16 and fp32, plus every launch variant once in fp16).
 ``SAS_AOT_GRID=full`` (``make aot``) compiles the full grid instead (ranks 1-256 in fp32, fp16 and bf16, every
 launch, with and without tasks; 1,464 distinct compilations per target):
-``SAS_AOT_GRID=full .venv/bin/python -m pytest tests/test_triton_aot.py``.
+``SAS_AOT_GRID=full .venv/bin/python -m pytest tests/kernels/test_aot.py``.
 """
 import json
 import os
@@ -24,7 +24,7 @@ import torch
 from sas_kernels import sas_adapter as kernels
 from sas_kernels.aot import SMEM_LIMIT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"_sas_forward_kernel", "_sas_backward_rows_kernel", "_sas_backward_weights_kernel"}
 GRID = os.environ.get("SAS_AOT_GRID", "ci")
 ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}

@@ -1,6 +1,6 @@
-"""The GPU path stays exact under autotuning, concurrent streams, CUDA graphs and torch.compile (issue 16).
+"""The GPU path stays exact under autotuning, concurrent streams, CUDA graphs and torch.compile.
 
-CUDA versions of ``test_triton_hazards.py`` (which reproduces each hazard on CPU through Triton's
+CUDA versions of ``test_hazards.py`` (which reproduces each hazard on CPU through Triton's
 interpreter), run by ``make test-gpu``. ``make test-gpu`` turns autotuning off for speed; the test that
 needs it on, and the ones whose process state matters (a first tuning, a first traced backward), run
 in a fresh subprocess of their own. Accuracy follows the tolerance rule (``sas.testing``) where a test
@@ -24,7 +24,7 @@ from sas_kernels import sas_adapter as kernels
 
 pytestmark = pytest.mark.gpu
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WIDTH = 256
 
 

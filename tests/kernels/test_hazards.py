@@ -1,4 +1,4 @@
-"""The GPU path's five hazards (issue 16), each reproduced on CPU through Triton's interpreter.
+"""The GPU path's five hazards, each reproduced on CPU through Triton's interpreter.
 
 1. Autotuning times its configs by running the kernel on the caller's tensors: in-place launches
    (y over base, dx, the shared A/B gradient totals) must not be applied once per timed run.

@@ -1,7 +1,7 @@
 """The Triton kernels on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest
 when CUDA is absent): forward and every gradient against the fp64 reference, by the
 tolerance rule (``sas.testing.compare_op``). fp32 and fp16 only: the interpreter's bf16
-``tl.dot`` is broken (docs/design.md section 5); bf16 runs in ``test_triton_gpu.py``."""
+``tl.dot`` is broken (docs/design.md section 5); bf16 runs in ``test_gpu.py``."""
 import pytest
 import torch
 

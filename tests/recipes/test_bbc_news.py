@@ -14,7 +14,7 @@ from sas.recipes.bbc_news.finetune import QUICK
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPARE = "sas.recipes.bbc_news.compare"
 
 
