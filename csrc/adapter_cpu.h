@@ -25,11 +25,12 @@ struct SavedCopy {
 
 // x (rows, d_in), base (rows, d_out) -> y = base + scale * ((x @ A.T) * h) @ B.T and the float32
 // u = x @ A.T (rows, rank) the backward needs. h is (rank,) or (tasks, rank) picked by task_ids.
-// With `copy`, also the 8-bit copy of x, from the same pass over x.
+// With `copy`, also the 8-bit copy of x, from the same pass over x. With `into_base` (the caller owns base, a
+// contiguous temporary such as the frozen GEMM's output), y is written over base in place and returned.
 std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x, const at::Tensor& base, const at::Tensor& A,
                                                    const at::Tensor& B, const at::Tensor& h, double scale,
                                                    const std::optional<at::Tensor>& task_ids,
-                                                   const SavedCopy* copy = nullptr);
+                                                   const SavedCopy* copy = nullptr, bool into_base = false);
 
 // -> gradients of x, A, B and h (the gradient of base is grad_y itself). x is what the forward kept of the
 // input: x itself, its 8-bit copy (x_scale given: one float32 scale per row), or nothing, and then no dA

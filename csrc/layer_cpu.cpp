@@ -262,7 +262,8 @@ std::tuple<at::Tensor, at::Tensor> adapted_linear_forward_cpu(const at::Tensor& 
                                                               const std::optional<at::Tensor>& task_ids) {
   const int64_t rows = leading_rows(x);
   const at::Tensor x2 = x.reshape({rows, x.size(-1)});
-  auto [y2, u] = adapter_forward(x2, at::linear(x2, weight, bias), A, B, h, scale, task_ids);
+  auto [y2, u] = adapter_forward(x2, at::linear(x2, weight, bias), A, B, h, scale, task_ids, nullptr,
+                                 /*into_base=*/true);
   return {x.dim() == 2 ? y2 : y2.view(with_last(x, weight.size(0))), u};
 }
 
@@ -287,13 +288,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantized_linear_forw
                 op, ": x_q must be a contiguous (", rows, ", ", d_in, ") ", q_dtype, " copy with float32 (", rows,
                 ",) x_scale; got ", x_q->sizes(), " ", x_q->scalar_type(), " and ", x_scale->sizes(), " ",
                 x_scale->scalar_type());
-    auto [y2, u] = adapter_forward(x2, at::linear(x2, weight, bias), A, B, h, scale, task_ids);
+    auto [y2, u] = adapter_forward(x2, at::linear(x2, weight, bias), A, B, h, scale, task_ids, nullptr,
+                                   /*into_base=*/true);
     return {x.dim() == 2 ? y2 : y2.view(with_last(x, weight.size(0))), u, x_q->new_empty({0, d_in}),
             x_scale->new_empty({0})};
   }
   const SavedCopy copy{kind, at::empty({rows, d_in}, x.options().dtype(q_dtype)),
                        at::empty({rows}, x.options().dtype(at::kFloat))};
-  auto [y2, u] = adapter_forward(x2, at::linear(x2, weight, bias), A, B, h, scale, task_ids, &copy);
+  auto [y2, u] = adapter_forward(x2, at::linear(x2, weight, bias), A, B, h, scale, task_ids, &copy,
+                                 /*into_base=*/true);
   return {x.dim() == 2 ? y2 : y2.view(with_last(x, weight.size(0))), u, copy.q, copy.scale};
 }
 
