@@ -247,22 +247,25 @@ def run_rebuilding(run, rebuild: Rebuild, x: torch.Tensor, dtype: torch.dtype, *
     it (checkpointing keeps nothing, offloading moves it), ``x`` is handed to them as in the full mode."""
     with torch.autocast(x.device.type, enabled=False):
         cast = x.to(dtype)
+    # The hooks read plain numbers, never ``cast`` itself: autograd keeps both hooks alive with every tensor
+    # saved under them (A, B, h, u too), so a closure over ``cast`` kept every layer's x until the backward
+    # (the counted ViT-B/16 step peak was 1.417x the frozen model's, above the full mode's 1.394x).
     storage = cast.untyped_storage().data_ptr()
+    version, shape, stride, offset = cast._version, cast.shape, cast.stride(), cast.storage_offset()
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
     observed: List[bool] = []  # whether the outer hooks keep the producer's input as given (asked once)
 
     def pack(t):
-        if t.untyped_storage().data_ptr() == storage and t.dtype == dtype and t._version == cast._version:
+        if t.untyped_storage().data_ptr() == storage and t.dtype == dtype and t._version == version:
             if outer_pack is not None:
                 if not observed:
                     observed.append(outer_pack(rebuild.source) is rebuild.source)
                 if not observed[0]:
                     return outer_pack(t)
             rebuild.pending += 1
-            same = t.shape == cast.shape and t.stride() == cast.stride() and t.storage_offset() == cast.storage_offset()
-            return _Handle(rebuild, dtype, None if same else (t.shape, t.stride(),
-                                                             t.storage_offset() - cast.storage_offset()))
+            same = t.shape == shape and t.stride() == stride and t.storage_offset() == offset
+            return _Handle(rebuild, dtype, None if same else (t.shape, t.stride(), t.storage_offset() - offset))
         return t if outer_pack is None else outer_pack(t)
 
     def unpack(packed):

@@ -316,3 +316,26 @@ def test_8bit_modes_keep_no_copy_of_an_attention_output(kind, cpp_backend):
     proj = plan["blocks.1.attn.proj"]
     assert proj.keeps == "kept anyway" and proj.bytes_per_row == 4 * 4  # u alone (rank 4)
     assert plan["blocks.1.mlp.fc1"].keeps == f"{kind} copy" and plan["blocks.1.mlp.fc1"].bytes_per_row == 64 + 4 + 16
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_between_forward_and_backward_the_live_bytes_drop_by_the_plans_difference(cpp_backend, dtype):
+    """Counted from the CPU allocator's own events: what is alive after the forward (C++ backend: under
+    Triton's interpreter the live bytes differ from the plan in both modes, not yet explained). Saved-bytes counts see
+    only what autograd saves; this also sees what the saving hooks themselves keep alive (a hook closure
+    that held the cast x once kept every layer's x until the backward, with nothing saved)."""
+    from bench.memory import allocation_timeline
+
+    x = inputs(rows=64).requires_grad_(True)
+    live, planned = {}, {}
+    for mode in ("full", "recompute"):
+        model, outputs = adapted(mode), []
+
+        def forward():
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                outputs.append(model(x))
+        live[mode] = allocation_timeline(forward)[-1]
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            planned[mode] = sum(m.bytes for m in sas.memory_plan(model, (x,)))
+    assert planned["full"] > planned["recompute"]
+    assert live["full"] - live["recompute"] == planned["full"] - planned["recompute"]
