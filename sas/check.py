@@ -207,8 +207,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if not SEED_MIN <= args.seed <= SEED_MAX:
         parser.error(f"--seed {args.seed}: must be a signed 64-bit integer ({SEED_MIN}..{SEED_MAX})")
     _check_device(parser, args.device)
-    if (torch.device(args.device).type == "cpu" and "triton" in (args.backend or []) and not args.triton_interpret
-            and os.environ.get("TRITON_INTERPRET") != "1"):
+    if backends.needs_triton_interpreter(args.backend or [], args.device) and not args.triton_interpret:
         parser.error("--backend triton on cpu runs the Triton kernels through Triton's interpreter: add "
                      "--triton-interpret (slow; fp32/fp16), or check them on a CUDA device")
     if args.targets is not None and not args.model:

@@ -44,6 +44,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._merge_state import MergeableLinear
+
 #: Hugging Face RMSNorms that cast their input to float32 and keep that float32 tensor (see the module doc).
 FLOAT32_RMSNORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "T5LayerNorm"})
 #: ``transformers.activations`` classes whose backward keeps their input (each multiplies by it, or calls
@@ -301,6 +303,12 @@ class LayerMemory:
         return self.rows * self.bytes_per_row
 
 
+def _is_sas_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``SaSLinear``, told by what it has: ``sas.layer`` imports this module, so
+    importing it back would make a cycle. Of the mergeable layers only SaS's has a ``saved_input``."""
+    return isinstance(module, MergeableLinear) and hasattr(module, "saved_input")
+
+
 def memory_plan(model: nn.Module, example_inputs: Sequence) -> List[LayerMemory]:
     """Say, for every adapted layer call of one forward, what it keeps for the backward and how many bytes.
 
@@ -328,9 +336,8 @@ def memory_plan(model: nn.Module, example_inputs: Sequence) -> List[LayerMemory]
     """
     global _planning
     from .backends import compute_dtype
-    from .layer import SaSLinear
 
-    names = {id(m): n for n, m in model.named_modules() if isinstance(m, SaSLinear)}
+    names = {id(m): n for n, m in model.named_modules() if _is_sas_layer(m)}
     decisions: List[_Decision] = []
 
     def note_full(module, args):  # "full" layers never call saved_form: their decision is made here
@@ -341,7 +348,7 @@ def memory_plan(model: nn.Module, example_inputs: Sequence) -> List[LayerMemory]
                 ("kept", kept) if kept is not None else ("full", ""))
             decisions.append(_Decision(module, form, source, x, compute_dtype(x, module.base_layer.weight)))
 
-    handles = [m.register_forward_pre_hook(note_full) for m in model.modules() if isinstance(m, SaSLinear)]
+    handles = [m.register_forward_pre_hook(note_full) for m in model.modules() if _is_sas_layer(m)]
     previous, _planning = _planning, decisions
     try:
         with torch.enable_grad():

@@ -171,6 +171,13 @@ def _device_refusal(name: str, device: torch.device) -> Optional[str]:
     return record.supports(device)
 
 
+def needs_triton_interpreter(names, device: torch.device) -> bool:
+    """Whether running the backends ``names`` on ``device`` needs Triton's interpreter, not yet chosen in this
+    process (``TRITON_INTERPRET=1`` must be set before the kernels are imported)."""
+    return (torch.device(device).type == "cpu" and "triton" in names
+            and os.environ.get("TRITON_INTERPRET") != "1")
+
+
 def backend_available(name: str, device: torch.device) -> bool:
     """Whether backend ``name`` can run on tensors of ``device`` in this process."""
     return _device_refusal(name, torch.device(device)) is None
