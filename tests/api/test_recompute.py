@@ -331,7 +331,7 @@ def test_between_forward_and_backward_the_live_bytes_drop_by_the_plans_differenc
     for mode in ("full", "recompute"):
         model, outputs = adapted(mode), []
 
-        def forward():
+        def forward(model=model, outputs=outputs):
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 outputs.append(model(x))
         live[mode] = allocation_timeline(forward)[-1]
