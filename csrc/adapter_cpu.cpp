@@ -99,6 +99,12 @@ void dot_rows(const T* rows, int64_t row_stride, const float* weights, int64_t l
   }
 }
 
+// Rows per dot_rows call for a tile of R ranks: two where their M x R accumulators, M row vectors and the
+// weight vector fit the register file (every tile on AVX-512), else one (R = 8 on AVX2, whose 19 vectors
+// would spill).
+template <int R>
+constexpr int kDotRows = 2 * R + 2 + 1 <= simd::kRegisters ? 2 : 1;
+
 // out[i * rank + k] = sum_j rows[i * row_stride + j] * weights[k * len + j] for every
 // row i < num_rows and rank k < rank: a block of u = x @ A.T or of gB = g @ B.
 template <typename T>
@@ -106,9 +112,10 @@ void dot_block(const T* rows, int64_t row_stride, int64_t num_rows, const float*
                float* out) {
   for_each_rank_tile(rank, [&](auto tile, int64_t first) {
     constexpr int R = decltype(tile)::value;
+    constexpr int M = kDotRows<R>;
     int64_t i = 0;
-    for (; i + 2 <= num_rows; i += 2) {
-      dot_rows<R, 2>(rows + i * row_stride, row_stride, weights + first * len, len, rank, out + i * rank + first);
+    for (; i + M <= num_rows; i += M) {
+      dot_rows<R, M>(rows + i * row_stride, row_stride, weights + first * len, len, rank, out + i * rank + first);
     }
     if (i < num_rows) {
       dot_rows<R, 1>(rows + i * row_stride, row_stride, weights + first * len, len, rank, out + i * rank + first);
