@@ -94,9 +94,7 @@ void dot_rows(const T* rows, int64_t row_stride, const float* weights, int64_t l
       for (int m = 0; m < M; ++m) sums[m][k] += values[m] * weight;
     }
   });
-  for (int m = 0; m < M; ++m) {
-    for (int k = 0; k < R; ++k) out[m * rank + k] = simd::horizontal_sum(sums[m][k]);
-  }
+  for (int m = 0; m < M; ++m) simd::horizontal_sums<R>(sums[m], out + m * rank);
 }
 
 // Rows per dot_rows call for a tile of R ranks: two where their M x R accumulators, M row vectors and the

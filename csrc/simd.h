@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 namespace sas::simd {
 
@@ -120,12 +121,52 @@ inline void store_n(T* dst, Vec v, int64_t count) {
   }
 }
 
-// Lanes summed pairwise in a fixed order, so the result never depends on threads.
-inline float horizontal_sum(Vec v) {
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
-    for (int64_t i = 0; i < width; ++i) v[i] += v[i + width];
+// Horizontal sums: each vector's lanes are summed pairwise in one fixed tree (lane i with lane i + width,
+// width = kLanes / 2, ..., 1), so a result never depends on threads.
+namespace detail {
+// Source lane, in the concatenation (a, b), of output lane `lane` when two vectors holding sums `width`
+// lanes wide each (kLanes / width sums per vector) fold into one holding twice as many sums half as wide:
+// the lower (`half` 0) or upper (`half` width / 2) partner of that lane in the tree.
+constexpr int fold_source(int lane, int width, int half) {
+  const int sums_per_vector = static_cast<int>(kLanes) / width;
+  const int slot = lane / (width / 2), offset = lane % (width / 2);
+  return (slot < sums_per_vector ? 0 : static_cast<int>(kLanes)) + (slot % sums_per_vector) * width + half + offset;
+}
+
+template <int Width, int... Lane>
+inline Vec fold_pair(Vec a, Vec b, std::integer_sequence<int, Lane...>) {
+  return __builtin_shufflevector(a, b, fold_source(Lane, Width, 0)...) +
+         __builtin_shufflevector(a, b, fold_source(Lane, Width, Width / 2)...);
+}
+
+template <int Count, int Width>
+inline void fold_sums(Vec* v, float* out) {
+  if constexpr (Count > 1 && Width > 1) {
+    for (int i = 0; i < Count / 2; ++i) {
+      v[i] = fold_pair<Width>(v[2 * i], v[2 * i + 1], std::make_integer_sequence<int, static_cast<int>(kLanes)>{});
+    }
+    fold_sums<Count / 2, Width / 2>(v, out);
+  } else {
+    // One vector of kLanes / Width sums, each Width lanes wide: finish each sum's tree lane by lane.
+    for (int k = 0; k < static_cast<int>(kLanes) / Width; ++k) {
+      float* lanes = reinterpret_cast<float*>(&v[0]) + k * Width;
+      for (int width = Width / 2; width >= 1; width /= 2) {
+        for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+      }
+      out[k] = lanes[0];
+    }
   }
-  return v[0];
+}
+}  // namespace detail
+
+// out[k] = the sum of sums[k]'s lanes for Count (a power of two, at most kLanes) vectors, folded two vectors
+// at a time with whole-vector shuffles and adds: each level halves the vectors and the lanes per sum, in the
+// tree's own pairing, so the sums are bit for bit those of a lane-by-lane tree (checked against the previous
+// lane-by-lane build on every dtype, ranks 1-29). `sums` is overwritten.
+template <int Count>
+inline void horizontal_sums(Vec* sums, float* out) {
+  static_assert(Count >= 1 && Count <= kLanes && (Count & (Count - 1)) == 0, "Count: a power of two <= kLanes");
+  detail::fold_sums<Count, static_cast<int>(kLanes)>(sums, out);
 }
 
 }  // namespace sas::simd
