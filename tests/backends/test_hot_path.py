@@ -100,6 +100,31 @@ def test_device_ops_and_launches_per_layer(backend, saved_input):
         assert extra_per_layer <= 5, names  # the issue's target for the Triton backend, launches included
 
 
+def test_device_ops_per_layer_under_bf16_autocast():
+    """Under autocast the C++ layer casts x, W0 and b0 once (autocast off inside), runs its one op each way,
+    and its backward's dx += g @ W0 reads W0 through one column-major copy (csrc/layer_cpu.cpp,
+    frozen_weight_for_input_grad: PyTorch's CPU half-precision GEMM fallback is 8-14x slower with the row-major
+    W0); per layer that is at most five device ops over the frozen model's autocast step."""
+    with forced_backend("cpp"):
+        x = torch.randn(4, 64, requires_grad=True)
+        model, frozen = adapted_mlp(saved_input="full"), mlp().requires_grad_(False)
+
+        def autocast_step(m):
+            step = _step(m, x)
+
+            def run():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    step()
+            return run
+        autocast_step(model)()  # first call: validation and caches
+        adapted, base = count_device_ops(autocast_step(model)), count_device_ops(autocast_step(frozen))
+    names = adapted.names
+    assert names["sas::cpu_adapted_linear_forward"] == LAYERS and names["sas::cpu_adapter_backward"] == LAYERS
+    assert names["aten::addmm_"] == LAYERS and names["aten::clone"] == LAYERS, names  # dx += g @ W0, W0's copy
+    assert not names["aten::mm"] and not names["aten::addmm"], names  # no frozen GEMM outside the layer's ops
+    assert (adapted.total - base.total) / LAYERS <= 5, (names, base.names)
+
+
 @pytest.mark.parametrize("mode", [{"saved_input": "int8"}, {"saved_input": "fp8"}, {"train_down": False}],
                          ids=["int8", "fp8", "frozen-A"])
 def test_keeping_less_of_x_costs_no_extra_device_op(backend, mode):
@@ -109,7 +134,7 @@ def test_keeping_less_of_x_costs_no_extra_device_op(backend, mode):
         pytest.skip("the reference path is the oracle, not a hot path")
     x = torch.randn(4, 64, requires_grad=True)
     counts = []
-    for config in ({}, mode):
+    for config in ({"saved_input": "full"}, mode):
         model = adapted_mlp(**config)
         _step(model, x)()  # first call: validation and caches
         counts.append(count_device_ops(_step(model, x)))
