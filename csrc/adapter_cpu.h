@@ -38,6 +38,6 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& x, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& h, const at::Tensor& u, double scale, const std::optional<at::Tensor>& task_ids,
-    const std::optional<at::Tensor>& x_scale);
+    const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& frozen_weight);
 
 }  // namespace sas

@@ -95,7 +95,8 @@ using QuantizedForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tens
     const std::optional<at::Tensor>&);
 using AdapterBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+    const at::Tensor&, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
 using HyperForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, int64_t);
@@ -161,17 +162,6 @@ void record_layer(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A
                                               h.requires_grad()});
 }
 
-// W0 laid out for the backward's dx += g @ W0. PyTorch's CPU GEMMs for bfloat16 and float16 without AVX512-BF16
-// or AMX run a fallback whose speed depends on the second operand's layout: row-major W0 (autograd's own
-// layout for this product) is an order of magnitude slower than a column-major copy. 512 rows, 2 threads,
-// Zen 3 EPYC, bfloat16: 384->384 72 vs 8.5 ms, 384->1536 289 vs 30 ms, 1536->384 450 vs 34 ms with the copy
-// made in each call (float16 alike). The copy is one (d_out, d_in) transpose, nothing next to the product.
-// float32 runs MKL, where the row-major W0 is the faster one (2048 rows: 13.1 vs 14.1 ms at 1536->384).
-at::Tensor frozen_weight_for_input_grad(const at::Tensor& weight) {
-  const bool half = weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf;
-  return half ? weight.t().contiguous().t() : weight;
-}
-
 // The backward of both layer nodes, from what they saved: [kept x or copy, copy's scales, u, weight, bias, A,
 // B, h, task_ids], the first two undefined where not kept (the full node keeps x only when A needs a
 // gradient: only dA reads it).
@@ -201,9 +191,9 @@ variable_list layer_backward(AutogradContext* ctx, const variable_list& grad_out
   const at::Tensor g2 = grad_outputs[0].reshape({rows, weight.size(0)});
   const std::optional<at::Tensor> x_rows =
       kept.defined() ? std::optional<at::Tensor>(kept.reshape({rows, A.size(1)})) : std::nullopt;
-  auto [dx2, dA, dB, dh] =
-      adapter_backward_op().call(g2, x_rows, A, B, h, u, scale, optional_of(task_ids), optional_of(x_scale));
-  if (needs[0]) grads[0] = dx2.addmm_(g2, frozen_weight_for_input_grad(weight)).view(x_sizes);
+  auto [dx2, dA, dB, dh] = adapter_backward_op().call(g2, x_rows, A, B, h, u, scale, optional_of(task_ids),
+                                                      optional_of(x_scale), weight);
+  if (needs[0]) grads[0] = dx2.view(x_sizes);
   if (needs[3]) grads[3] = dA;
   if (needs[4]) grads[4] = dB;
   if (needs[5]) grads[5] = dh;

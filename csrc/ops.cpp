@@ -21,16 +21,19 @@ TORCH_LIBRARY(sas, m) {
   // -> gradients of x, A, B and h (the gradient of base is grad_y itself).
   // x is what the forward kept of the input: x itself, its 8-bit copy (int8 or float8_e4m3fn, with x_scale the
   // float32 scale of each row), or None, and then no dA is computed (grad_A is empty, (0, d_in)).
+  // Given frozen_weight (d_out, d_in), grad_x also holds the frozen layer's part, grad_y @ frozen_weight,
+  // added in place: the whole layer's dx from one op.
   m.def(
       "cpu_adapter_backward(Tensor grad_y, Tensor? x, Tensor A, Tensor B, Tensor h, Tensor u, float scale,"
-      " Tensor? task_ids, Tensor? x_scale=None) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_h)");
+      " Tensor? task_ids, Tensor? x_scale=None, Tensor? frozen_weight=None)"
+      " -> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_h)");
   // The whole adapted layer, x (..., d_in) -> x @ weight.T + bias + scale * ((x @ A.T) * h) @ B.T, with its
   // autograd in C++ (layer_cpu.cpp); weight and bias are frozen (no gradient).
   m.def(
       "cpu_adapted_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor h, float scale,"
       " Tensor? task_ids) -> Tensor");
   // Its forward below autograd: y and the float32 u = x @ A.T the backward needs (the backward is
-  // cpu_adapter_backward plus dx += grad_y @ weight).
+  // cpu_adapter_backward given frozen_weight).
   m.def(
       "cpu_adapted_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor h, float scale,"
       " Tensor? task_ids) -> (Tensor y, Tensor u)");

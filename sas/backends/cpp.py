@@ -62,7 +62,7 @@ def _forward_fake(x, base, A, B, h, scale, task_ids):
 
 
 @torch.library.register_fake("sas::cpu_adapter_backward")
-def _backward_fake(grad_y, x, A, B, h, u, scale, task_ids, x_scale=None):
+def _backward_fake(grad_y, x, A, B, h, u, scale, task_ids, x_scale=None, frozen_weight=None):
     return (grad_y.new_empty((grad_y.shape[0], A.shape[1])), A.new_empty((0 if x is None else A.shape[0], A.shape[1])),
             B.new_empty(B.shape), torch.empty_like(h))
 

@@ -101,10 +101,10 @@ def test_device_ops_and_launches_per_layer(backend, saved_input):
 
 
 def test_device_ops_per_layer_under_bf16_autocast():
-    """Under autocast the C++ layer casts x, W0 and b0 once (autocast off inside), runs its one op each way,
-    and its backward's dx += g @ W0 reads W0 through one column-major copy (csrc/layer_cpu.cpp,
-    frozen_weight_for_input_grad: PyTorch's CPU half-precision GEMM fallback is 8-14x slower with the row-major
-    W0); per layer that is at most five device ops over the frozen model's autocast step."""
+    """Under autocast the C++ layer casts x, W0 and b0 once (autocast off inside) and runs its one op each way;
+    the backward op computes the whole dx, the frozen g @ W0 included (through a column-major copy of W0 in
+    half precision: csrc/adapter_cpu.cpp, frozen_weight_for_input_grad), so no GEMM runs outside the layer's
+    two ops and a layer costs at most three device ops over the frozen model's autocast step."""
     with forced_backend("cpp"):
         x = torch.randn(4, 64, requires_grad=True)
         model, frozen = adapted_mlp(saved_input="full"), mlp().requires_grad_(False)
@@ -120,9 +120,8 @@ def test_device_ops_per_layer_under_bf16_autocast():
         adapted, base = count_device_ops(autocast_step(model)), count_device_ops(autocast_step(frozen))
     names = adapted.names
     assert names["sas::cpu_adapted_linear_forward"] == LAYERS and names["sas::cpu_adapter_backward"] == LAYERS
-    assert names["aten::addmm_"] == LAYERS and names["aten::clone"] == LAYERS, names  # dx += g @ W0, W0's copy
-    assert not names["aten::mm"] and not names["aten::addmm"], names  # no frozen GEMM outside the layer's ops
-    assert (adapted.total - base.total) / LAYERS <= 5, (names, base.names)
+    assert not [n for n in names if n in ("aten::mm", "aten::addmm", "aten::addmm_")], names
+    assert (adapted.total - base.total) / LAYERS <= 3, (names, base.names)
 
 
 @pytest.mark.parametrize("mode", [{"saved_input": "int8"}, {"saved_input": "fp8"}, {"train_down": False}],
@@ -342,8 +341,10 @@ def test_compiled_layer_is_one_op_each_way(autocast):
     assert forward["sas.cpu_adapted_linear_forward.default"] == LAYERS, forward
     assert backward["sas.cpu_adapter_backward.default"] == LAYERS, backward
     assert not forward["sas.cpu_adapter_forward.default"], forward
-    # The frozen GEMM runs inside the layer's forward op: the forward's addmm are the hypernetwork's two
-    # linears per layer; the backward's one addmm per layer is dx += g @ W0.
+    # The frozen GEMMs run inside the layer's ops: the forward's addmm are the hypernetwork's two linears per
+    # layer, the backward's mm their input and weight gradients; the backward op adds g @ W0 into its own dx
+    # in place. (An addmm of the graph here was out of place: Inductor gave it a fresh buffer and ATen copied
+    # dx into it first, 41 ms of copies per MiniLM step.)
     assert forward["aten.addmm.default"] == 2 * LAYERS, forward
-    assert backward["aten.addmm.default"] == LAYERS, backward
+    assert not backward["aten.addmm.default"] and backward["aten.mm.default"] == 4 * LAYERS, backward
     assert x.grad is not None and all(p.grad is not None for p in model.parameters() if p.requires_grad)
