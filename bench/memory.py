@@ -48,8 +48,9 @@ MEMORY_FIELDS = ["level", "part", "model", "config", "layer", "batch", "dtype", 
                  "value", "bound", "note"]
 
 #: The SaS modes: ``SaSConfig`` settings on top of ``rank``. A mode whose fields this SaSConfig lacks is skipped.
+#: "sas" is the full mode, named: the default saved_input is "recompute", measured as "sas-recompute".
 SAS_MODES = {
-    "sas": {},
+    "sas": {"saved_input": "full"},
     "sas-int8": {"saved_input": "int8"},
     "sas-fp8": {"saved_input": "fp8"},
     "sas-frozen-A": {"train_down": False},

@@ -31,6 +31,10 @@ LAYER_OP_CHOICES = ("kernels", "fold")
 #: What an adapted layer keeps of its input x for dA = du.T @ x: x itself, an 8-bit copy
 #: (sas.reference.quantize_rows), or nothing where x is rebuilt exactly from its producer (sas.recompute).
 SAVED_INPUT_CHOICES = ("full", *QUANTIZED_INPUT_DTYPES, "recompute")
+#: The default saved_input, decided here once (SaSConfig, a standalone SaSLinear, a saved config without the
+#: field): "recompute" is exact (every gradient bit for bit the full mode's); where no input can be rebuilt it
+#: keeps what "full" keeps. Its measured memory and step time: docs/memory.md, "Which default".
+DEFAULT_SAVED_INPUT = "recompute"
 #: Names of layer_op before they said what they are; configs saved with them still load (mapped to the new ones).
 LEGACY_LAYER_OPS = {"adapter": "kernels", "fused": "fold"}
 
@@ -134,17 +138,19 @@ class SaSConfig(JsonConfig):
                           "design picked per shape; measured on CPU only so far). The old names 'adapter' and "
                           "'fused' are accepted and mean 'kernels' and 'fold'."})
     saved_input: str = field(
-        default="full",
-        metadata={"help": "What each adapted layer keeps of its input x for the backward: 'full' (x itself, "
-                          "exact; the default), 'int8' (int8 plus one fp32 absmax scale per row) or 'fp8' "
-                          "(float8 e4m3 plus one fp32 scale per row), each about 1 byte per element of x "
-                          "instead of 2 or 4, or 'recompute' (nothing of x where x is the output of a "
-                          "recognised producer, a LayerNorm, RMSNorm or activation whose backward keeps its "
-                          "input: x is rebuilt bit for bit in the backward; elsewhere as 'full'; see "
-                          "sas.recompute and sas.memory_plan). Only dA = du.T @ x reads it: dx, dB and dh stay "
-                          "exact. Layers fed the same input tensor (q, k, v) keep one copy or one rebuild, and "
-                          "every mode but 'full' keeps no copy of an x that autograd keeps anyway (an attention "
-                          "output) (docs/memory.md)."})
+        default=DEFAULT_SAVED_INPUT,
+        metadata={"help": "What each adapted layer keeps of its input x for the backward: 'recompute' (the "
+                          "default; exact: nothing of x where x is the output of a recognised producer, a "
+                          "LayerNorm, RMSNorm or activation whose backward keeps its input: x is rebuilt bit "
+                          "for bit in the backward; elsewhere, and under torch.compile, as 'full'; see "
+                          "sas.recompute and sas.memory_plan), 'full' (x itself, exact), 'int8' (int8 plus one "
+                          "fp32 absmax scale per row) or 'fp8' (float8 e4m3 plus one fp32 scale per row), each "
+                          "about 1 byte per element of x instead of 2 or 4. Only dA = du.T @ x reads it: dx, dB "
+                          "and dh stay exact. Layers fed the same input tensor (q, k, v) keep one copy or one "
+                          "rebuild, and every mode but 'full' keeps no copy of an x that autograd keeps anyway "
+                          "(an attention output). A saved config without this field (saved before it existed) "
+                          "loads with the default, which computes the same gradients as the full mode it "
+                          "trained with (docs/memory.md)."})
     train_down: bool = field(
         default=True,
         metadata={"help": "Whether the shared down projections A are trained. False (LoRA-FA style): A keeps "

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import _task_state, backends, recompute, validation
 from ._merge_state import MergeableLinear
-from .config import SAVED_INPUT_CHOICES, SaSConfig, _check_choice, canonical_layer_op
+from .config import DEFAULT_SAVED_INPUT, SAVED_INPUT_CHOICES, SaSConfig, _check_choice, canonical_layer_op
 from .shared import SaSShared
 
 
@@ -38,8 +38,8 @@ class SaSLinear(MergeableLinear):
         self.up_key = up_key
         self.scale = float(scale)
         self.layer_op = canonical_layer_op(layer_op)  # "kernels" or "fold": see SaSConfig.layer_op
-        if saved_input is None:  # the shared owner's config decides (inject), else the exact default
-            saved_input = shared.config.saved_input if shared.config is not None else "full"
+        if saved_input is None:  # the shared owner's config decides (inject), else the default
+            saved_input = shared.config.saved_input if shared.config is not None else DEFAULT_SAVED_INPUT
         _check_choice("saved_input", saved_input, SAVED_INPUT_CHOICES)
         self.saved_input = saved_input  # what the backward keeps of x: see SaSConfig.saved_input
         self._signature: Optional[tuple] = None  # the last input signature forward() validated and routed
@@ -49,7 +49,7 @@ class SaSLinear(MergeableLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 8, scale: float = 1.0, embed_dim: int = 8,
                     hyper_hidden: int = 32, hyper_activation: str = "tanh", layer_op: str = "kernels",
-                    saved_input: str = "full", train_down: bool = True) -> "SaSLinear":
+                    saved_input: str = DEFAULT_SAVED_INPUT, train_down: bool = True) -> "SaSLinear":
         """A standalone adapted layer that owns its own A, B and hypernetwork (for single-layer use).
 
         ``linear`` is frozen and wrapped; the adapter's tensors take its device and dtype.

@@ -1,5 +1,6 @@
 """``SaSConfig(saved_input="recompute")``: an adapted layer keeps no copy of its input ``x`` where ``x`` can be
 rebuilt bit for bit from what its producer's own backward keeps anyway (docs/memory.md, "Exact recomputation").
+It is the default saved_input (``sas.config.DEFAULT_SAVED_INPUT``; docs/memory.md, "Which default").
 
 One mechanism, nothing model-family specific:
 

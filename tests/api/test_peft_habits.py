@@ -86,7 +86,9 @@ def test_load_adapter_weights_swaps_in_an_adapter_saved_with_other_compute_field
     sas.load_adapter_weights(model, tmp_path)
     # The same tensors; layer_op "kernels" here and "fold" there order the fp32 sums differently.
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-7)
-    assert model.sas_shared.config.saved_input == "full"  # the model keeps how it computes
+    # The model keeps how it computes (its default), not the saved adapter's int8, frozen A and fold.
+    config = model.sas_shared.config
+    assert (config.saved_input, config.train_down, config.layer_op) == ("recompute", True, "kernels")
 
 
 @pytest.mark.parametrize("saved, message", [

@@ -242,6 +242,35 @@ def test_torch_compile_gives_the_full_modes_results():
         torch.testing.assert_close(got[name], eager[name], rtol=1e-5, atol=1e-6)
 
 
+def test_recompute_is_the_default_wherever_the_default_is_decided():
+    """One default (sas.config.DEFAULT_SAVED_INPUT) for SaSConfig, a config read without the field (saved
+    before it existed) and a standalone layer; "full" stays "full". A standalone layer has no watched producer,
+    so it keeps x as the full mode does. The default compiles with fullgraph=True: the producer hooks do
+    nothing while tracing, and traced layers keep what the full mode keeps."""
+    assert sas.config.DEFAULT_SAVED_INPUT == "recompute" == sas.SaSConfig().saved_input
+    assert sas.SaSConfig.from_dict({"rank": 4}).saved_input == "recompute"
+    assert sas.SaSConfig.from_dict({"saved_input": "full"}).saved_input == "full"
+    x = inputs()
+    model = adapted("full")
+    full = gradients(model, x)
+    torch.manual_seed(0)
+    default = sas.inject(Block(), sas.SaSConfig(rank=4, targets=TARGETS))
+    sas.testing.randomize_adapter(default)
+    assert {m.saved_input for m in default.modules() if isinstance(m, sas.SaSLinear)} == {"recompute"}
+    assert_equal(gradients(default, x), full)
+    assert [m.name for m in sas.memory_plan(default, (x,)) if m.keeps == "rebuilt"] == ["q", "k", "v", "up", "down",
+                                                                                         "o"]
+    layer = sas.SaSLinear.from_linear(nn.Linear(WIDTH, WIDTH), rank=4)
+    assert layer.saved_input == "recompute"
+    (kept,) = sas.memory_plan(layer, (x,))
+    assert kept.keeps == "x" and kept.bytes_per_row == 4 * WIDTH + 4 * 4
+    default.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = gradients(default, x, forward=torch.compile(default, backend="aot_eager", fullgraph=True))
+    for name in full:
+        torch.testing.assert_close(compiled[name], full[name], rtol=1e-5, atol=1e-6)
+
+
 def test_functional_call_uses_the_parameters_it_was_given():
     x = inputs()
     results = []

@@ -18,7 +18,8 @@ TARGETS = list(ProbeModel.LAYERS)
 SAS_CONFIGS = [sas.SaSConfig(targets=TARGETS, **fields) for fields in (
     dict(rank=5), dict(embed_dim=3), dict(hyper_hidden=7), dict(hyper_activation="relu"),
     dict(hyper_activation="gelu"), dict(scale=-0.75), dict(sharing="shape"), dict(sharing="layer"),
-    dict(share_down_by_input_dim=True), dict(layer_op="fold"), dict(saved_input="int8"), dict(saved_input="fp8"),
+    dict(share_down_by_input_dim=True), dict(layer_op="fold"), dict(saved_input="full"), dict(saved_input="int8"),
+    dict(saved_input="fp8"),
     dict(train_down=False), dict(num_tasks=17), dict(base_model_name="ProbeModel"),
 )] + [
     sas.SaSConfig(targets=["first", "second"], trainable_modules=["third"]),

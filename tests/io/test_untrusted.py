@@ -196,6 +196,11 @@ def test_adapter_saved_by_version_1_still_loads(tmp_path):
     assert DESCRIPTION_KEY not in _metadata(SAVED_BY_VERSION_1)  # the fixture is of the old format
     loaded = sas.load_adapter(Tiny(), SAVED_BY_VERSION_1)
     assert loaded.sas_shared.num_tasks == 2
+    # Saved before saved_input and train_down existed: they load as today's defaults. The default saved_input,
+    # "recompute", computes the gradients of the full mode the adapter was trained with, bit for bit.
+    assert "saved_input" not in json.loads((SAVED_BY_VERSION_1 / CONFIG_NAME).read_text())["config"]
+    config = loaded.sas_shared.config
+    assert (config.saved_input, config.train_down) == ("recompute", True)
     state = adapter_state_dict(loaded)
     saved = load_file(str(SAVED_BY_VERSION_1 / WEIGHTS_NAME))
     assert state.keys() == saved.keys()
