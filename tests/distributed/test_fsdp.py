@@ -1,10 +1,13 @@
 """SaS on an FSDP2-sharded base (sas.distributed.shard): two gloo processes give the loss and adapter gradients
 of one process, on both CPU backends, under a bf16 mixed-precision policy and with gradient checkpointing; the
-adapter saves from rank 0 and loads into an unsharded model, loads into a sharded one, and a
-torch.distributed.checkpoint training state resumes on the same and on another world size.
+default saved_input ("recompute", which rebuilds a layer's input from a producer whose parameters are sharded)
+gives on each rank the very loss and gradients of saved_input="full"; the adapter saves from rank 0 and loads
+into an unsharded model, loads into a sharded one, and a torch.distributed.checkpoint training state resumes on
+the same and on another world size.
 
 One spawned run does every check (spawning two processes that import transformers costs about 10 s); the
 parent process computes the one-process references and compares."""
+import collections
 import re
 
 import pytest
@@ -85,9 +88,9 @@ def _bf16_base(model):
     return model
 
 
-def _scenario_model(backend, bf16, checkpointing, shard_it, device="cpu"):
+def _scenario_model(backend, bf16, checkpointing, shard_it, device="cpu", **config):
     sas.set_backend(backend)
-    model = _adapted_llama().to(device).train()  # dropout is 0: train() only turns checkpointing on
+    model = _adapted_llama(**config).to(device).train()  # dropout is 0: train() only turns checkpointing on
     if checkpointing:
         model.gradient_checkpointing_enable()  # non-reentrant, transformers' default
     if shard_it:
@@ -132,6 +135,11 @@ def _worker(rank, out, minilm):
         results[name] = _sharded_gradients(model, rows)
         if name == "cpp":
             sharded_model = model
+        # The same with x kept (saved_input="full"), and what the default keeps in this scenario.
+        full = _scenario_model(backend, bf16, checkpointing, shard_it=True, saved_input="full")
+        results[f"{name} full"] = _sharded_gradients(full, rows)
+        planned = _scenario_model(backend, bf16, checkpointing, shard_it=True)
+        results[f"{name} plan"] = [(m.name, m.keeps) for m in sas.memory_plan(planned, (_tokens()[rows],))]
     sas.set_backend("auto")
     model = sharded_model
     results["frozen_are_shards"] = all(isinstance(p, torch.distributed.tensor.DTensor)
@@ -305,6 +313,35 @@ def test_two_gpus_with_nccl_match_one_gpu(tmp_path):
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE))
     for scenario in GPU_SCENARIOS:
         _check_against_one_process(first, second, scenario, device="cuda:0")
+
+
+#: What the default (recompute) keeps in the tiny LLaMA's 14 adapted layers under shard, float32: q, k and v of
+#: block 0 keep x (their RMSNorm's input is the frozen embedding's output, which needs no gradient, so its
+#: backward keeps nothing to rebuild from); gate/up of block 0 and q/k/v, gate/up of block 1 are rebuilt from
+#: their RMSNorm (its weight a shard of a DTensor, unsharded again for the block's backward); o_proj's input is
+#: the attention output, which attention keeps anyway; down_proj's input, act(gate) * up, no module produces.
+FLOAT32_PLAN = {"rebuilt": 7, "x": 3, "x, shared": 2, "kept anyway": 2}
+
+
+@needs_gloo
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_recompute_under_shard_matches_the_full_mode_bit_for_bit(sharded_run, scenario):
+    """The default rebuilds x from sharded producers and computes the very loss and gradients of the full mode
+    on every rank. Under param_dtype=bf16 LlamaRMSNorm is fed bf16 (FSDP casts the block's inputs) and keeps a
+    float32 cast, not its input: every layer keeps x there, as memory_plan says."""
+    name, _, bf16, checkpointing = scenario
+    for replica in sharded_run[1]:
+        recomputed, full = replica[name], replica[f"{name} full"]
+        assert torch.equal(recomputed["loss"], full["loss"])
+        assert set(recomputed["grads"]) == set(full["grads"])
+        for key, grad in full["grads"].items():
+            assert torch.count_nonzero(grad) > 0, key
+            assert torch.equal(recomputed["grads"][key], grad), key
+        kept = collections.Counter(keeps for _, keeps in replica[f"{name} plan"])
+        if bf16:
+            assert kept == {"x": 6, "x, shared": 6, "kept anyway": 2}
+        elif not checkpointing:
+            assert kept == FLOAT32_PLAN
 
 
 @needs_gloo
