@@ -9,7 +9,9 @@ attributes from the real arguments (16-byte aligned pointers and ints divisible 
 on a GPU would, so what is compiled here is what runs. One JSON line per compilation: kernel, variant,
 dtype, rank, config, shared memory, registers per thread and stack (spill) bytes. Launches whose
 specialisation is identical (ranks 48 and 64 pad to 64 and are both multiples of 16) are compiled once and
-reported for each (``"deduplicated": true``); the rest compile in ``--jobs`` worker processes.
+reported for each (``"deduplicated": true``); the rest compile in ``--jobs`` worker processes. ``--grid sweep``
+compiles the configs the budgets of :func:`sas_adapter.config_fits` admit and those one step past them, to
+re-measure the budgets (on each Triton version the project meets).
 
 It must run without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions this needs); the test
 suite runs it in a subprocess (tests/kernels/test_aot.py).
@@ -62,7 +64,7 @@ CI_VARIANTS = {  # dtype: the heaviest launch of each kernel (fp32's weights ker
     "bf16": ("forward fp8 tasks", "rows tasks", "weights fp8 tasks"),
     "fp32": ("forward fp8 tasks", "rows tasks", "weights full tasks"),
 }
-GRIDS = ("ci", "full")
+GRIDS = ("ci", "full", "sweep")
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,8 +83,21 @@ def _config_tuple(config) -> tuple:
 
 
 def grid_jobs(grid: str):
-    """The (dtype, rank, tasks, variant, config tuple) launches of ``grid`` (see CI_VARIANTS, FULL_RANKS)."""
+    """The (dtype, rank, tasks, variant, config tuple) launches of ``grid`` (see CI_VARIANTS, FULL_RANKS). ``sweep``
+    measures the budgets of sas_adapter.config_fits: at each R_PAD (rank R_PAD - 8, and R_PAD itself), in each
+    kernel's heaviest launch (CI_VARIANTS), every config of AUTOTUNE_SPACE that fits there or at half that R_PAD
+    (one step past the budget; the records say which fit)."""
     jobs = []
+    if grid == "sweep":
+        r_pads = [kernels.MIN_RANK_PAD << i for i in range((kernels.MAX_RANK // kernels.MIN_RANK_PAD).bit_length())]
+        for dtype_name, variants in CI_VARIANTS.items():
+            for variant in variants:
+                kind = "weights" if variant.startswith("weights") else "rows"
+                jobs += [(dtype_name, rank, True, variant, config) for r_pad in r_pads for rank in (r_pad - 8, r_pad)
+                         for config in kernels.AUTOTUNE_SPACE
+                         if kernels.config_fits(kernels._config(*config), r_pad // 2, DTYPES[dtype_name].itemsize,
+                                                kind)]
+        return jobs
     if grid == "full":
         for dtype_name, ranks in FULL_RANKS.items():
             for rank in ranks:
@@ -219,9 +234,11 @@ def compile_job(arch: int, job: tuple) -> dict:
     config = _find_config(autotuner, config_key)
     start = time.perf_counter()
     compiled, specialised = compile_launch(autotuner, args, constexprs, config, arch)
+    kind = "weights" if autotuner.fn.__name__ == "_sas_backward_weights_kernel" else "rows"
     return {"kernel": autotuner.fn.__name__, "variant": variant, "arch": arch, "dtype": dtype_name,
             "rank": rank, "R_PAD": constexprs["R_PAD"], **config.kwargs,
-            "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "num_warps": config.num_warps, "num_stages": config.num_stages, "triton": triton.__version__,
+            "fits": kernels.config_fits(config, constexprs["R_PAD"], DTYPES[dtype_name].itemsize, kind),
             "shared": compiled.metadata.shared, "limit": SMEM_LIMIT[arch],
             **resource_usage(compiled.asm["cubin"]), **specialised,
             "signature_i64": [k for k, v in compiled.src.signature.items() if v == "i64"],
@@ -235,17 +252,21 @@ def compile_grid(archs, grid: str, jobs: int = 1):
     first = {}  # specialisation key -> index in work of the launch that compiles it
     owner = [first.setdefault(specialisation_key(*item), i) for i, item in enumerate(work)]
     unique = sorted(set(owner))
-    if jobs > 1:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            compiled = dict(zip(unique, pool.map(compile_job, *zip(*(work[i] for i in unique)))))
-    else:
-        compiled = {i: compile_job(*work[i]) for i in unique}
-    for i, (_, (_, rank, _, variant, _)) in enumerate(work):
-        if owner[i] == i:
-            yield compiled[i]
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context))
+            results = pool.map(compile_job, *zip(*(work[i] for i in unique)))
         else:
-            yield dict(compiled[owner[i]], variant=variant, rank=rank, seconds=0.0, deduplicated=True)
+            results = (compile_job(*work[i]) for i in unique)
+        # In grid order as they finish: a launch's owner comes no later than itself.
+        compiled = {}
+        for i, (_, (_, rank, _, variant, _)) in enumerate(work):
+            if owner[i] == i:
+                compiled[i] = next(results)
+                yield compiled[i]
+            else:
+                yield dict(compiled[owner[i]], variant=variant, rank=rank, seconds=0.0, deduplicated=True)
 
 
 def main(argv=None):
@@ -259,8 +280,9 @@ def main(argv=None):
     parser.add_argument("--grid", choices=GRIDS, default="ci",
                         help="ci: each config at the largest rank it fits in bf16 and fp32, in each kernel's "
                              "heaviest launch, plus every launch once in fp16 (what `make test` compiles); full: "
-                             "ranks 8-64 in fp32, fp16 and bf16 and up to 256 in fp16 and bf16, every launch, with "
-                             "and without tasks (`make aot`) (default: %(default)s)")
+                             "ranks 1-256 in fp32, fp16 and bf16, every launch, with and without tasks (`make aot`); "
+                             "sweep: each config at each R_PAD it fits or is one step past, in each kernel's heaviest "
+                             "launch, to measure config_fits's budgets (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(),
                         help="worker processes compiling in parallel (default: the CPU count, %(default)s)")
     args = parser.parse_args(argv)
