@@ -27,8 +27,8 @@ from .saved_kinds import SAVED_KINDS
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # tl.dot needs every dim >= 16, so the rank is padded (by masks, never by copies) to a power of
-# two of at least 16; up to 256 some config keeps every tile within registers (TILE_BUDGET below), but
-# the weights kernel at 256 spills a few bytes.
+# two of at least 16; up to 256 some config keeps every tile within registers (the budgets below; the row
+# kernels in fp32 at 256 run the smallest tiles, which fit no budget but spill nothing).
 MIN_RANK_PAD = 16
 MAX_RANK = 256
 
@@ -53,37 +53,57 @@ AUTOTUNE_SPACE = (
     (64, 128, 4, 3),
     (128, 64, 8, 3),
     (128, 128, 8, 2),
-    # Small tiles over 8 warps, for fp32 and high ranks: the only configs that fit fp32 at R_PAD 64 and 128 and
-    # half precision at 256, and 16x32 the only one for fp32's weights kernel (TILE_BUDGET).
+    # Small tiles over 8 warps, for fp32 and high ranks: the only configs that fit fp32 from R_PAD 64 (its weights
+    # kernel at every R_PAD) and half precision's weights kernel from 64 (WEIGHTS_TILE_BUDGET); 16x16 the only one
+    # spill-free in fp32's weights kernel at R_PAD 256, and the row kernels' fp32 fallback there (fitting_configs).
     (32, 64, 8, 2),
     (16, 32, 8, 2),
+    (16, 16, 8, 2),
 )
 # Configs whose estimated shared memory exceeds this are pruned before tuning; the estimate is
 # rough, so it stays well under sm_80's 163 KB (the AOT test checks the real numbers).
 SMEM_BUDGET_BYTES = 128 * 1024
-# Per-thread register budget (elements over 32 * num_warps threads) of the three tile shapes the kernels keep
-# live, per kernel kind and input element size: BLOCK_M x R_PAD (u, gB, du: the row kernels' accumulators, the
-# weights kernel's operand), BLOCK_M x BLOCK_D (x, base, g, y tiles) and R_PAD x BLOCK_D (the weights kernel's
-# dA/dB accumulators, the forward's B operand). fp32 dots run on FMA units with both operands in registers, so
-# fp32 gets the smaller tiles; the weights kernel holds du, h and the decoded x at once, so it gets less than
-# the row kernels (forward, backward rows). Measured with sas_kernels.aot, stack bytes on sm_90/sm_80 in each
-# kernel's heaviest launch (fp8 copy, per-task h): the row kernels spill in no half-precision config up to 32
-# of BLOCK_M x R_PAD and 64 of BLOCK_M x BLOCK_D; fp32 rank 128 forward 16x64/8 warps (32 of R_PAD x BLOCK_D)
-# 8/-. The weights kernel: half precision R_PAD 64 64x64/4 warps (32 of BLOCK_M x R_PAD) 280/400, R_PAD 128
-# 32x64/4 warps 0/8, R_PAD 256 32x64/8 warps 8/8; fp32 R_PAD 16 64x64/4 warps (32 of BLOCK_M x BLOCK_D)
-# 128/-, R_PAD 32 32x64/4 warps (16) 0/40, R_PAD 64 32x64/4 warps (16 of BLOCK_M x R_PAD) 440/-, R_PAD 64
-# 32x64/8 warps (8 of BLOCK_M x BLOCK_D) 0/40 from x itself, while 16x32/8 warps (2) spills in no launch up to
-# R_PAD 128. Within these budgets only the weights kernel at R_PAD 256 spills: fp32, which fits no config, and
-# half precision's one config, 16x32/8 warps, 24 bytes on sm_80 at rank 256 with an 8-bit copy (ptxas holds it
-# to 128 registers; 16x64/8 warps spilled there too, at rank 248). tests/kernels/test_aot.py bounds both.
-TILE_BUDGET = {  # kernel kind: {element size: (BLOCK_M x R_PAD, BLOCK_M x BLOCK_D, R_PAD x BLOCK_D) per thread}
-    "rows": {4: (8, 16, 16), 2: (32, 64, 128)},
-    "weights": {4: (8, 2, 16), 2: (16, 64, 128)},
-}
-# The weights kernel's dots reduce over the BLOCK_M rows (du.T @ x, g.T @ v), and every warp holds its operands'
-# whole depth: 128-row configs spilled within the per-thread budget (half precision R_PAD 32, 128x64 and 128x128
-# over 8 warps: 200/256 and 176/256 bytes), so it takes at most 64 rows.
-WEIGHTS_MAX_BLOCK_M = 64
+# Register budgets: which configs the runtime may pick (config_fits) so that none spills, measured with `python -m
+# sas_kernels.aot --grid sweep` (every config at each R_PAD, ranks R_PAD - 8 and R_PAD, in each kernel's heaviest
+# launch: fp8 copy, per-task h) on Triton 3.6.0 (ptxas 12.8; the lent GPU machine's stack) and 3.8 (ptxas 12.9):
+# each budget is the stricter of the two. Stack bytes below are sm_90/sm_80 at rank R_PAD - 8. Sizes are per thread:
+# elements over the 32 * num_warps threads, of the three tile shapes the kernels keep live: BLOCK_M x R_PAD (u, gB,
+# du), BLOCK_M x BLOCK_D (x, base, g, y) and R_PAD x BLOCK_D (the weights kernel's dA/dB accumulators, the forward's
+# B operand). fp32 dots run on FMA units with both operands in registers, so fp32 gets the smaller tiles.
+#
+# The row kernels (forward, backward rows), one budget per tile shape. Both versions agree: they spill in no
+# half-precision config up to 32 of BLOCK_M x R_PAD and 64 of BLOCK_M x BLOCK_D; past them, half precision R_PAD 128
+# 64x128/4 warps (64 of BLOCK_M x R_PAD) rows 16/208 (3.6), 8/192 (3.8), fp32 R_PAD 64 32x64/4 warps (16 of BLOCK_M
+# x R_PAD and BLOCK_M x BLOCK_D, 32 of R_PAD x BLOCK_D) rows 0/136 (3.6) and 0/3680 (3.8), fp32 R_PAD 128 forward
+# 16x64/8 warps 8/- (3.8).
+# element size: (BLOCK_M x R_PAD, BLOCK_M x BLOCK_D, R_PAD x BLOCK_D)
+ROWS_TILE_BUDGET = {4: (8, 16, 16), 2: (32, 64, 128)}
+# The weights kernel holds du, the accumulator and the x (or g) tile at once, x both as loaded and as decoded or
+# rounded for the dot, so one budget bounds their sum: BLOCK_M x R_PAD + R_PAD x BLOCK_D + 2 x BLOCK_M x BLOCK_D per
+# thread (separate budgets fit no version: 16x32/8 warps at R_PAD 256 is (16, 2, 32) per thread and spills in
+# neither, 32x64/8 warps at R_PAD 128, (16, 8, 32), spills on 3.6). Triton 3.6 spills far more in it than 3.8 (from
+# nearly the same TTGIR its PTX is 30% longer: bf16 rank 24 64x64/4 warps, 255 registers and 512 stack bytes on
+# sm_80, against 239 and none on 3.8), so 3.6 sets every bound. Half precision, at or under 60: 16x32/8 warps at
+# R_PAD 256 (52) 0/0 on both, 32x64/4 warps at 32 (56) 0/0 on both, 32x64/8 warps at 64 (40) 0/0 on both; over it:
+# 32x64/8 warps at R_PAD 128 (64) 40/32 (3.6), 32x64/4 warps at 64 (80) 0/32 (3.6; 440/512 at 128), 64x64/4 warps at
+# R_PAD 16 (80) 32/32 (3.6; 280/400 at 64 on 3.8), 64x128/4 warps at 16 (152) 32/32 (3.6), 128x64/8 warps at 16 (76)
+# 288 on sm_80 (3.6; 128-row configs spilled on 3.8 too: 200/256 at R_PAD 32). fp32, at or under 36: 16x16/8 warps
+# at R_PAD 256 (34) 0/0 on both, 16x32/8 warps at 128 (28) and 32x64/8 warps at 32 (28) 0/0 on both; over it:
+# 32x64/8 warps at R_PAD 64 (40) 232/224 (3.6; 0/40 at rank 64 on 3.8), 16x32/8 warps at 256 (52) 168/128 (3.6),
+# 112/72 (3.8), 32x64/4 warps at 32 (56) 1520/1440 (3.6; 0/40 on 3.8), 64x64/4 warps at 16 (80) 2040/2008 (3.6),
+# 256/280 (3.8). (32x64/4 warps at fp32 R_PAD 16, 44, spills in neither version, but a budget that lets it in lets
+# 32x64/8 warps in at 64.) On 3.8 alone the 64-row configs would fit up to R_PAD 32 in half precision and 32x64/8
+# warps up to 128.
+#
+# What neither budget removes: ptxas itself holds a few kernels under the register cap, at 48, 64, 80, 96 or 128
+# registers, to fit one more block per SM, and spills 8-32 bytes to do it, at ranks where the tiles fit (fp32
+# weights 16x16/8 warps rank 120 on sm_80: 128 registers and 32 bytes on 3.8; bf16 weights 16x32/8 warps rank 256 on
+# sm_80: 128 and 24 on 3.8; fp32 weights 16x32/8 warps rank 8 on sm_80: 64 and 8 on 3.6). Smaller tiles do not stop
+# it; Config(maxnreg=255) does, but raised the registers of 431 of 604 sweep compilations on 3.6 and with them fewer
+# blocks fit an SM (forward fp32 rank 120 16x32/8 warps on sm_90: 80 -> 255 registers, 3 blocks -> 1). None of them
+# is at the ranks tests/kernels/test_aot.py compiles by default; its full grid (`make aot`) reports them.
+# element size: BLOCK_M x R_PAD + R_PAD x BLOCK_D + 2 x BLOCK_M x BLOCK_D, per thread
+WEIGHTS_TILE_BUDGET = {4: 36, 2: 60}
 # fp32 inputs get IEEE fp32 dots, not TF32 (see the module docstring); half inputs ignore it.
 FP32_DOT_PRECISION = "ieee"
 # The interpreter runs tiles through numpy: one mid-sized config, no tuning (tuning would time
@@ -139,18 +159,21 @@ def estimated_smem_bytes(config: triton.Config, rank_pad: int, element_size: int
 
 def config_fits(config: triton.Config, rank_pad: int, element_size: int, kind: str = "rows") -> bool:
     """Whether a ``kind`` kernel's tiles ("rows": the forward and backward rows kernels, "weights": the backward
-    weights kernel) fit ``config``'s registers (TILE_BUDGET, WEIGHTS_MAX_BLOCK_M) and its shared memory the
+    weights kernel) fit ``config``'s registers (ROWS_TILE_BUDGET, WEIGHTS_TILE_BUDGET) and its shared memory the
     budget."""
     block_m, block_d, threads = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_D"], 32 * config.num_warps
     tiles = (block_m * rank_pad, block_m * block_d, rank_pad * block_d)
-    return (all(t <= budget * threads for t, budget in zip(tiles, TILE_BUDGET[kind][min(element_size, 4)]))
-            and (kind != "weights" or block_m <= WEIGHTS_MAX_BLOCK_M)
-            and estimated_smem_bytes(config, rank_pad, element_size) <= SMEM_BUDGET_BYTES)
+    size = min(element_size, 4)
+    if kind == "weights":
+        registers = tiles[0] + 2 * tiles[1] + tiles[2] <= WEIGHTS_TILE_BUDGET[size] * threads
+    else:
+        registers = all(t <= budget * threads for t, budget in zip(tiles, ROWS_TILE_BUDGET[size]))
+    return registers and estimated_smem_bytes(config, rank_pad, element_size) <= SMEM_BUDGET_BYTES
 
 
 def fitting_configs(configs, rank_pad: int, element_size: int, kind: str = "rows"):
-    """The configs that fit this kernel kind, rank and dtype; if none does (fp32 at R_PAD 256 only, see
-    TILE_BUDGET), the one of least estimated shared memory, which has the smallest tiles."""
+    """The configs that fit this kernel kind, rank and dtype; if none does (the row kernels in fp32 at R_PAD 256
+    only, see ROWS_TILE_BUDGET), the one of least estimated shared memory, which has the smallest tiles."""
     fitting = [c for c in configs if config_fits(c, rank_pad, element_size, kind)]
     return fitting or [min(configs, key=lambda c: estimated_smem_bytes(c, rank_pad, element_size))]
 
