@@ -95,13 +95,14 @@ ROWS_TILE_BUDGET = {4: (8, 16, 16), 2: (32, 64, 128)}
 # 32x64/8 warps in at 64.) On 3.8 alone the 64-row configs would fit up to R_PAD 32 in half precision and 32x64/8
 # warps up to 128.
 #
-# What neither budget removes: ptxas itself holds a few kernels under the register cap, at 48, 64, 80, 96 or 128
-# registers, to fit one more block per SM, and spills 8-32 bytes to do it, at ranks where the tiles fit (fp32
-# weights 16x16/8 warps rank 120 on sm_80: 128 registers and 32 bytes on 3.8; bf16 weights 16x32/8 warps rank 256 on
-# sm_80: 128 and 24 on 3.8; fp32 weights 16x32/8 warps rank 8 on sm_80: 64 and 8 on 3.6). Smaller tiles do not stop
-# it; Config(maxnreg=255) does, but raised the registers of 431 of 604 sweep compilations on 3.6 and with them fewer
-# blocks fit an SM (forward fp32 rank 120 16x32/8 warps on sm_90: 80 -> 255 registers, 3 blocks -> 1). None of them
-# is at the ranks tests/kernels/test_aot.py compiles by default; its full grid (`make aot`) reports them.
+# What neither budget removes: ptxas itself holds some kernels under the register cap, at 48 to 168 registers, to
+# fit one more block per SM, and spills 8-40 bytes to do it, at ranks where the tiles fit (fp32 weights 16x16/8
+# warps rank 120 on sm_80: 128 registers and 32 bytes on 3.8; bf16 weights 16x32/8 warps rank 256 on sm_80: 128 and
+# 24 on 3.8; bf16 weights 32x64/8 warps rank 56 with an fp8 copy and one h on sm_80: 128 and 40 on 3.6; fp32 weights
+# 16x32/8 warps rank 8 on sm_80: 64 and 8 on 3.6). Smaller tiles do not stop it; Config(maxnreg=255) does, but
+# raised the registers of 431 of 604 sweep compilations on 3.6 and with them fewer blocks fit an SM (forward fp32
+# rank 120 16x32/8 warps on sm_90: 80 -> 255 registers, 3 blocks -> 1). None of them is at the ranks
+# tests/kernels/test_aot.py compiles by default; its full grid (`make aot`) reports them.
 # element size: BLOCK_M x R_PAD + R_PAD x BLOCK_D + 2 x BLOCK_M x BLOCK_D, per thread
 WEIGHTS_TILE_BUDGET = {4: 36, 2: 60}
 # fp32 inputs get IEEE fp32 dots, not TF32 (see the module docstring); half inputs ignore it.
