@@ -33,11 +33,12 @@ if ! cmp -s "$REQUIREMENTS" "$COMPAT/.installed"; then
     cp "$REQUIREMENTS" "$COMPAT/.installed"
 fi
 
-# Tracked and untracked (not ignored) files only: no build outputs, results or caches of the main tree.
+# Tracked and untracked (not ignored) files only: no build outputs, results or caches of the main tree. The
+# whole tree (under 2 MB), not just the packages: the suite's gpu-tests step collects all of tests/, and some test
+# modules read the repository at import (tests/test_docs_examples.py reads README.md and docs/*.md).
 rm -rf "$COMPAT/src"
 mkdir -p "$COMPAT/src"
-git ls-files -co --exclude-standard -z -- sas sas_kernels csrc tests bench setup.py ':!bench/results' \
-    | xargs -0 tar -cf - | tar -xf - -C "$COMPAT/src"
+git ls-files -co --exclude-standard -z -- . ':!bench/results' | xargs -0 tar -cf - | tar -xf - -C "$COMPAT/src"
 cd "$COMPAT/src"
 ../bin/python setup.py -q build_ext --inplace
 ../bin/python -c "import sas.backends.cpp"  # built and loadable against torch 2.11, or fail here
