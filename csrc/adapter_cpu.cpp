@@ -421,9 +421,10 @@ void check_operands(const char* op, const at::Tensor& x, const at::Tensor& A, co
   }
 }
 
-// The frozen weight W0 laid out for the backward's grad_x += grad_y @ W0. PyTorch's CPU GEMMs for bfloat16 and float16 without AVX512-BF16
-// or AMX run a fallback whose speed depends on the second operand's layout: row-major W0 (autograd's own
-// layout for this product) is an order of magnitude slower than a column-major copy. 512 rows, 2 threads,
+// The frozen weight W0 laid out for the backward's grad_x += grad_y @ W0. PyTorch's CPU GEMMs for bfloat16
+// and float16 without AVX512-BF16 or AMX run a fallback whose speed depends on the second operand's layout:
+// row-major W0 (autograd's own layout for this product) is an order of magnitude slower than a column-major
+// copy. 512 rows, 2 threads,
 // Zen 3 EPYC, bfloat16: 384->384 72 vs 8.5 ms, 384->1536 289 vs 30 ms, 1536->384 450 vs 34 ms with the copy
 // made in each call (float16 alike). The copy is one (d_out, d_in) transpose, nothing next to the product.
 // float32 runs MKL, where the row-major W0 is the faster one (2048 rows: 13.1 vs 14.1 ms at 1536->384).

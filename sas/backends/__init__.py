@@ -311,11 +311,12 @@ def route(backend: Backend, layer_op: str, trainable_base: bool, compiling: bool
 
     A backend whose layer is a ``torch.library`` op with a fake implementation and its own autograd (C++:
     ``sas::cpu_adapted_linear``) is traced as that op: AOTAutograd records its forward and backward ops
-    (``cpu_adapted_linear_forward``, ``cpu_adapter_backward`` and the in-place ``dx += g @ W0``), which
-    Inductor neither splits nor breaks the graph on. Through ``F.linear`` + the adapter op instead, the
+    (``cpu_adapted_linear_forward`` and ``cpu_adapter_backward``, which adds ``g @ W0`` into its own dx in
+    place), which Inductor neither splits nor breaks the graph on. Through ``F.linear`` + the adapter op instead, the
     adapter's y was a second pass over the frozen output and dx a sum of two (rows, d_in) tensors: MiniLM's
     compiled step went from 1.34x to 1.15x the frozen floor in one run
-    (bench/results/cpu-amd-epyc_2026-12-07_step_profile.md).
+    (bench/results/cpu-amd-epyc_2026-12-07_step_profile.md), and from 1.15x to 1.10x when the dx GEMM moved
+    into the backward op (as a graph op, Inductor ran it out of place, copying dx first).
     """
     if saved_input != "full" and not (compiling or trainable_base):
         if layer_op == "fold" and not per_element_tasks:

@@ -4,7 +4,7 @@
 ``torch.ops.sas.cpu_adapter_forward`` (returns ``y`` and the float32 ``u = x @ A.T``
 the backward needs) and ``torch.ops.sas.cpu_adapter_backward``, whose autograd formula
 is added here, and ``cpu_adapted_linear`` (the whole adapted layer: ``F.linear``, then the C++ adapter
-kernel writes ``y``; backward: the C++ backward kernel, then ``dx += g @ W0`` in place) and
+kernel writes ``y``; backward: the C++ backward op, which adds ``g @ W0`` into its own ``dx``) and
 ``cpu_hypernetwork`` (h of every layer, ``SaSShared``), whose autograd lives in C++
 (``csrc/layer_cpu.cpp``: a Python autograd Function's apply and backward cost more host time than the
 kernels at small shapes). This module adds the fake (meta) implementations of all of them, so

@@ -317,7 +317,7 @@ def test_shared_gradients_are_exact_across_partial_and_repeated_backward_passes(
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_compiled_layer_is_one_op_each_way(autocast):
     """Under torch.compile the C++ layer is traced as its own torch.library op: per adapted layer the graphs
-    hold one forward op, one backward op and the backward's one dx GEMM, with no graph break, and not the
+    hold one forward op and one backward op (the frozen dx GEMM inside it), with no graph break, and not the
     F.linear + adapter-op route (a second pass over y, and dx summed from two tensors)."""
     from torch._dynamo.backends.common import aot_autograd
 
