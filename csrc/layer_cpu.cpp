@@ -191,8 +191,10 @@ variable_list layer_backward(AutogradContext* ctx, const variable_list& grad_out
   const at::Tensor g2 = grad_outputs[0].reshape({rows, weight.size(0)});
   const std::optional<at::Tensor> x_rows =
       kept.defined() ? std::optional<at::Tensor>(kept.reshape({rows, A.size(1)})) : std::nullopt;
+  // The frozen weight only where dx is needed: its g @ W0 is the backward's largest product.
   auto [dx2, dA, dB, dh] = adapter_backward_op().call(g2, x_rows, A, B, h, u, scale, optional_of(task_ids),
-                                                      optional_of(x_scale), weight);
+                                                      optional_of(x_scale), needs[0] ? optional_of(weight)
+                                                                                     : std::nullopt);
   if (needs[0]) grads[0] = dx2.view(x_sizes);
   if (needs[3]) grads[3] = dA;
   if (needs[4]) grads[4] = dB;

@@ -156,6 +156,14 @@ def test_no_input_gradient_means_no_dx_work(backend):
     _step(model, x)()
     names = count_device_ops(_step(model, x)).names
     assert not names["aten::addmm_"] and not names["aten::mm"], names
+    # The counter sees the ops a step dispatches, not those a C++ op runs inside itself (the C++ backward
+    # adds g @ W0 into its own dx): the profiler sees both. The forward's frozen GEMM is needed; the backward
+    # needs none.
+    loss = model(x).sum()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        loss.backward()
+    nested = {event.key for event in profile.key_averages()}
+    assert not nested & {"aten::addmm_", "aten::addmm", "aten::mm"}, sorted(nested)
 
 
 def test_validation_runs_once_per_input_signature(monkeypatch):
